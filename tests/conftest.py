@@ -1,0 +1,80 @@
+"""Shared fixtures: real code, a real tokenizer and a real tiny model trained on real code."""
+
+from __future__ import annotations
+
+import os
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("OWNLLM_WANDB_MODE", "disabled")  # tests that exercise W&B set it themselves
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+SPECIAL_TOKENS = ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"]
+
+
+def stdlib_files(names: list[str]) -> dict[str, str]:
+    """Real Python source from the running interpreter's standard library."""
+    return {n: (STDLIB / n).read_text(encoding="utf-8") for n in names}
+
+
+TINY_CORPUS_FILES = ["textwrap.py", "shlex.py", "fnmatch.py", "glob.py", "bisect.py", "heapq.py", "colorsys.py",
+                     "keyword.py", "string.py", "numbers.py", "this.py", "reprlib.py", "copy.py", "queue.py"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny Llama (d=64, 2 layers) with its own BPE tokenizer, trained for a few seconds on stdlib code.
+
+    Saved in Hugging Face format (model + tokenizer) so ``AutoModelForCausalLM.from_pretrained`` and
+    ``AutoTokenizer.from_pretrained`` load it, exactly like ``models/base/``. It learns enough to emit
+    plausible Python tokens; it is for tests of the machinery, not of quality.
+    """
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny_model")
+    texts = list(stdlib_files(TINY_CORPUS_FILES).values())
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<fim_pad>",
+                                     bos_token="<|endoftext|>", unk_token=None,
+                                     additional_special_tokens=SPECIAL_TOKENS[1:],
+                                     model_input_names=["input_ids", "attention_mask"])
+    hf_tok.save_pretrained(out)
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(hf_tok), hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                      eos_token_id=hf_tok.eos_token_id, bos_token_id=hf_tok.eos_token_id,
+                      pad_token_id=hf_tok.pad_token_id, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    ids = []
+    for t in texts:
+        ids.extend(hf_tok(t)["input_ids"] + [hf_tok.eos_token_id])
+    data = torch.tensor(ids)
+    seq, bs = 64, 16
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(60):
+        starts = torch.randint(0, len(data) - seq - 1, (bs,), generator=g)
+        batch = torch.stack([data[s:s + seq] for s in starts])
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    model.save_pretrained(out)
+    return out
