@@ -167,3 +167,13 @@ def reason_counts(table: pa.Table) -> dict[str, int]:
         return {}
     counts = table.group_by("reason").aggregate([("reason", "count")])
     return dict(sorted(zip(counts.column("reason").to_pylist(), counts.column("reason_count").to_pylist())))
+
+
+def split_of(doc_id: str, val_frac: float) -> str:
+    """'val' or 'train' for a document, from a hash of its id: deterministic, and a document is in one split only.
+
+    Every consumer of the split (shards, FIM evaluation, the simulated IDE user) must call this, so that
+    held-out code is the same everywhere.
+    """
+    bucket = int(hashlib.blake2b(doc_id.encode(), digest_size=8, person=b"ownllm-split").hexdigest(), 16)
+    return "val" if (bucket % 1_000_000) < val_frac * 1_000_000 else "train"
