@@ -15,7 +15,7 @@ install: $(STAMP)
 # Re-installs only when the lock or the project metadata changes, so a warm `make` costs seconds.
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade "pip>=24"
+	$(PY) -m pip install -q "pip==26.3" "setuptools==80.9.0" "wheel==0.45.1"
 	$(PY) -m pip install -q -r requirements.lock
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
