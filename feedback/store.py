@@ -1,0 +1,286 @@
+"""Operations on the feedback store: users and keys, the model registry and rollout, feedback, bounties, retention.
+
+Every function takes an open :class:`~sqlalchemy.orm.Session` and leaves committing to the caller
+(``with factory.begin() as s: ...``), so a caller can group several operations into one transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Iterable
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from feedback.models import (ApiKey, Bounty, Completion, Experiment, ExperimentArm, ExperimentStatus, FeedbackEvent,
+                             FeedbackKind, ModelVersion, RolloutState, User, utcnow)
+
+KEY_PREFIX = "ollm-"
+
+
+class StoreError(ValueError):
+    """A request the store cannot honour (unknown name, bad rollout target); the message says which input."""
+
+
+class NotFound(StoreError):
+    pass
+
+
+class Conflict(StoreError):
+    pass
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ users and keys
+def get_or_create_user(s: Session, name: str, staff: bool | None = None) -> User:
+    user = s.scalar(select(User).where(User.name == name))
+    if user is None:
+        user = User(name=name, is_staff=bool(staff))
+        s.add(user)
+        s.flush()
+    elif staff is not None:
+        user.is_staff = staff
+    return user
+
+
+def create_key(s: Session, user_name: str, staff: bool | None = None) -> str:
+    """Create a key for the user (created if new) and return it; only its hash is stored, so show it once."""
+    user = get_or_create_user(s, user_name, staff)
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    s.add(ApiKey(user_id=user.id, key_hash=sha256(key), prefix=key[:12]))
+    s.flush()
+    return key
+
+
+def authenticate(s: Session, key: str) -> User | None:
+    row = s.execute(select(User).join(ApiKey).where(ApiKey.key_hash == sha256(key), ApiKey.revoked_at.is_(None)))
+    return row.scalar_one_or_none()
+
+
+# ------------------------------------------------------------------------------------------ model registry
+def get_version(s: Session, name: str) -> ModelVersion:
+    mv = s.scalar(select(ModelVersion).where(ModelVersion.name == name))
+    if mv is None:
+        raise NotFound(f"unknown model version {name!r}")
+    return mv
+
+
+def register_model_version(s: Session, name: str, path: str, *, git_rev: str | None = None,
+                           dvc_lock_hash: str | None = None, snapshot_hash: str | None = None,
+                           model_hash: str | None = None, parent: str | None = None,
+                           eval_results: dict[str, Any] | None = None,
+                           state: RolloutState | str = RolloutState.staff) -> ModelVersion:
+    """Add a model version to the registry (new versions start with staff unless told otherwise).
+
+    Registering the same name again with the same weights (``model_hash``) is a no-op that returns the
+    existing row; with different weights it is an error, because a version name must mean one model.
+    """
+    existing = s.scalar(select(ModelVersion).where(ModelVersion.name == name))
+    if existing is not None:
+        if model_hash and existing.model_hash and model_hash != existing.model_hash:
+            raise Conflict(f"model version {name!r} is already registered with other weights "
+                           f"({existing.model_hash[:12]} != {model_hash[:12]}); pick a new name")
+        return existing
+    parent_row = get_version(s, parent) if parent else None
+    mv = ModelVersion(name=name, path=str(path), git_rev=git_rev, dvc_lock_hash=dvc_lock_hash,
+                      snapshot_hash=snapshot_hash, model_hash=model_hash,
+                      parent_id=parent_row.id if parent_row else None, eval_results=eval_results,
+                      rollout_state=RolloutState(state), promoted_at=utcnow())
+    s.add(mv)
+    s.flush()
+    if mv.rollout_state == RolloutState.all:
+        _demote_other_all(s, mv)
+    return mv
+
+
+def parse_target(target: str) -> tuple[RolloutState, float | None]:
+    """``staff`` | ``ab:PCT`` (0 < PCT < 100) | ``all`` | ``retired`` → (state, percent)."""
+    if target.startswith("ab:"):
+        try:
+            pct = float(target[3:])
+        except ValueError:
+            raise StoreError(f"bad rollout target {target!r}: expected ab:PCT with PCT a number") from None
+        if not 0 < pct < 100:
+            raise StoreError(f"bad rollout target {target!r}: PCT must be between 0 and 100 (exclusive)")
+        return RolloutState.ab, pct
+    try:
+        return RolloutState(target), None
+    except ValueError:
+        raise StoreError(f"bad rollout target {target!r}: expected staff, ab:PCT, all or retired") from None
+
+
+def promote(s: Session, name: str, target: str) -> ModelVersion:
+    """Move a version to ``staff``, ``ab:PCT``, ``all`` or ``retired``.
+
+    ``ab:PCT`` starts (or re-weights) the running A/B experiment: the version currently serving
+    everyone is the control arm with (100-PCT)% of traffic, this version the treatment with PCT%.
+    ``all`` makes it the version for everyone, stops any running experiment, and moves the previous
+    ``all`` version back to ``staff`` (still available to staff for comparison, one command to roll back).
+    """
+    state, pct = parse_target(target)
+    mv = get_version(s, name)
+    if state == RolloutState.ab:
+        control = current_all(s)
+        if control is None:
+            raise StoreError(f"cannot A/B test {name!r}: no version is serving everyone (promote one --to all first)")
+        if control.id == mv.id:
+            raise StoreError(f"cannot A/B test {name!r} against itself: it already serves everyone")
+        _stop_experiments(s)
+        exp = Experiment(name=f"{control.name}-vs-{mv.name}-{utcnow():%Y%m%d%H%M%S%f}")
+        exp.arms = [ExperimentArm(name="control", model_version_id=control.id, traffic_share=1 - pct / 100),
+                    ExperimentArm(name="treatment", model_version_id=mv.id, traffic_share=pct / 100)]
+        s.add(exp)
+    elif state in (RolloutState.all, RolloutState.retired) or mv.rollout_state == RolloutState.ab:
+        _stop_experiments(s)
+    mv.rollout_state, mv.ab_percent, mv.promoted_at = state, pct, utcnow()
+    if state == RolloutState.all:
+        _demote_other_all(s, mv)
+    s.flush()
+    return mv
+
+
+def retire(s: Session, name: str) -> ModelVersion:
+    return promote(s, name, "retired")
+
+
+def current_all(s: Session) -> ModelVersion | None:
+    return s.scalar(select(ModelVersion).where(ModelVersion.rollout_state == RolloutState.all)
+                    .order_by(ModelVersion.promoted_at.desc(), ModelVersion.id.desc()).limit(1))
+
+
+def _demote_other_all(s: Session, mv: ModelVersion) -> None:
+    s.execute(update(ModelVersion).where(ModelVersion.rollout_state == RolloutState.all, ModelVersion.id != mv.id)
+              .values(rollout_state=RolloutState.staff, ab_percent=None))
+
+
+def _stop_experiments(s: Session) -> None:
+    for exp in s.scalars(select(Experiment).where(Experiment.status == ExperimentStatus.running)):
+        exp.status, exp.stopped_at = ExperimentStatus.stopped, utcnow()
+        for arm in exp.arms:  # a treatment that did not win goes back to staff
+            v = s.get(ModelVersion, arm.model_version_id)
+            if v is not None and v.rollout_state == RolloutState.ab:
+                v.rollout_state, v.ab_percent = RolloutState.staff, None
+
+
+def running_experiment(s: Session) -> Experiment | None:
+    return s.scalar(select(Experiment).where(Experiment.status == ExperimentStatus.running)
+                    .order_by(Experiment.id.desc()).limit(1))
+
+
+def list_versions(s: Session) -> list[ModelVersion]:
+    return list(s.scalars(select(ModelVersion).order_by(ModelVersion.id)))
+
+
+# --------------------------------------------------------------------------------------------- feedback
+@dataclass(frozen=True)
+class FeedbackInput:
+    request_id: str
+    kind: FeedbackKind
+    index: int = 0
+    time_to_decision_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class FeedbackResult:
+    request_id: str
+    index: int
+    kind: str
+    duplicate: bool
+
+
+def record_feedback(s: Session, user: User, events: Iterable[FeedbackInput]) -> list[FeedbackResult]:
+    """Store accept/reject decisions for the user's own completions, idempotently.
+
+    All or nothing: an unknown (or someone else's) completion raises :class:`NotFound`, a decision that
+    contradicts the stored one raises :class:`Conflict`, and the caller's transaction rolls back.
+    The same event twice is stored once (one decision per completion, enforced by a unique key).
+    """
+    events = list(events)
+    if not events:
+        return []
+    keys = {(e.request_id, e.index) for e in events}
+    rows = s.execute(select(Completion.id, Completion.request_id, Completion.choice_index)
+                     .where(Completion.user_id == user.id,
+                            Completion.request_id.in_({k[0] for k in keys})))
+    ids = {(r.request_id, r.choice_index): r.id for r in rows}
+    missing = sorted(keys - ids.keys())
+    if missing:
+        rid, idx = missing[0]
+        raise NotFound(f"no completion {rid!r} (choice {idx}) for this user")
+    existing = {r.completion_id: r.kind for r in s.execute(
+        select(FeedbackEvent.completion_id, FeedbackEvent.kind).where(FeedbackEvent.completion_id.in_(ids.values())))}
+    out, new, seen = [], [], {}
+    for e in events:
+        cid = ids[(e.request_id, e.index)]
+        prior = existing.get(cid, seen.get(cid))
+        if prior is not None and prior != e.kind:
+            raise Conflict(f"completion {e.request_id!r} (choice {e.index}) was already {prior.value}, "
+                           f"cannot record {e.kind.value}")
+        if prior is None:
+            seen[cid] = e.kind
+            new.append({"completion_id": cid, "kind": e.kind, "time_to_decision_ms": e.time_to_decision_ms,
+                        "created_at": utcnow()})
+        out.append(FeedbackResult(e.request_id, e.index, e.kind.value, prior is not None))
+    if new:
+        _insert_ignoring_duplicates(s, new)
+    return out
+
+
+def _insert_ignoring_duplicates(s: Session, rows: list[dict]) -> None:
+    """Bulk insert; a concurrent identical event (same completion) is skipped by the unique key, not an error."""
+    dialect = s.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:  # pragma: no cover - other databases: plain insert, the unique key still protects the data
+        from sqlalchemy import insert
+        s.execute(insert(FeedbackEvent), rows)
+        return
+    s.execute(insert(FeedbackEvent).on_conflict_do_nothing(index_elements=["completion_id"]), rows)
+
+
+# --------------------------------------------------------------------------------------------- bounties
+def bounty_hash(title: str, instruction: str, language: str, solution: str) -> str:
+    return sha256("\0".join((title, instruction, language, solution)))
+
+
+def add_bounty(s: Session, *, title: str, instruction: str, language: str, solution: str, source: str = "user",
+               user: User | None = None) -> tuple[Bounty, bool]:
+    """Add a bounty; the same content twice is stored once. Returns (row, created)."""
+    h = bounty_hash(title, instruction, language, solution)
+    row = s.scalar(select(Bounty).where(Bounty.content_hash == h))
+    if row is not None:
+        return row, False
+    row = Bounty(title=title, instruction=instruction, language=language, solution=solution, source=source,
+                 user_id=user.id if user else None, content_hash=h)
+    s.add(row)
+    s.flush()
+    return row, True
+
+
+# -------------------------------------------------------------------------------------------- retention
+def purge_texts(s: Session, older_than_days: int) -> int:
+    """Clear prompt/suffix/completion texts older than N days; rows, hashes and feedback stay (counts survive)."""
+    if older_than_days < 0:
+        raise StoreError(f"retention days must be >= 0, got {older_than_days}")
+    cutoff = utcnow() - timedelta(days=older_than_days)
+    res = s.execute(update(Completion)
+                    .where(Completion.created_at < cutoff, Completion.texts_purged_at.is_(None))
+                    .values(prompt=None, suffix=None, completion=None, texts_purged_at=utcnow()))
+    return res.rowcount or 0
+
+
+def counts(s: Session) -> dict[str, int]:
+    """Row counts per table (reports, tests, the load test's nothing-lost check)."""
+    out = {}
+    for name, model in (("users", User), ("completions", Completion), ("feedback_events", FeedbackEvent),
+                        ("bounties", Bounty), ("model_versions", ModelVersion), ("experiments", Experiment)):
+        out[name] = s.scalar(select(func.count()).select_from(model)) or 0
+    return out
