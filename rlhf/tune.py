@@ -1,0 +1,322 @@
+"""`ownllm rlhf sft` and `ownllm rlhf dpo`: TRL on the feedback snapshot.
+
+SFT teaches the parent model the accepted bounty solutions (TRL ``SFTTrainer``, prompt/completion format,
+loss on the completion only). Then preference tuning on what users accepted vs rejected: ``DPOTrainer``
+on prompt/chosen/rejected pairs, or ``KTOTrainer`` on unpaired prompt/completion/label examples when
+params say so or when there are fewer than ``rlhf.min_pairs`` pairs. The losses are TRL's; this module
+only feeds TRL its documented formats and a config built from params.yaml.
+
+Determinism: every run seeds torch/numpy/python from ``params.seed`` (TrainingArguments ``seed`` and
+``data_seed``), reads the snapshot in its stable order, trains on CPU in fp32 by default, and saves with
+safetensors, so the same snapshot + the same params give byte-identical weights (tests check it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Params, RLHFConfig
+
+SFT_FILE = "sft.jsonl"
+PAIRS_FILE = "pairs.jsonl"
+UNPAIRED_FILE = "unpaired.jsonl"
+PARENT_FILE = "parent.json"
+
+
+class TuneError(RuntimeError):
+    """A tuning input that is missing or unusable (named in the message)."""
+
+
+@dataclass
+class TuneResult:
+    method: str  # "sft" | "dpo" | "kto" | "copy" (nothing to train on: the parent is passed through)
+    examples: int
+    steps: int
+    train_loss: float | None
+    tokens: int
+    seconds: float
+    out_dir: Path
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def metrics(self) -> dict[str, Any]:
+        """Deterministic values only (the DVC metrics file); timings go to W&B and the console."""
+        return {
+            "method": self.method,
+            "examples": self.examples,
+            "steps": self.steps,
+            "train_loss": None if self.train_loss is None else round(self.train_loss, 6),
+            "tokens": self.tokens,
+            "weights_sha256": weights_hash(self.out_dir),
+        }
+
+
+# ------------------------------------------------------------------------------------------- data
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise TuneError(f"snapshot file not found: {path} (run `ownllm rlhf snapshot` first)")
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise TuneError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+    return rows
+
+
+def _dataset(rows: list[dict], columns: list[str], path: Path, tok, max_length: int):
+    from datasets import Dataset
+
+    for i, row in enumerate(rows):
+        missing = [c for c in columns if c not in row]
+        if missing:
+            raise TuneError(f"{path}: row {i} lacks {missing} (expected columns {columns})")
+    completions = [c for c in columns if c not in ("prompt", "label")]
+    rows = fit_prompts(rows, tok, max_length, completions)
+    # In-memory dataset in snapshot order: no cache files, no fingerprint-dependent behaviour.
+    return Dataset.from_list([{c: r[c] for c in columns} for r in rows])
+
+
+def fit_prompts(rows: list[dict], tok, max_length: int, completion_keys: list[str]) -> list[dict]:
+    """Cut each prompt from the left so prompt + longest completion + EOS fit in ``max_length`` tokens.
+
+    A completion model needs the text next to the cursor, so the start of a long prompt goes, never the
+    completion (TRL truncates from the right; its ``keep_end`` mode is deprecated). Completions longer than
+    half the budget are cut from the right so a prompt always keeps some context.
+    """
+    out = []
+    half = max_length // 2
+    for row in rows:
+        row = dict(row)
+        longest = 0
+        for k in completion_keys:
+            ids = tok(row[k], add_special_tokens=False)["input_ids"]
+            if len(ids) > half:
+                row[k] = tok.decode(ids[:half])
+            longest = max(longest, min(len(ids), half))
+        budget = max_length - longest - 1
+        ids = tok(row["prompt"], add_special_tokens=False)["input_ids"]
+        if len(ids) > budget:
+            row["prompt"] = tok.decode(ids[len(ids) - budget:])
+        out.append(row)
+    return out
+
+
+def parent_model_dir(cfg: RLHFConfig) -> Path:
+    """The model to start from: the one the snapshot recorded as in production, else ``rlhf.base_model``."""
+    meta = Path(cfg.snapshot_dir) / PARENT_FILE
+    if meta.is_file():
+        return Path(json.loads(meta.read_text(encoding="utf-8"))["model_dir"])
+    return Path(cfg.base_model)
+
+
+def weights_hash(model_dir: str | Path) -> str:
+    """sha256 over the model's weight files (safetensors), in name order: what 'identical weights' means."""
+    d = Path(model_dir)
+    files = sorted(d.glob("*.safetensors")) or sorted(d.glob("*.bin"))
+    if not files:
+        raise TuneError(f"no weight files (*.safetensors) in {d}")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------- trainers
+def _common_args(params: Params, stage: str, epochs: float, max_steps: int | None, report_to: str) -> dict:
+    cfg = params.rlhf
+    return dict(
+        output_dir=str(Path(cfg.work_dir) / stage),
+        seed=params.seed,
+        data_seed=params.seed,
+        num_train_epochs=epochs,
+        max_steps=max_steps if max_steps is not None else -1,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        lr_scheduler_type="cosine",
+        warmup_ratio=0.1,
+        weight_decay=0.0,
+        logging_steps=cfg.log_every,
+        save_strategy="no",
+        report_to=report_to,
+        run_name=f"rlhf-{stage}",
+        use_cpu=_use_cpu(cfg),
+        bf16=not _use_cpu(cfg) and cfg.bf16_on_gpu,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+        max_length=cfg.max_length,
+    )
+
+
+def _use_cpu(cfg: RLHFConfig) -> bool:
+    if cfg.device == "cpu":
+        return True
+    import torch
+
+    if cfg.device == "gpu" and not torch.cuda.is_available():
+        raise TuneError("rlhf.device is 'gpu' but no CUDA device is available")
+    return not torch.cuda.is_available()
+
+
+def _load(model_dir: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (model_dir / "config.json").is_file():
+        raise TuneError(f"parent model not found: {model_dir} (no config.json; train or register a model first)")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if tok.pad_token is None:
+        raise TuneError(f"tokenizer in {model_dir} has no pad token")
+    # Loaded from a directory, so name_or_path is set and TRL can build the reference model from it.
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
+    return model, tok
+
+
+def _copy_model(src: Path, out: Path) -> None:
+    """Pass the parent through unchanged (no data to tune on): the next stage still finds a model."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for f in sorted(src.iterdir()):
+        if f.is_file():
+            shutil.copy2(f, out / f.name)
+
+
+def _save(trainer, tok, out: Path) -> None:
+    if out.exists():
+        shutil.rmtree(out)
+    trainer.save_model(str(out))
+    tok.save_pretrained(str(out))
+    # TrainingArguments holds timestamps/paths; it is not part of the model, and would break byte-identity.
+    (out / "training_args.bin").unlink(missing_ok=True)
+
+
+def _train(trainer) -> tuple[int, float | None, float]:
+    t0 = time.perf_counter()
+    out = trainer.train()
+    return trainer.state.global_step, float(out.training_loss), time.perf_counter() - t0
+
+
+def _seed_all(seed: int) -> None:
+    from transformers import set_seed
+
+    set_seed(seed, deterministic=False)
+
+
+def run_sft(params: Params, report_to: str = "none", model_dir: Path | None = None) -> TuneResult:
+    """SFT the parent on the snapshot's bounties → ``rlhf.sft_out``."""
+    from trl import SFTConfig, SFTTrainer
+
+    cfg = params.rlhf
+    src = model_dir or parent_model_dir(cfg)
+    out = Path(cfg.sft_out)
+    path = Path(cfg.snapshot_dir) / SFT_FILE
+    rows = read_jsonl(path)
+    if not rows:
+        _copy_model(src, out)
+        return TuneResult("copy", 0, 0, None, 0, 0.0, out)
+    _seed_all(params.seed)
+    model, tok = _load(src)
+    ds = _dataset(rows, ["prompt", "completion"], path, tok, cfg.max_length)
+    args = SFTConfig(
+        **_common_args(params, "sft", cfg.sft_epochs, cfg.sft_max_steps, report_to),
+        completion_only_loss=True,  # learn the solution, not to reproduce the instruction
+        packing=False,
+        dataset_num_proc=None,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    tokens = _epoch_tokens(trainer.train_dataset, ["input_ids"]) * _epochs_done(trainer, args, len(ds))
+    steps, loss, secs = _train(trainer)
+    _save(trainer, tok, out)
+    return TuneResult("sft", len(ds), steps, loss, int(tokens), secs, out)
+
+
+def preference_method(cfg: RLHFConfig, n_pairs: int) -> str:
+    """DPO on pairs, unless params ask for KTO or there are too few pairs to learn a preference from."""
+    if cfg.method == "kto" or n_pairs < cfg.min_pairs:
+        return "kto"
+    return "dpo"
+
+
+def run_preference(params: Params, report_to: str = "none", model_dir: Path | None = None) -> TuneResult:
+    """DPO (or KTO) from the SFT model → ``rlhf.tuned_out``; the SFT model is also the reference."""
+    cfg = params.rlhf
+    src = model_dir or Path(cfg.sft_out)
+    out = Path(cfg.tuned_out)
+    snap = Path(cfg.snapshot_dir)
+    pairs = read_jsonl(snap / PAIRS_FILE)
+    method = preference_method(cfg, len(pairs))
+    if method == "dpo":
+        return _run_dpo(params, src, out, pairs, snap / PAIRS_FILE, report_to)
+    unpaired = read_jsonl(snap / UNPAIRED_FILE)
+    labels = {bool(r.get("label")) for r in unpaired}
+    if labels != {True, False}:
+        # KTO needs desirable and undesirable examples; with one kind only there is no preference to learn.
+        _copy_model(src, out)
+        return TuneResult("copy", len(unpaired), 0, None, 0, 0.0, out)
+    return _run_kto(params, src, out, unpaired, snap / UNPAIRED_FILE, report_to)
+
+
+def _run_dpo(params: Params, src: Path, out: Path, rows: list[dict], path: Path, report_to: str) -> TuneResult:
+    from trl import DPOConfig, DPOTrainer
+
+    cfg = params.rlhf
+    _seed_all(params.seed)
+    model, tok = _load(src)
+    ref, _ = _load(src)
+    ds = _dataset(rows, ["prompt", "chosen", "rejected"], path, tok, cfg.max_length)
+    args = DPOConfig(**_common_args(params, "dpo", cfg.dpo_epochs, cfg.dpo_max_steps, report_to), beta=cfg.beta)
+    trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=tok)
+    cols = [c for c in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "input_ids")
+            if c in trainer.train_dataset.column_names]
+    tokens = _epoch_tokens(trainer.train_dataset, cols) * _epochs_done(trainer, args, len(ds))
+    steps, loss, secs = _train(trainer)
+    _save(trainer, tok, out)
+    return TuneResult("dpo", len(ds), steps, loss, int(tokens), secs, out)
+
+
+def _run_kto(params: Params, src: Path, out: Path, rows: list[dict], path: Path, report_to: str) -> TuneResult:
+    from trl import KTOConfig, KTOTrainer
+
+    cfg = params.rlhf
+    _seed_all(params.seed)
+    model, tok = _load(src)
+    ref, _ = _load(src)
+    ds = _dataset(rows, ["prompt", "completion", "label"], path, tok, cfg.max_length)
+    # KTO's KL estimate pairs each example with another one of its batch, so a batch needs two or more.
+    common = _common_args(params, "kto", cfg.dpo_epochs, cfg.dpo_max_steps, report_to)
+    common["per_device_train_batch_size"] = max(2, cfg.batch_size)
+    args = KTOConfig(**common, beta=cfg.beta)
+    trainer = KTOTrainer(model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=tok)
+    cols = [c for c in ("prompt_input_ids", "completion_input_ids", "input_ids")
+            if c in trainer.train_dataset.column_names]
+    tokens = _epoch_tokens(trainer.train_dataset, cols) * _epochs_done(trainer, args, len(ds))
+    steps, loss, secs = _train(trainer)
+    _save(trainer, tok, out)
+    return TuneResult("kto", len(ds), steps, loss, int(tokens), secs, out)
+
+
+def _epoch_tokens(ds, columns: list[str]) -> int:
+    """Tokens one pass over the tokenized dataset feeds the model (for throughput, not for the loss)."""
+    return sum(len(x) for c in columns for x in ds[c]) if columns else 0
+
+
+def _epochs_done(trainer, args, n_examples: int) -> float:
+    """How many passes over the data the run makes: max_steps caps num_train_epochs."""
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    steps_per_epoch = max(1, -(-n_examples // per_step))
+    if args.max_steps and args.max_steps > 0:
+        return args.max_steps / steps_per_epoch
+    return float(args.num_train_epochs)
