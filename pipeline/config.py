@@ -150,7 +150,22 @@ class DedupConfig(Section):
 
 
 class StatsConfig(Section):
-    out: str = "reports/data"
+    out: str = "reports/data"  # stats.json, rejections.csv and plots/*.png
+    input: str = "data/dedup"  # the dataset described per language and per source
+    # Datasets counted per stage for the document funnel (stage name: directory).
+    funnel: dict[str, str] = {"raw": "data/raw", "clean": "data/clean", "dedup": "data/dedup"}
+    rejected_root: str = "data/rejected"  # every <stage>/rejected.parquet below it is counted
+    percentiles: list[float] = [50, 90, 99]
+    plots: bool = True
+    plot_dpi: int = Field(100, ge=30)
+
+    @field_validator("percentiles")
+    @classmethod
+    def _percentiles_in_range(cls, v: list[float]) -> list[float]:
+        bad = [p for p in v if not 0 < p <= 100]
+        if bad:
+            raise ValueError(f"percentiles must be in (0, 100], got {bad}")
+        return v
 
 
 class DataConfig(Section):

@@ -1,0 +1,271 @@
+"""MinHash near-duplicate detection as pure, vectorised functions.
+
+The local dedup stage and the Spark engine call these same functions, so both find the same
+duplicates. Everything here is a pure function of its arguments (no global state, no Python
+``hash()``, which is salted per process): picklable, and identical on every machine and worker.
+
+The method is the one of datasketch / BigCode / text-dedup:
+
+1. a document becomes the set of its word 5-grams ("shingles") over ``[A-Za-z_0-9]+`` tokens, each
+   hashed to 64 bits (:func:`shingles`);
+2. each of ``num_perm`` universal hash functions ``h(x) = (a*x + b) mod (2^61 - 1)`` is applied to every
+   shingle and the minimum kept (:func:`signature`); two signatures agree in a position with
+   probability equal to the Jaccard similarity of the two shingle sets;
+3. the signature is cut into ``bands`` bands of ``rows`` values; documents that share any band key are
+   candidates (:func:`band_hashes`, :func:`candidate_pairs`), the banding chosen so that pairs above the
+   threshold collide with high probability (:func:`optimal_bands`);
+4. candidates whose estimated Jaccard is below the threshold are dropped (:func:`verify_pairs`), the
+   rest are edges of a graph whose connected components are the duplicate clusters
+   (:func:`connected_components`), and one document per cluster is kept (:func:`representative`).
+
+We vectorise with numpy instead of calling datasketch's ``MinHash`` per document: datasketch hashes
+every shingle with SHA-1 in a Python loop and reduces with ``%`` on uint64, which benchmarks/bench_data.py
+measures several times slower at the same accuracy.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+import numpy as np
+import xxhash
+
+MERSENNE_PRIME = (1 << 61) - 1
+_P = np.uint64(MERSENNE_PRIME)
+_U64 = np.uint64
+_MASK32 = np.uint64(0xFFFFFFFF)
+# Shingle rows per block in :func:`signature`: a (block, num_perm) uint64 matrix stays near the cache.
+_BLOCK = 1024
+
+
+# ------------------------------------------------------------------------------------ exact dedup
+def normalise(content: str) -> str:
+    """Content as exact dedup compares it.
+
+    Line endings are unified (CRLF/CR → LF), trailing whitespace is stripped from every line and leading
+    and trailing blank lines are dropped. Indentation and everything inside a line is kept: in Python
+    it is meaning, and a file that differs in more than invisible whitespace is near-dedup's business.
+    """
+    lines = content.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return "\n".join(line.rstrip() for line in lines).strip("\n")
+
+
+def content_hash(content: str) -> str:
+    """128-bit hash of the normalised content, as hex (xxh3: stable across machines and processes)."""
+    return xxhash.xxh3_128_hexdigest(normalise(content).encode("utf-8", "surrogatepass"))
+
+
+# -------------------------------------------------------------------------------------- shingles
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: spreads every input bit over all 64 output bits (in place on a copy)."""
+    x = x.copy()
+    x ^= x >> _U64(30)
+    x *= _U64(0xBF58476D1CE4E5B9)
+    x ^= x >> _U64(27)
+    x *= _U64(0x94D049BB133111EB)
+    x ^= x >> _U64(31)
+    return x
+
+
+@lru_cache(maxsize=16)
+def _position_multipliers(ngram: int) -> np.ndarray:
+    # Distinct odd constants, one per position in the n-gram, so that "a b" and "b a" hash apart.
+    rng = np.random.Generator(np.random.PCG64(0x5EED + ngram))
+    return rng.integers(1, 1 << 63, size=ngram, dtype=np.uint64) * _U64(2) + _U64(1)
+
+
+@lru_cache(maxsize=16)
+def _token_regex(token_pattern: str) -> re.Pattern:
+    return re.compile(token_pattern)
+
+
+def shingles(text: str, ngram: int = 5, token_pattern: str = r"[A-Za-z_0-9]+") -> np.ndarray:
+    """The set of hashed word n-grams of ``text``: sorted unique uint64 values.
+
+    Tokens are hashed once with xxh64 (a stable hash); an n-gram's hash is a position-weighted sum of its
+    token hashes (mod 2^64), finalised with splitmix64. That is one numpy pass instead of one string join
+    and one hash call per n-gram. A text with fewer than ``ngram`` tokens is one shingle of all its
+    tokens; a text with no tokens has no shingles.
+    """
+    tokens = _token_regex(token_pattern).findall(text)
+    if not tokens:
+        return np.empty(0, dtype=np.uint64)
+    h = xxhash.xxh64_intdigest
+    tok = np.fromiter((h(t) for t in tokens), dtype=np.uint64, count=len(tokens))
+    n = min(ngram, len(tok))
+    windows = np.lib.stride_tricks.sliding_window_view(tok, n)
+    with np.errstate(over="ignore"):
+        combined = (windows * _position_multipliers(n)).sum(axis=1, dtype=np.uint64)
+    return np.unique(_mix64(combined))
+
+
+# ------------------------------------------------------------------------------------- signatures
+def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Parameters ``(a, b)`` of ``num_perm`` universal hash functions ``(a*x + b) mod (2^61 - 1)``.
+
+    ``a`` in [1, 2^32) and ``b`` in [0, 2^32) while ``x`` is a 32-bit value, so ``a*x + b < 2^64``:
+    the product never overflows uint64 and the modulus is exact (datasketch lets it wrap).
+    """
+    if num_perm < 1:
+        raise ValueError(f"num_perm must be >= 1, got {num_perm}")
+    rng = np.random.Generator(np.random.PCG64(seed))
+    a = rng.integers(1, 1 << 32, size=num_perm, dtype=np.uint64)
+    b = rng.integers(0, 1 << 32, size=num_perm, dtype=np.uint64)
+    return a, b
+
+
+def _mod_mersenne(x: np.ndarray) -> np.ndarray:
+    """``x mod (2^61 - 1)`` in place, without division: 2^61 ≡ 1 (mod p), so x ≡ (x >> 61) + (x & p).
+
+    The result is the residue itself except when the residue is below 8 (probability 2^-58 per value),
+    where it reads ``p + residue``. We skip that last conditional subtraction: it costs a quarter of the
+    signature time and the function stays a fixed, deterministic hash on every engine.
+    """
+    hi = x >> _U64(61)
+    x &= _P
+    x += hi
+    return x
+
+
+def signature(shingle_hashes: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """MinHash signature (uint32, one value per permutation) of a set of shingle hashes.
+
+    Each position is ``min over shingles of (a*x + b) mod p`` with ``x`` the top 32 bits of the shingle
+    hash, stored as its low 32 bits (the minimum is taken over the full value, so ties are rarer than
+    datasketch's, which masks before taking it). An empty set gets all-ones, which matches nothing but
+    another empty set; callers leave empty documents out of near dedup.
+    """
+    out = np.full(len(a), np.iinfo(np.uint64).max, dtype=np.uint64)
+    x32 = np.asarray(shingle_hashes, dtype=np.uint64) >> _U64(32)
+    for start in range(0, len(x32), _BLOCK):
+        block = np.multiply.outer(x32[start:start + _BLOCK], a)
+        block += b
+        np.minimum(out, _mod_mersenne(block).min(axis=0), out=out)
+    return (out & _MASK32).astype(np.uint32)
+
+
+# ------------------------------------------------------------------------------------------- LSH
+def _collision_probability(s: np.ndarray, bands: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    return 1.0 - (1.0 - s ** rows) ** bands
+
+
+def optimal_bands(threshold: float, num_perm: int, fp_weight: float = 0.5, fn_weight: float = 0.5) -> tuple[int, int]:
+    """``(bands, rows)`` with ``bands * rows <= num_perm`` minimising weighted false positive + negative mass.
+
+    The same objective as datasketch's ``MinHashLSH`` (area under the collision curve below the
+    threshold, and above it for misses), integrated on a fine grid for all (b, r) at once instead of one
+    ``scipy.integrate.quad`` call per pair.
+    """
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    b, r = zip(*[(b, r) for b in range(1, num_perm + 1) for r in range(1, num_perm // b + 1)])
+    bands, rows = np.array(b, dtype=float)[:, None], np.array(r, dtype=float)[:, None]
+    lo = np.linspace(0.0, threshold, 2001)[None, :]
+    hi = np.linspace(threshold, 1.0, 2001)[None, :]
+    fp = np.trapezoid(_collision_probability(lo, bands, rows), lo, axis=1)
+    fn = np.trapezoid(1.0 - _collision_probability(hi, bands, rows), hi, axis=1)
+    best = int(np.argmin(fp_weight * fp + fn_weight * fn))
+    return int(b[best]), int(r[best])
+
+
+def band_hashes(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """One uint64 key per band: ``(bands,)`` for one signature, ``(n, bands)`` for a matrix of them.
+
+    Two documents are LSH candidates when they share the key of the same band. A band's ``rows`` values
+    are folded into 64 bits (multiply-xor per value, then splitmix64), seeded by the band index so equal
+    values in different bands give different keys.
+    """
+    sig = np.asarray(sig)
+    if sig.shape[-1] < bands * rows:
+        raise ValueError(f"signature has {sig.shape[-1]} values, {bands} bands x {rows} rows need {bands * rows}")
+    cut = sig[..., : bands * rows].astype(np.uint64).reshape(*sig.shape[:-1], bands, rows)
+    h = np.broadcast_to(np.arange(bands, dtype=np.uint64) + _U64(0x9E3779B97F4A7C15), cut.shape[:-1]).copy()
+    with np.errstate(over="ignore"):
+        for j in range(rows):
+            h ^= cut[..., j]
+            h *= _U64(0x100000001B3)  # FNV-64 prime: odd, so each step is a bijection of the state
+    return _mix64(h)
+
+
+def candidate_pairs(keys: np.ndarray, max_bucket: int = 64) -> np.ndarray:
+    """Pairs ``(i, j)``, ``i < j``, of rows of ``keys`` (n, bands) that share a band key; unique, sorted.
+
+    Within a bucket of up to ``max_bucket`` documents every pair is a candidate. A larger bucket (many
+    near-identical tiny files) contributes each member paired with the bucket's first and its
+    neighbour, which keeps the work linear and still connects all true duplicates that verify.
+    """
+    keys = np.asarray(keys, dtype=np.uint64)
+    n, nbands = keys.shape
+    out = []
+    for band in range(nbands):
+        order = np.argsort(keys[:, band], kind="stable")
+        sorted_keys = keys[order, band]
+        starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+        sizes = np.diff(np.r_[starts, n])
+        for start, size in zip(starts[sizes > 1], sizes[sizes > 1]):
+            members = np.sort(order[start:start + size])
+            if size <= max_bucket:
+                i, j = np.triu_indices(size, k=1)
+                out.append(np.stack([members[i], members[j]], axis=1))
+            else:
+                first = np.full(size - 1, members[0])
+                out.append(np.stack([first, members[1:]], axis=1))
+                out.append(np.stack([members[:-1], members[1:]], axis=1))
+    if not out:
+        return np.empty((0, 2), dtype=np.int64)
+    return np.unique(np.concatenate(out).astype(np.int64), axis=0)
+
+
+def estimated_jaccard(sigs: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """Fraction of equal signature positions for each pair: the unbiased MinHash Jaccard estimate."""
+    if len(pairs) == 0:
+        return np.empty(0)
+    return np.concatenate([(sigs[p[:, 0]] == sigs[p[:, 1]]).mean(axis=1) for p in np.array_split(pairs, max(1, len(pairs) // 4096))])
+
+
+def verify_pairs(sigs: np.ndarray, pairs: np.ndarray, threshold: float) -> np.ndarray:
+    """The candidate pairs whose estimated Jaccard reaches ``threshold`` (LSH alone lets some lower ones in)."""
+    if len(pairs) == 0:
+        return pairs
+    return pairs[estimated_jaccard(sigs, pairs) >= threshold]
+
+
+# -------------------------------------------------------------------------------------- clusters
+def connected_components(n: int, edges: np.ndarray) -> np.ndarray:
+    """Component label of each of ``n`` nodes: the smallest node index in its component.
+
+    Clusters are connected components, not pairs: if A~B and B~C, all three are one cluster even when
+    A and C are not similar enough by themselves, so exactly one of them survives. Written by hand as a
+    union-find (path halving, union by smaller root) because the edge list is small (verified duplicate
+    pairs only), it needs no graph library, and the labels come out canonical (smallest index) whatever
+    the edge order, which the Spark engine relies on when it collects edges to the driver.
+    """
+    parent = np.arange(n, dtype=np.int64)
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for i, j in np.asarray(edges, dtype=np.int64).reshape(-1, 2):
+        ri, rj = find(int(i)), find(int(j))
+        if ri != rj:
+            parent[max(ri, rj)] = min(ri, rj)
+    return np.array([find(i) for i in range(n)], dtype=np.int64)
+
+
+def representative(labels: np.ndarray, keys: list | np.ndarray) -> np.ndarray:
+    """For each node, the index of the one node its cluster keeps: the member with the smallest key.
+
+    The stage passes document ids as keys: an id is a content hash, so the choice depends only on the
+    documents in the cluster, never on input order, sources or the number of workers.
+    """
+    labels = np.asarray(labels)
+    keys = np.asarray(keys)
+    order = np.lexsort((keys, labels))  # by cluster, then key
+    sorted_labels = labels[order]
+    first = np.r_[True, sorted_labels[1:] != sorted_labels[:-1]]
+    keep_of_label = dict(zip(sorted_labels[first].tolist(), order[first].tolist()))
+    return np.array([keep_of_label[lab] for lab in labels.tolist()], dtype=np.int64)
