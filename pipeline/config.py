@@ -154,7 +154,9 @@ class StatsConfig(Section):
     input: str = "data/dedup"  # the dataset described per language and per source
     # Datasets counted per stage for the document funnel (stage name: directory).
     funnel: dict[str, str] = {"raw": "data/raw", "clean": "data/clean", "dedup": "data/dedup"}
-    rejected_root: str = "data/rejected"  # every <stage>/rejected.parquet below it is counted
+    # Rejected-record directories counted per stage and reason. Named one by one, not globbed, so that a
+    # later stage's rejections (e.g. decontam) never leak into these stats depending on what ran first.
+    rejected: list[str] = ["data/rejected/ingest", "data/rejected/clean", "data/rejected/dedup"]
     percentiles: list[float] = [50, 90, 99]
     plots: bool = True
     plot_dpi: int = Field(100, ge=30)

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline.config import Params, StatsConfig
-from pipeline.data.records import read_docs, read_rejected
+from pipeline.data.records import read_docs
 
 STAGE = "data stats"
 # Columns described by distributions; content is never read.
@@ -69,9 +70,14 @@ def funnel(stages: dict[str, str]) -> dict[str, dict]:
     return out
 
 
-def rejection_counts(root: str | Path) -> dict[str, dict]:
-    """``{stage: {"total": n, "by_reason": {reason: n}, "by_lang": {lang: n}}}`` over every rejected file."""
-    rej = read_rejected(root).select(["stage", "reason", "lang"]).to_pylist()
+def rejection_counts(dirs: list[str]) -> dict[str, dict]:
+    """``{stage: {"total": n, "by_reason": {reason: n}, "by_lang": {lang: n}}}`` over the rejected dirs.
+
+    A directory that does not exist (its stage has not run, or rejects nothing) counts as empty.
+    """
+    files = [Path(d) / "rejected.parquet" for d in dirs]
+    tables = [pq.read_table(f, columns=["stage", "reason", "lang"]) for f in files if f.is_file()]
+    rej = pa.concat_tables(tables).to_pylist() if tables else []
     out: dict[str, dict] = {}
     for row in rej:
         s = out.setdefault(row["stage"], {"total": 0, "by_reason": {}, "by_lang": {}})
@@ -89,7 +95,7 @@ def compute_stats(cfg: StatsConfig) -> tuple[dict, pa.Table]:
         "by_lang": group_summaries(table, "lang", cfg.percentiles),
         "by_source": group_summaries(table, "source", cfg.percentiles),
         "funnel": funnel(cfg.funnel),
-        "rejected": rejection_counts(cfg.rejected_root),
+        "rejected": rejection_counts(cfg.rejected),
     }
     return stats, table
 

@@ -37,7 +37,7 @@ def plot_distributions(table: pa.Table, path: Path, dpi: int) -> Path:
     lang_col = np.array(table.column("lang").to_pylist(), dtype=object)
     panels = [
         ("size_bytes", "file size (bytes, log10)", True),
-        ("avg_line_len", "average line length (chars)", False),
+        ("avg_line_len", "average line length (chars, log10)", True),
         ("max_line_len", "maximum line length (chars, log10)", True),
         ("alnum_frac", "alphanumeric fraction", False),
     ]
