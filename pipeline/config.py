@@ -89,7 +89,7 @@ class PIIConfig(Section):
     min_key_entropy_hex: float = 3.0
     # A random string of n chars has at most log2(n) bits/char, so a short key must only beat
     # factor * log2(n) when that is below min_key_entropy_base64.
-    key_entropy_len_factor: float = Field(0.85, gt=0, le=1)
+    key_entropy_len_factor: float = Field(0.78, gt=0, le=1)
     min_key_length: int = Field(20, ge=8)
     max_key_length: int = Field(512, ge=8)  # longer quoted base64 is data (images, fonts), not a key
     # Public addresses that identify no one: well-known public DNS resolvers (IPv4 and IPv6).

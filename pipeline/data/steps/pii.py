@@ -1,0 +1,270 @@
+"""PII redaction: emails, public IP addresses and secret keys become `<EMAIL>`, `<IP_ADDRESS>`, `<KEY>`.
+
+Detection is regex + validation, in the spirit of BigCode's StarCoder PII pipeline, but with the
+validation done by libraries that already know the rules:
+
+- token-format keys (AWS, GitHub, Slack, Stripe) use detect-secrets' own plugin regexes, and the
+  entropy of candidate secrets is detect-secrets' Shannon entropy;
+- whether an IP address is public is decided by the stdlib ``ipaddress`` module (``is_global``), which
+  knows private, loopback, link-local, CGNAT, documentation and reserved ranges for IPv4 and IPv6.
+
+What is written by hand is only what no library does: finding the *spans* to replace in source code
+(detect-secrets reports values per line, not positions, and flags only the first line of a private key
+block) and the code-specific false-positive filters (version strings, hashes, UUIDs, base64 data).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+import string
+from dataclasses import dataclass, field
+
+from detect_secrets.plugins.aws import AWSKeyDetector
+from detect_secrets.plugins.github_token import GitHubTokenDetector
+from detect_secrets.plugins.high_entropy_strings import Base64HighEntropyString, HexHighEntropyString
+from detect_secrets.plugins.slack import SlackDetector
+from detect_secrets.plugins.stripe import StripeDetector
+
+from pipeline.config import PIIConfig
+from pipeline.data.records import line_stats
+from pipeline.data.steps.base import Transform
+
+PLACEHOLDERS = {"email": "<EMAIL>", "ip_address": "<IP_ADDRESS>", "key": "<KEY>"}
+
+# ------------------------------------------------------------------------------------------ emails
+# A deliberately conservative address: dotted domain ending in a 2+ letter TLD. The look-behind keeps
+# the local part whole (no "user" cut out of "a.user") and rejects URL userinfo like "://u:p@host".
+EMAIL_RE = re.compile(
+    r"(?<![\w.%+\-/:@])"
+    r"([A-Za-z0-9](?:[A-Za-z0-9._%+\-]{0,63}[A-Za-z0-9_%+\-])?)"
+    r"@((?:[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.)+([A-Za-z]{2,24}))"
+    r"(?![\w\-@]|\.[A-Za-z0-9]|:[\w~/])"  # not "git@github.com:org/repo" (an scp-style git remote)
+)
+# "icon@2x.png", "lodash@file.js": asset and package specs that look like addresses.
+FILE_TLDS = frozenset(
+    "png jpg jpeg gif svg webp ico bmp js mjs cjs ts tsx jsx py pyc css scss less html htm json yaml yml md "
+    "txt xml toml lock map wasm so dll exe sh rb go rs java kt c h cc cpp hpp o a gz zip tar".split()
+)
+
+# --------------------------------------------------------------------------------------------- IPs
+_OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+# Not inside a longer dotted number (OIDs, 5-part versions) nor glued to identifiers ("v1.2.3.4").
+IPV4_RE = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?![\w]|\.\d|\.in-addr)")
+# Candidates only; ipaddress.IPv6Address does the real validation.
+IPV6_RE = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{1,4}:|:)(?::|[0-9A-Fa-f]{1,4}:){1,7}(?::|[0-9A-Fa-f]{1,4})(?:\.\d{1,3}){0,3}(?![\w:])")
+# "version = '1.2.3.4'", "__version__", "Version: 10.0.0.1", "pkg==1.2.3.4" are versions, not hosts;
+# "section 7.3.2.2", "IEEE 802.11 8.4.2.29", "RFC 4960 5.3.1.1" are numbered sections of specifications.
+NOT_IP_BEFORE_RE = re.compile(
+    r"(?i)(?:version|\bver\b|release|requires|build|[=<>~!]=|[<>]|\bv"
+    r"|section|\bsect?\.|§|chapter|clause|table|figure|\bfig\.|\bspec(?:ification)?|ieee|\brfc\s*\d+|\b802\.\d+\S*"
+    r"|\bstd\.?|standard|\bdraft\S*|\bstep)_*\W{0,6}$"
+    r"|(?:^|[^a-z])oids?(?:[^a-z]|$)"  # ASN.1 object ids anywhere before: "EXTENSION_OID_KEY_USAGE = '2.5.29.15'"
+)
+# A section number opening a heading: "/* 4.3.2.1 Class-Specific AC Interface Descriptor */", "5.2.1.1. Append".
+SECTION_TITLE_AFTER_RE = re.compile(r"\.?[ \t]+[A-Z]")
+# A bare number in a comment or in parentheses refers to a spec step: "// 5.2.1.1", "/* 8.4.26.1 */", "(5.4.1.1)".
+COMMENT_BEFORE_RE = re.compile(r"(?://+|#+|/\*+|^[ \t]*\*+|\()[ \t]*$", re.M)
+COMMENT_AFTER_RE = re.compile(r"[ \t]*\)|[ \t]*(?:\*/)?[ \t]*(?:\n|$)")
+
+# -------------------------------------------------------------------------------------------- keys
+# detect-secrets' plugin regexes for token formats (the access-key id, not the 40-char secret pattern,
+# which is covered by the secret-assignment rule below). github_pat_ (fine-grained tokens) is newer
+# than detect-secrets 1.5, so it is added here.
+TOKEN_RES = [
+    AWSKeyDetector.denylist[0],
+    *GitHubTokenDetector.denylist,
+    re.compile(r"github_pat_[A-Za-z0-9_]{22,255}"),
+    SlackDetector.denylist[0],
+    *StripeDetector.denylist,
+]
+# detect-secrets' regexes are unanchored; a token inside a longer base64/identifier run is not a token.
+TOKEN_BEFORE = re.compile(r"[A-Za-z0-9+/_\-]")
+TOKEN_HINTS = ("AKIA", "A3T", "ABIA", "ACCA", "ASIA", "gh", "github_pat_", "xox", "XOX", "k_live_")
+PRIVATE_KEY_RE = re.compile(
+    r"-----BEGIN ((?:[A-Z0-9]+ )*)PRIVATE KEY(?: BLOCK)?-----"
+    r"(?:[\s\S]{0,20000}?-----END \1PRIVATE KEY(?: BLOCK)?-----|[A-Za-z0-9+/=\s\\n:\-,]*)"
+)
+# A quoted value assigned to a secret-ish name: `api_key = "..."`, `"password": '...'`, `token: "..."`,
+# `AWS_SECRET=...` (env style, unquoted, whole line).
+SECRET_NAME = r"(?:[A-Za-z_$][\w$.\-]{0,40}?)?(?:key|secret|token|passw|pwd|credential|auth)[\w$.\-]{0,40}"
+SECRET_ASSIGN_RE = re.compile(
+    rf"(?i)(?<![\w$.\-])(?P<name>{SECRET_NAME})['\"]?\s*(?:=|:|:=|=>|,)\s*[rbuf]{{0,2}}(?P<q>['\"`])(?P<value>[A-Za-z0-9+/=_\-]{{8,}})(?P=q)"
+)
+ENV_ASSIGN_RE = re.compile(
+    rf"(?im)^[ \t]*(?:export[ \t]+)?(?P<name>{SECRET_NAME})[ \t]*=[ \t]*(?P<value>[A-Za-z0-9+/=_\-]{{8,}})[ \t]*$"
+)
+HASH_NAME_RE = re.compile(r"(?i)hash|sha\d*|md5|digest|checksum|cksum|crc|etag|commit|rev|integrity|fingerprint|cache|uuid|guid")
+HASH_HEX_LENGTHS = frozenset({32, 40, 56, 64, 96, 128})
+UUID_RE = re.compile(r"^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$")
+# Words of an identifier: "HTTPPasswordMgr" -> HTTP, Password, Mgr; a random string splits into 1-2 char bits.
+WORD_RE = re.compile(r"[A-Z]{2,}(?=[A-Z][a-z]|[^A-Za-z]|$)|[A-Z]?[a-z]+|[A-Z]")
+
+_B64 = Base64HighEntropyString()
+_HEX = HexHighEntropyString()
+
+
+@dataclass(frozen=True, order=True)
+class Span:
+    start: int
+    end: int
+    kind: str  # email | ip_address | key
+
+
+def find_emails(text: str) -> list[Span]:
+    if "@" not in text:
+        return []
+    out = []
+    for m in EMAIL_RE.finditer(text):
+        if m.group(3).lower() in FILE_TLDS:
+            continue
+        out.append(Span(m.start(), m.end(), "email"))
+    return out
+
+
+def _not_an_ip(text: str, start: int, end: int) -> bool:
+    """A dotted quad that is a version or a section number, judged from its own line."""
+    line_start = text.rfind("\n", 0, start) + 1
+    if NOT_IP_BEFORE_RE.search(text, max(line_start, start - 40), start):
+        return True
+    if SECTION_TITLE_AFTER_RE.match(text, end):
+        return True
+    return bool(COMMENT_BEFORE_RE.search(text, max(line_start, start - 8), start) and COMMENT_AFTER_RE.match(text, end))
+
+
+def find_ips(text: str, keep: frozenset[str]) -> list[Span]:
+    out = []
+    for m in IPV4_RE.finditer(text):
+        addr = ipaddress.IPv4Address(m.group())
+        if (addr.is_global and not addr.is_multicast and m.group() not in keep
+                and not _not_an_ip(text, m.start(), m.end())):
+            out.append(Span(m.start(), m.end(), "ip_address"))
+    if "::" in text or text.count(":") >= 7:
+        for m in IPV6_RE.finditer(text):
+            try:
+                addr6 = ipaddress.IPv6Address(m.group())
+            except ValueError:
+                continue
+            # Only 2000::/3 is allocated global unicast; this also rules out C++-ish "abc::def".
+            if addr6.is_global and (addr6.packed[0] >> 5) == 1 and str(addr6) not in keep:
+                out.append(Span(m.start(), m.end(), "ip_address"))
+    return out
+
+
+def shannon_entropy(value: str) -> float:
+    """detect-secrets' entropy, over the hex charset for hex strings and base64's otherwise."""
+    return (_HEX if all(c in string.hexdigits for c in value) else _B64).calculate_shannon_entropy(value)
+
+
+def _has_ascending_run(value: str, n: int = 6) -> bool:
+    run = 1
+    for a, b in zip(value, value[1:]):
+        run = run + 1 if ord(b) == ord(a) + 1 else 1
+        if run >= n:
+            return True
+    return False
+
+
+def _identifier_like(value: str) -> bool:
+    words = WORD_RE.findall(value)
+    return bool(words) and sum(map(len, words)) / len(words) >= 4.0
+
+
+def looks_like_secret(name: str, value: str, cfg: PIIConfig) -> bool:
+    """Is ``value`` (assigned to ``name``) a random secret rather than a hash, UUID, blob or word?"""
+    if not (cfg.min_key_length <= len(value) <= cfg.max_key_length):
+        return False  # short: words and placeholders; very long: base64 data blobs (images, fonts)
+    if UUID_RE.match(value):
+        return False
+    is_hex = all(c in string.hexdigits for c in value)
+    if is_hex and len(value) in HASH_HEX_LENGTHS and HASH_NAME_RE.search(name):
+        return False  # an md5/sha digest in a hash-ish context
+    if not any(c.isdigit() for c in value) and _identifier_like(value):
+        return False  # SOME_CONSTANT_NAME, ProxyBasicAuthHandler
+    if _has_ascending_run(value):
+        return False  # alphabets: "ABCDEFGHIJ...", "0123456789..."
+    if is_hex:
+        return _HEX.calculate_shannon_entropy(value) > cfg.min_key_entropy_hex
+    # A random string of length n cannot exceed log2(n) bits/char, so short keys get a length-scaled bar.
+    limit = min(cfg.min_key_entropy_base64, cfg.key_entropy_len_factor * math.log2(len(value)))
+    return _B64.calculate_shannon_entropy(value) > limit
+
+
+def find_keys(text: str, cfg: PIIConfig) -> list[Span]:
+    out = []
+    if any(h in text for h in TOKEN_HINTS):
+        for rx in TOKEN_RES:
+            for m in rx.finditer(text):
+                s, e = m.start(), m.end()
+                if (s and TOKEN_BEFORE.match(text, s - 1)) or (e < len(text) and text[e].isalnum()):
+                    continue
+                out.append(Span(s, e, "key"))
+    if "PRIVATE KEY" in text:
+        out.extend(Span(m.start(), m.end(), "key") for m in PRIVATE_KEY_RE.finditer(text))
+    for rx in (SECRET_ASSIGN_RE, ENV_ASSIGN_RE):
+        for m in rx.finditer(text):
+            if looks_like_secret(m.group("name"), m.group("value"), cfg):
+                out.append(Span(m.start("value"), m.end("value"), "key"))
+    return out
+
+
+def resolve_overlaps(spans: list[Span]) -> list[Span]:
+    """Keep non-overlapping spans: earliest start first, the longer one on ties (a key block wins)."""
+    kept: list[Span] = []
+    for s in sorted(spans, key=lambda s: (s.start, -(s.end - s.start))):
+        if kept and s.start < kept[-1].end:
+            continue
+        kept.append(s)
+    return kept
+
+
+@dataclass
+class Redaction:
+    text: str
+    counts: dict[str, int] = field(default_factory=lambda: {k: 0 for k in PLACEHOLDERS})
+
+
+def redact_pii(text: str, cfg: PIIConfig) -> Redaction:
+    spans: list[Span] = []
+    if cfg.enabled:
+        if cfg.keys:
+            spans += find_keys(text, cfg)
+        if cfg.emails:
+            spans += find_emails(text)
+        if cfg.ip_addresses:
+            spans += find_ips(text, frozenset(cfg.keep_ips))
+    result = Redaction(text)
+    if not spans:
+        return result
+    parts, pos = [], 0
+    for s in resolve_overlaps(spans):
+        parts.append(text[pos:s.start])
+        parts.append(PLACEHOLDERS[s.kind])
+        result.counts[s.kind] += 1
+        pos = s.end
+    parts.append(text[pos:])
+    result.text = "".join(parts)
+    return result
+
+
+class RedactPII(Transform):
+    """Replace PII with placeholders and record per-document counts in ``pii_redactions``.
+
+    The ``id`` stays the one of the raw file (traceability back to the source); line statistics are
+    recomputed because the content changed.
+    """
+
+    name = "pii_redaction"
+
+    def __init__(self, cfg: PIIConfig):
+        self.cfg = cfg
+
+    def transform(self, doc: dict) -> dict:
+        red = redact_pii(doc["content"], self.cfg)
+        out = dict(doc, pii_redactions=red.counts)
+        if red.text != doc["content"]:
+            out["content"] = red.text
+            out["size_bytes"] = len(red.text.encode("utf-8"))
+            out.update(line_stats(red.text))
+        return out
