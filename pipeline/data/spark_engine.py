@@ -226,3 +226,45 @@ def write_rejected_df(df: "DataFrame", out_dir: str | Path) -> tuple[Path, pa.Ta
 
 def rejected_summary(keys: pa.Table) -> dict:
     return {"rejected": keys.num_rows, "rejected_by_reason": reason_counts(keys)}
+
+
+# --------------------------------------------------------------------------------------------- stages
+def docs_summary(df: "DataFrame") -> dict:
+    """documents, bytes and documents per language of a (persisted) document DataFrame."""
+    from pyspark.sql import functions as F
+
+    rows = df.groupBy("lang").agg(F.count("*").alias("n"), F.sum("size_bytes").alias("bytes")).collect()
+    return {
+        "documents": sum(r["n"] for r in rows),
+        "bytes": int(sum(r["bytes"] or 0 for r in rows)),
+        "documents_by_lang": {r["lang"]: r["n"] for r in sorted(rows, key=lambda r: r["lang"])},
+    }
+
+
+def pii_summary(kept: "DataFrame") -> dict:
+    from pyspark.sql import functions as F
+
+    from pipeline.data.steps.pii import PLACEHOLDERS
+
+    col = lambda k: F.coalesce(F.col(f"pii_redactions.{k}"), F.lit(0))  # noqa: E731
+    any_pii = sum((col(k) for k in PLACEHOLDERS), F.lit(0)) > 0
+    row = kept.agg(*[F.sum(col(k)).alias(k) for k in PLACEHOLDERS],
+                   F.sum(any_pii.cast("long")).alias("_with")).collect()[0]
+    return {"pii_redactions": {k: int(row[k] or 0) for k in PLACEHOLDERS}, "documents_with_pii": int(row["_with"] or 0)}
+
+
+def run_clean_spark(params: Params, spark: "SparkSession | None" = None) -> dict:
+    """`ownllm data clean` on Spark: clean.clean_steps over mapInArrow; the same summary as clean.run_clean."""
+    from pipeline.data.clean import STAGE, clean_steps
+    from pipeline.data.records import CLEAN_SCHEMA
+
+    cfg = params.data.clean
+    spark = spark or spark_session(params)
+    raw = read_docs_df(spark, params.data.ingest.out)
+    kept, rejected = map_steps(raw, clean_steps(params), CLEAN_SCHEMA, STAGE, batch_rows=cfg.batch_rows)
+    write_docs_df(kept, cfg.out, CLEAN_SCHEMA, params.data.ingest.row_group_rows, params.spark.max_rows_per_file)
+    _, rejected_keys = write_rejected_df(rejected, cfg.rejected)
+    summary = {"documents_in": raw.count(), **docs_summary(kept), **rejected_summary(rejected_keys),
+               **pii_summary(kept)}
+    spark.catalog.clearCache()
+    return summary
