@@ -137,6 +137,9 @@ class DedupConfig(Section):
     rows: int | None = Field(None, ge=1)
     # Drop LSH candidates whose signature-estimated Jaccard is below `threshold` (off = raw LSH, as datasketch).
     verify: bool = True
+    # Weight of missed pairs (vs false candidates) when bands/rows are chosen. Verified candidates cost only
+    # a signature comparison, so misses weigh more: 0.9 gives 32 x 8 for 0.7 / 256 (datasketch's 0.5: 25 x 10).
+    false_negative_weight: float = Field(0.9, gt=0, lt=1)
     # A bucket of more documents than this pairs each with its first and neighbour instead of all pairs.
     max_bucket: int = Field(64, ge=2)
 
@@ -219,7 +222,7 @@ class TokenizerConfig(Section):
     sample_docs: int = Field(4000, gt=0)
     min_frequency: int = Field(2, ge=1)
     reserved_tokens: int = Field(16, ge=0)
-    heldout_frac: float = Field(0.05, gt=0, lt=1)
+    # Held-out data for reports/tokenizer.json is the validation split (shards.val_frac), never sampled.
 
 
 class DecontamConfig(Section):
@@ -228,6 +231,10 @@ class DecontamConfig(Section):
     ngram: int = Field(10, ge=3)
     # Fraction of a benchmark snippet's n-grams found in a document at or above which it is dropped.
     threshold: float = Field(0.5, gt=0, le=1)
+    # Snippets with fewer n-grams (e.g. a one-line solution) are only checked as part of the whole
+    # prompt+solution, since a few common idioms would otherwise match ordinary code.
+    min_snippet_ngrams: int = Field(8, ge=1)
+    # Extra JSONL(.gz) benchmark files: records with `task_id` and any of prompt/canonical_solution/solution/code.
     benchmark_files: list[str] = []
 
 
@@ -335,6 +342,7 @@ class SandboxConfig(Section):
     file_size_mb: int = Field(16, ge=1)
     max_processes: int = Field(64, ge=1)
     workers: int | None = None  # default: one per core
+    root: str | None = None  # run directories; default /run/ownllm-sandbox (namespaces) or $TMPDIR/ownllm-sandbox
 
 
 class HumanEvalConfig(Section):
@@ -351,6 +359,8 @@ class FimEvalConfig(Section):
     max_docs: int = Field(64, ge=1)
     max_context_chars: int = Field(1500, ge=16)
     max_new_tokens: int = Field(48, ge=1)
+    batch_size: int = Field(16, ge=1)
+    min_line_chars: int = Field(4, ge=1)  # cursor lines shorter than this (after stripping) are not chosen
     seed: int = 7
 
 
@@ -361,8 +371,11 @@ class EvalConfig(Section):
     sandbox: SandboxConfig = SandboxConfig()
     humaneval: HumanEvalConfig = HumanEvalConfig()
     fim: FimEvalConfig = FimEvalConfig()
-    # Gate: the candidate may be at most this much worse (absolute) than the base, per metric.
+    # Gate: the candidate may be at most this much worse (absolute) than the base, per metric
+    # (`<report>.<metric>`, fnmatch patterns allowed). Metrics without a tolerance are shown, not gated.
     tolerances: dict[str, float] = {"humaneval.pass@1": 0.0, "fim.infill_exact": 0.02, "fim.next_line_exact": 0.02}
+    # Metrics where lower is better (e.g. a latency); all others are higher-is-better.
+    lower_is_better: list[str] = []
 
 
 # --------------------------------------------------------------------------- serving and feedback
@@ -370,11 +383,19 @@ class ServeConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     db_url: str = "sqlite:///var/feedback.db"
+    # local: in-process transformers, loading each routed version's `path`; openai: forward to upstream_url.
     backend: Literal["local", "openai"] = "local"
     model_dir: str = "models/base"
-    upstream_url: str | None = None
+    upstream_url: str | None = None  # e.g. http://vllm:8000/v1
+    upstream_api_key_env: str = "OWNLLM_UPSTREAM_API_KEY"  # name of the env var holding the upstream key
+    device: str = "cpu"
     max_prompt_chars: int = Field(32_000, ge=1)
     max_tokens_limit: int = Field(512, ge=1)
+    max_n: int = Field(8, ge=1)
+    max_stop: int = Field(4, ge=1)
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    max_feedback_batch: int = Field(1000, ge=1)
+    sqlite_busy_timeout_s: float = Field(10.0, gt=0)
     retention_days: int = Field(30, ge=1)
 
 
@@ -423,6 +444,7 @@ class RLHFConfig(Section):
     grad_accum: int = Field(1, ge=1)
     max_length: int = Field(256, ge=8)
     max_prompt_chars: int = Field(1024, ge=16)  # snapshot keeps the end of longer prompts (the cursor side)
+    max_pairs_per_context: int = Field(4, ge=1)  # a busy context must not dominate the preferences
     log_every: int = Field(5, ge=1)
     device: Literal["auto", "cpu", "gpu"] = "auto"
     bf16_on_gpu: bool = True

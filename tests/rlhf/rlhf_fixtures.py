@@ -12,7 +12,7 @@ from pipeline.config import Params, parse_params
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
 
-def rlhf_params(tmp: Path, model_dir: Path, **rlhf) -> Params:
+def rlhf_params(tmp: Path, model_dir: Path, decontam: bool = False, **rlhf) -> Params:
     cfg = {
         "snapshot_dir": str(tmp / "data/feedback"),
         "base_model": str(model_dir),
@@ -36,6 +36,7 @@ def rlhf_params(tmp: Path, model_dir: Path, **rlhf) -> Params:
         "data": {"sources": [{"name": "t", "kind": "dir", "path": str(tmp)}]},
         "tracking": {"reports_dir": str(tmp / "reports"), "wandb_mode": "disabled"},
         "rlhf": cfg,
+        "decontam": {"enabled": decontam},
     }
     return parse_params(data, "test-params")
 
@@ -62,3 +63,55 @@ def write_snapshot(snap: Path, n_sft: int = 4, n_pairs: int = 4) -> None:
                 for i, r in enumerate(pairs) for k in ("chosen", "rejected")]
     for name, rows in (("sft.jsonl", sft), ("pairs.jsonl", pairs), ("unpaired.jsonl", unpaired)):
         (snap / name).write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows), encoding="utf-8")
+
+
+def make_store(tmp: Path, base_dir: Path, decisions: list[tuple[str, str, str, bool]],
+               bounties: list[tuple[str, str, str]] = (), db_name: str = "feedback.db") -> str:
+    """A real SQLite feedback store at head with a production 'base' version, served completions and
+    their accept/reject decisions ``(prefix, suffix, completion, accepted)``, and bounties
+    ``(title, instruction, solution)``. Returns the DB URL."""
+    from feedback.db import session_factory, upgrade
+    from feedback.models import Completion, FeedbackKind
+    from feedback.store import (FeedbackInput, add_bounty, get_or_create_user, record_feedback,
+                                register_model_version, sha256)
+
+    url = f"sqlite:///{tmp / db_name}"
+    upgrade(url)
+    factory = session_factory(url)
+    with factory.begin() as s:
+        mv = register_model_version(s, "base", str(base_dir), state="all")
+        user = get_or_create_user(s, "alice")
+        add_store_rows(s, user, mv, decisions, bounties)
+    return url
+
+
+def add_store_rows(s, user, mv, decisions, bounties=(), start: int = 0) -> None:
+    from feedback.models import Completion, FeedbackKind
+    from feedback.store import FeedbackInput, add_bounty, record_feedback, sha256
+
+    events = []
+    for i, (prefix, suffix, completion, accepted) in enumerate(decisions, start):
+        rid = f"req-{i}"
+        s.add(Completion(request_id=rid, choice_index=0, user_id=user.id, model_version_id=mv.id, language="python",
+                         prompt=prefix, suffix=suffix or None, completion=completion, prompt_hash=sha256(prefix),
+                         suffix_hash=sha256(suffix) if suffix else None, finish_reason="stop", prompt_tokens=1,
+                         completion_tokens=1, latency_ms=1.0))
+        events.append(FeedbackInput(rid, FeedbackKind.accepted if accepted else FeedbackKind.rejected))
+    s.flush()
+    record_feedback(s, user, events)
+    for title, instruction, solution in bounties:
+        add_bounty(s, title=title, instruction=instruction, language="python", solution=solution, source="derived")
+
+
+def sample_decisions(n_contexts: int = 6) -> list[tuple[str, str, str, bool]]:
+    """Per context: the true continuation accepted, two wrong ones rejected (like the simulated user)."""
+    out = []
+    for prefix, truth in code_chunks(n_contexts):
+        out.append((prefix, "", truth, True))
+        out.append((prefix, "", "    pass\n", False))
+        out.append((prefix, "", "    return None\n", False))
+    return out
+
+
+def sample_bounties(n: int = 3) -> list[tuple[str, str, str]]:
+    return [(f"task {i}", f"Continue this code:\n{p[-200:]}", t) for i, (p, t) in enumerate(code_chunks(n))]

@@ -1,0 +1,304 @@
+"""`ownllm rlhf snapshot`: the feedback store → versioned TRL datasets under ``data/feedback/``.
+
+Three JSONL files, each in the column format its TRL trainer documents:
+
+- ``sft.jsonl``       bounties (instruction + accepted solution) as ``prompt`` / ``completion``;
+- ``pairs.jsonl``     completions served for the same context, one accepted and one rejected, as
+                      ``prompt`` / ``chosen`` / ``rejected`` (DPO);
+- ``unpaired.jsonl``  every decided completion as ``prompt`` / ``completion`` / ``label`` (KTO).
+
+The text goes through the data pipeline's own steps before it is written: PII redaction
+(``pipeline.data.steps.pii.redact_pii``), exact + MinHash near-duplicate removal
+(``pipeline.data.dedup.dedup_table``) and benchmark decontamination (``pipeline.data.decontam``), so the
+tuning data obeys the same rules as the pretraining data. Dropped examples go to
+``data/feedback/rejected.parquet`` with their reason.
+
+Determinism: row ids are content hashes and every file is sorted by id, so the snapshot of a given
+database state is byte-identical however the rows were inserted. ``manifest.json`` holds the counts and
+``content_hash`` (sha256 of the three files), which the refresh job compares to decide "nothing new".
+``parent.json`` names the model version in production, the one tuning starts from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from pipeline.config import Params
+from pipeline.data.dedup import dedup_table
+from pipeline.data.records import DOC_SCHEMA, REJECT_SCHEMA, make_doc, to_table, write_rejected
+from pipeline.data.steps.pii import redact_pii
+from rlhf.tune import PAIRS_FILE, PARENT_FILE, SFT_FILE, UNPAIRED_FILE
+
+MANIFEST_FILE = "manifest.json"
+REJECTED_FILE = "rejected.parquet"
+STAGE = "rlhf_snapshot"
+# Line-comment syntax per language, to render a bounty's instruction as code the model can continue.
+COMMENT = {"python": "#", "shell": "#", "ruby": "#", "javascript": "//", "typescript": "//", "c": "//",
+           "cpp": "//", "java": "//", "go": "//", "rust": "//"}
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A served completion with its accept/reject decision (texts as the store holds them)."""
+
+    language: str
+    prefix: str
+    suffix: str
+    completion: str
+    accepted: bool
+
+
+@dataclass(frozen=True)
+class BountyText:
+    title: str
+    instruction: str
+    language: str
+    solution: str
+
+
+@dataclass
+class Snapshot:
+    sft: list[dict]
+    pairs: list[dict]
+    unpaired: list[dict]
+    rejected: pa.Table
+    stats: dict = field(default_factory=dict)
+
+    def files(self) -> dict[str, bytes]:
+        return {SFT_FILE: jsonl(self.sft), PAIRS_FILE: jsonl(self.pairs), UNPAIRED_FILE: jsonl(self.unpaired)}
+
+    @property
+    def content_hash(self) -> str:
+        h = hashlib.sha256()
+        for name, data in sorted(self.files().items()):
+            h.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+        return h.hexdigest()
+
+
+def jsonl(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+
+
+def row_id(*parts: str) -> str:
+    h = hashlib.blake2b(digest_size=8, person=b"ownllm-rlhf")
+    for p in parts:
+        h.update(p.encode("utf-8", "surrogatepass") + b"\0")
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ the store
+def load_store(session: Session) -> tuple[list[Decision], list[BountyText], int]:
+    """Decided completions whose texts are still retained, and all bounties; plus how many were purged."""
+    from feedback.models import Bounty, Completion, FeedbackEvent, FeedbackKind
+
+    rows = session.execute(
+        select(Completion.language, Completion.prompt, Completion.suffix, Completion.completion, FeedbackEvent.kind)
+        .join(FeedbackEvent, FeedbackEvent.completion_id == Completion.id)
+        .order_by(Completion.id)
+    ).all()
+    decisions, purged = [], 0
+    for lang, prompt, suffix, completion, kind in rows:
+        if prompt is None or completion is None:  # texts removed by the retention purge: counts only
+            purged += 1
+            continue
+        decisions.append(Decision(lang or "unknown", prompt, suffix or "", completion, kind == FeedbackKind.accepted))
+    bounties = [BountyText(b.title, b.instruction, b.language, b.solution)
+                for b in session.scalars(select(Bounty).order_by(Bounty.content_hash))]
+    return decisions, bounties, purged
+
+
+def production_parent(session: Session, base_model: str) -> dict:
+    """The version serving everyone (tuning starts from it), or the base model when none is registered."""
+    from feedback.store import current_all
+
+    mv = current_all(session)
+    if mv is None:
+        return {"version": None, "model_dir": base_model}
+    return {"version": mv.name, "model_dir": mv.path}
+
+
+# ---------------------------------------------------------------------------------------- rendering
+def render_prompt(prefix: str, suffix: str, max_chars: int) -> str:
+    """The prompt exactly as the gateway builds it: plain prefix, or PSM fill-in-the-middle with a suffix.
+
+    Long contexts keep the prefix's end and the suffix's start (the text next to the cursor), like the
+    gateway's own truncation.
+    """
+    from feedback.backends import fim_prompt
+
+    prefix = prefix[-max_chars:]
+    if not suffix:
+        return prefix
+    return fim_prompt(prefix, suffix[: max(0, max_chars // 3)])
+
+
+def render_bounty(b: BountyText, max_chars: int) -> str:
+    """An instruction as a comment block in the bounty's language, ending where the solution starts."""
+    mark = COMMENT.get(b.language, "#")
+    lines = [b.title.strip()] + b.instruction.strip().splitlines()
+    text = "".join(f"{mark} {line}".rstrip() + "\n" for line in lines if line is not None)
+    return text[-max_chars:]
+
+
+# ------------------------------------------------------------------------------------- the snapshot
+@dataclass
+class _Context:
+    language: str
+    prefix: str
+    suffix: str
+    accepted: set[str] = field(default_factory=set)
+    rejected: set[str] = field(default_factory=set)
+
+
+def _redact(text: str, params: Params, counts: Counter) -> str:
+    red = redact_pii(text, params.data.clean.pii)
+    counts.update({k: v for k, v in red.counts.items() if v})
+    return red.text
+
+
+def build_snapshot(decisions: list[Decision], bounties: list[BountyText], params: Params,
+                   benchmark_snippets: list[str] | None = None) -> Snapshot:
+    """Turn store rows into the three datasets (pure function of its inputs; order of inputs is irrelevant)."""
+    cfg = params.rlhf
+    pii: Counter = Counter()
+    stats: Counter = Counter(decisions_in=len(decisions), bounties_in=len(bounties))
+
+    # Contexts: the same (redacted) prefix + suffix is one context, whoever was served it.
+    contexts: dict[tuple[str, str], _Context] = {}
+    for d in decisions:
+        prefix, suffix = _redact(d.prefix, params, pii), _redact(d.suffix, params, pii)
+        completion = _redact(d.completion, params, pii)
+        if not completion.strip():
+            stats["empty_completion"] += 1
+            continue
+        ctx = contexts.setdefault((prefix, suffix), _Context(d.language, prefix, suffix))
+        (ctx.accepted if d.accepted else ctx.rejected).add(completion)
+    for ctx in contexts.values():  # the same text both accepted and rejected teaches nothing: drop it
+        both = ctx.accepted & ctx.rejected
+        stats["conflicting_label"] += len(both)
+        ctx.accepted -= both
+        ctx.rejected -= both
+
+    # Documents in the pipeline's record schema, so its dedup and decontamination run on them unchanged.
+    # A context's document is its rendered prompt (what the model is tuned on, not the whole file above the
+    # cursor: two cursors in one file share that) plus its completions.
+    ctx_docs = {}
+    for ctx in contexts.values():
+        cid = row_id("context", ctx.prefix, ctx.suffix)
+        body = render_prompt(ctx.prefix, ctx.suffix, cfg.max_prompt_chars) + "".join(sorted(ctx.accepted | ctx.rejected))
+        ctx_docs[cid] = (_doc("feedback", cid, ctx.language, body), ctx)
+    sft_docs = {}
+    for b in bounties:
+        prompt = render_bounty(BountyText(_redact(b.title, params, pii), _redact(b.instruction, params, pii),
+                                          b.language, ""), cfg.max_prompt_chars)
+        completion = _redact(b.solution, params, pii)
+        sid = row_id("sft", prompt, completion)
+        sft_docs[sid] = (_doc("bounty", sid, b.language, prompt + completion), prompt, completion, b.language)
+
+    rejected = []
+    keep_ctx, rej = _filter_docs([d for d, _ in ctx_docs.values()], params, benchmark_snippets)
+    rejected.append(rej)
+    keep_sft, rej = _filter_docs([v[0] for v in sft_docs.values()], params, benchmark_snippets)
+    rejected.append(rej)
+
+    sft = [{"id": sid, "prompt": p, "completion": c, "language": lang}
+           for sid, (_, p, c, lang) in sft_docs.items() if sid in keep_sft]
+    pairs, unpaired = [], []
+    for cid, (_, ctx) in ctx_docs.items():
+        if cid not in keep_ctx:
+            continue
+        prompt = render_prompt(ctx.prefix, ctx.suffix, cfg.max_prompt_chars)
+        ctx_pairs = sorted(
+            ({"id": row_id("pair", prompt, a, r), "context_id": cid, "prompt": prompt, "chosen": a, "rejected": r,
+              "language": ctx.language} for a in ctx.accepted for r in ctx.rejected),
+            key=lambda x: x["id"])
+        pairs += ctx_pairs[: cfg.max_pairs_per_context]  # a busy context must not dominate the preferences
+        unpaired += [{"id": row_id("unpaired", prompt, c, str(label)), "context_id": cid, "prompt": prompt,
+                      "completion": c, "label": label, "language": ctx.language}
+                     for label, texts in ((True, ctx.accepted), (False, ctx.rejected)) for c in texts]
+    rej_table = pa.concat_tables(rejected) if rejected else REJECT_SCHEMA.empty_table()
+    stats.update(contexts=len(contexts), sft=len(sft), pairs=len(pairs), unpaired=len(unpaired),
+                 unpaired_accepted=sum(r["label"] for r in unpaired))
+    out_stats = dict(sorted(stats.items()))
+    out_stats["pii_redactions"] = dict(sorted(pii.items()))
+    out_stats["rejected"] = dict(sorted(Counter(rej_table.column("reason").to_pylist()).items()))
+    by_id = lambda rows: sorted(rows, key=lambda r: r["id"])  # noqa: E731
+    return Snapshot(by_id(sft), by_id(pairs), by_id(unpaired), rej_table, out_stats)
+
+
+def _doc(source: str, rid: str, lang: str, content: str) -> dict:
+    """A document record whose id is the snapshot row id, so kept/rejected ids map back to rows."""
+    return {**make_doc(source, rid, lang, content), "id": rid}
+
+
+def _filter_docs(docs: list[dict], params: Params, snippets: list[str] | None) -> tuple[set[str], pa.Table]:
+    """Run the pipeline's dedup, then its decontamination, over snapshot documents: (kept ids, rejected)."""
+    table = to_table(sorted(docs, key=lambda d: d["id"]), DOC_SCHEMA)
+    if table.num_rows == 0:
+        return set(), REJECT_SCHEMA.empty_table()
+    kept, rejected, _ = dedup_table(table, params.data.dedup, params.seed, workers=1)
+    rej = [rejected.cast(REJECT_SCHEMA)]
+    if snippets:
+        kept, dropped = decontaminate(kept, snippets, params)
+        rej.append(dropped)
+    return set(kept.column("id").to_pylist()), pa.concat_tables(rej)
+
+
+def decontaminate(table: pa.Table, snippets: list[str], params: Params) -> tuple[pa.Table, pa.Table]:
+    """Drop documents that contain benchmark code, with the pipeline's own n-gram decontamination."""
+    from pipeline.data import decontam
+
+    return decontam.decontaminate_table(table, snippets, params.decontam)
+
+
+def benchmark_snippets(params: Params) -> list[str]:
+    """HumanEval prompts + solutions (and any extra benchmark files params name): what tuning must not see."""
+    if not params.decontam.enabled:
+        return []
+    from pipeline.data import decontam
+
+    return decontam.benchmark_snippets(params.decontam)
+
+
+# ------------------------------------------------------------------------------------------- writing
+def write_snapshot(snap: Snapshot, out_dir: str | Path, parent: dict) -> dict:
+    """Write the datasets, rejected examples, parent and manifest; returns the manifest."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in snap.files().items():
+        (out / name).write_bytes(data)
+    write_rejected(snap.rejected, out)  # → out/rejected.parquet, the pipeline's rejected schema
+    (out / PARENT_FILE).write_text(json.dumps(parent, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    manifest = {"content_hash": snap.content_hash, "counts": {"sft": len(snap.sft), "pairs": len(snap.pairs),
+                                                              "unpaired": len(snap.unpaired)},
+                "parent": parent, "stats": snap.stats}
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return manifest
+
+
+def read_manifest(snapshot_dir: str | Path) -> dict | None:
+    p = Path(snapshot_dir) / MANIFEST_FILE
+    if not p.is_file():
+        return None
+    return json.loads(p.read_text(encoding="utf-8"))
+
+
+def take_snapshot(params: Params, db_url: str) -> tuple[Snapshot, dict]:
+    """Read the store and build the snapshot in memory (no files written): (snapshot, parent)."""
+    from feedback.db import session_factory
+
+    factory = session_factory(db_url)
+    with factory() as s:
+        decisions, bounties, purged = load_store(s)
+        parent = production_parent(s, params.rlhf.base_model)
+    snap = build_snapshot(decisions, bounties, params, benchmark_snippets(params))
+    snap.stats["purged_texts"] = purged
+    return snap, parent

@@ -1,0 +1,71 @@
+"""Snapshot: real SQLite store → TRL-format JSONL, deterministic, PII-redacted, deduplicated."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pyarrow.parquet as pq
+
+from rlhf.snapshot import (Decision, build_snapshot, read_manifest, render_prompt, take_snapshot,
+                           write_snapshot)
+from rlhf_fixtures import code_chunks, make_store, rlhf_params, sample_bounties, sample_decisions
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_snapshot_formats_and_determinism(tmp_path, tiny_model_dir):
+    params = rlhf_params(tmp_path, tiny_model_dir, max_pairs_per_context=4)
+    decisions = sample_decisions(6)
+    url = make_store(tmp_path, tiny_model_dir, decisions, sample_bounties(3))
+    # The same database content inserted in another order must give the same bytes.
+    shuffled = decisions[:]
+    random.Random(0).shuffle(shuffled)
+    url2 = make_store(tmp_path, tiny_model_dir, shuffled, list(reversed(sample_bounties(3))), db_name="other.db")
+
+    snap, parent = take_snapshot(params, url)
+    m1 = write_snapshot(snap, tmp_path / "a", parent)
+    m2 = write_snapshot(take_snapshot(params, url2)[0], tmp_path / "b", parent)
+    for name in ("sft.jsonl", "pairs.jsonl", "unpaired.jsonl", "manifest.json", "rejected.parquet"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert m1["content_hash"] == m2["content_hash"]
+    assert parent == {"version": "base", "model_dir": str(tiny_model_dir)}
+
+    sft, pairs, unpaired = (_rows(tmp_path / "a" / f) for f in ("sft.jsonl", "pairs.jsonl", "unpaired.jsonl"))
+    assert len(sft) == 3 and {"id", "prompt", "completion"} <= sft[0].keys()
+    assert sft[0]["prompt"].startswith("# task")
+    assert len(pairs) == 12  # 6 contexts x 1 accepted x 2 rejected
+    truths = {t for _, t in code_chunks(6)}
+    assert all(p["chosen"] in truths and p["rejected"] in ("    pass\n", "    return None\n") for p in pairs)
+    assert len(unpaired) == 18 and sum(r["label"] for r in unpaired) == 6
+    assert [r["id"] for r in pairs] == sorted(r["id"] for r in pairs)
+    assert read_manifest(tmp_path / "a")["counts"] == {"sft": 3, "pairs": 12, "unpaired": 18}
+
+
+def test_pii_redacted_conflicts_dropped_and_near_duplicates_removed(tmp_path, tiny_model_dir):
+    params = rlhf_params(tmp_path, tiny_model_dir, max_pairs_per_context=1)
+    (p1, t1), (p2, t2) = code_chunks(2)
+    decisions = [
+        Decision("python", p1, "", t1 + "# mail bob.smith@example.com\n", True),
+        Decision("python", p1, "", "    pass\n", False),
+        Decision("python", p1, "", "    return 1\n", False),
+        Decision("python", p1 + " ", "", t1, True),  # near-identical context (one char more)
+        Decision("python", p1 + " ", "", "    pass\n", False),
+        Decision("python", p2, "def f():\n", t2, True),  # FIM context; t2 both accepted and rejected
+        Decision("python", p2, "def f():\n", t2, False),
+    ]
+    snap = build_snapshot(decisions, [], params)
+    text = json.dumps(snap.pairs + snap.unpaired)
+    assert "bob.smith@example.com" not in text and "<EMAIL>" in text
+    assert snap.stats["pii_redactions"] == {"email": 1}
+    assert snap.stats["conflicting_label"] == 1
+    assert len(snap.pairs) == 1  # capped at one per context; the near-duplicate context is gone
+    assert snap.stats["rejected"] == {"near_duplicate": 1}
+    fim = [r for r in snap.unpaired if r["prompt"].startswith("<fim_prefix>")]
+    assert fim == []  # the FIM context's only completion was conflicting
+    assert render_prompt("abc", "xyz", 30) == "<fim_prefix>abc<fim_suffix>xyz<fim_middle>"
+    write_snapshot(snap, tmp_path / "s", {"version": None, "model_dir": "m"})
+    rej = pq.read_table(tmp_path / "s" / "rejected.parquet")
+    assert rej.column("reason").to_pylist() == ["near_duplicate"]
