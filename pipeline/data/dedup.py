@@ -108,6 +108,14 @@ def compute_signatures(texts: list[str], spec: SignatureSpec, workers: int | Non
 
 
 # ------------------------------------------------------------------------------------- near dedup
+def banding(cfg: DedupConfig) -> tuple[int, int]:
+    """``(bands, rows)``: as configured, or the optimum for the threshold (shared with the Spark engine)."""
+    if cfg.bands and cfg.rows:
+        return cfg.bands, cfg.rows
+    w = cfg.false_negative_weight
+    return minhash.optimal_bands(cfg.threshold, cfg.num_perm, fp_weight=1 - w, fn_weight=w)
+
+
 @dataclass
 class NearResult:
     keep_of: np.ndarray  # for each input document, the index of the document kept for its cluster
@@ -121,7 +129,7 @@ def near_duplicates(sigs: np.ndarray, has_shingles: np.ndarray, ids: list[str], 
     Documents without shingles (no tokens at all) cannot be compared and are never near duplicates.
     """
     n = len(ids)
-    bands, rows = (cfg.bands, cfg.rows) if cfg.bands and cfg.rows else minhash.optimal_bands(cfg.threshold, cfg.num_perm)
+    bands, rows = banding(cfg)
     idx = np.flatnonzero(has_shingles)
     keys = minhash.band_hashes(sigs[idx], bands, rows)
     pairs = minhash.candidate_pairs(keys, cfg.max_bucket)
@@ -190,7 +198,7 @@ def dedup_table(table: pa.Table, cfg: DedupConfig, seed: int, workers: int | Non
     by_lang: dict[str, Counter] = {}
     for i in removed:
         by_lang.setdefault(langs[i], Counter())[reason[i]] += 1
-    bands, rows = (cfg.bands, cfg.rows) if cfg.bands and cfg.rows else minhash.optimal_bands(cfg.threshold, cfg.num_perm)
+    bands, rows = banding(cfg)
     metrics = {
         "documents_in": n,
         "documents_out": kept.num_rows,
@@ -210,6 +218,9 @@ def dedup_table(table: pa.Table, cfg: DedupConfig, seed: int, workers: int | Non
 
 
 def run_dedup(params: Params) -> dict:
+    if params.engine == "spark":  # the same minhash functions, distributed
+        from pipeline.data.spark_dedup import run_dedup_spark
+        return run_dedup_spark(params)
     if params.engine == "spark":  # the same minhash functions, as Spark jobs (pipeline/data/spark_dedup.py)
         from pipeline.data.spark_dedup import run_dedup_spark
 

@@ -76,7 +76,7 @@ def _position_multipliers(ngram: int) -> np.ndarray:
 
 
 @lru_cache(maxsize=16)
-def _token_regex(token_pattern: str) -> re.Pattern:
+def token_regex(token_pattern: str) -> re.Pattern:
     return re.compile(token_pattern)
 
 
@@ -88,7 +88,7 @@ def shingles(text: str, ngram: int = 5, token_pattern: str = r"[A-Za-z_0-9]+") -
     and one hash call per n-gram. A text with fewer than ``ngram`` tokens is one shingle of all its
     tokens; a text with no tokens has no shingles.
     """
-    tokens = _token_regex(token_pattern).findall(text)
+    tokens = token_regex(token_pattern).findall(text)
     if not tokens:
         return np.empty(0, dtype=np.uint64)
     h = xxhash.xxh64_intdigest
@@ -102,16 +102,17 @@ def shingles(text: str, ngram: int = 5, token_pattern: str = r"[A-Za-z_0-9]+") -
 
 # ------------------------------------------------------------------------------------- signatures
 def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Parameters ``(a, b)`` of ``num_perm`` universal hash functions ``(a*x + b) mod (2^61 - 1)``.
+    """Parameters ``(a, b)`` of ``num_perm`` hash functions ``((a*x + b) mod 2^64) mod (2^61 - 1)``.
 
-    ``a`` in [1, 2^32) and ``b`` in [0, 2^32) while ``x`` is a 32-bit value, so ``a*x + b < 2^64``:
-    the product never overflows uint64 and the modulus is exact (datasketch lets it wrap).
+    As datasketch: ``a`` in [1, p), ``b`` in [0, p). The product wraps at 2^64 (numpy uint64), which is
+    what mixes the bits: with ``a`` kept below 2^32 to avoid the wrap, ``a*x`` would hardly wrap mod p
+    and the minimum would track the smallest ``x`` in every permutation (tests catch that as a bias).
     """
     if num_perm < 1:
         raise ValueError(f"num_perm must be >= 1, got {num_perm}")
     rng = np.random.Generator(np.random.PCG64(seed))
-    a = rng.integers(1, 1 << 32, size=num_perm, dtype=np.uint64)
-    b = rng.integers(0, 1 << 32, size=num_perm, dtype=np.uint64)
+    a = rng.integers(1, MERSENNE_PRIME, size=num_perm, dtype=np.uint64)
+    b = rng.integers(0, MERSENNE_PRIME, size=num_perm, dtype=np.uint64)
     return a, b
 
 
@@ -131,16 +132,17 @@ def _mod_mersenne(x: np.ndarray) -> np.ndarray:
 def signature(shingle_hashes: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """MinHash signature (uint32, one value per permutation) of a set of shingle hashes.
 
-    Each position is ``min over shingles of (a*x + b) mod p`` with ``x`` the top 32 bits of the shingle
-    hash, stored as its low 32 bits (the minimum is taken over the full value, so ties are rarer than
+    Each position is ``min over shingles of ((a*x + b) mod 2^64) mod p`` with ``x`` the top 32 bits of the
+    shingle hash (datasketch's recipe, vectorised over shingles and permutations), stored as its low 32 bits (the minimum is taken over the full value, so ties are rarer than
     datasketch's, which masks before taking it). An empty set gets all-ones, which matches nothing but
     another empty set; callers leave empty documents out of near dedup.
     """
     out = np.full(len(a), np.iinfo(np.uint64).max, dtype=np.uint64)
     x32 = np.asarray(shingle_hashes, dtype=np.uint64) >> _U64(32)
     for start in range(0, len(x32), _BLOCK):
-        block = np.multiply.outer(x32[start:start + _BLOCK], a)
-        block += b
+        with np.errstate(over="ignore"):
+            block = np.multiply.outer(x32[start:start + _BLOCK], a)
+            block += b
         np.minimum(out, _mod_mersenne(block).min(axis=0), out=out)
     return (out & _MASK32).astype(np.uint32)
 
@@ -150,12 +152,14 @@ def _collision_probability(s: np.ndarray, bands: np.ndarray, rows: np.ndarray) -
     return 1.0 - (1.0 - s ** rows) ** bands
 
 
-def optimal_bands(threshold: float, num_perm: int, fp_weight: float = 0.5, fn_weight: float = 0.5) -> tuple[int, int]:
+def optimal_bands(threshold: float, num_perm: int, fp_weight: float = 0.1, fn_weight: float = 0.9) -> tuple[int, int]:
     """``(bands, rows)`` with ``bands * rows <= num_perm`` minimising weighted false positive + negative mass.
 
     The same objective as datasketch's ``MinHashLSH`` (area under the collision curve below the
     threshold, and above it for misses), integrated on a fine grid for all (b, r) at once instead of one
-    ``scipy.integrate.quad`` call per pair.
+    ``scipy.integrate.quad`` call per pair. The default weights favour recall (datasketch uses 0.5/0.5)
+    because our candidates are verified against the threshold afterwards: a false candidate costs one
+    signature comparison, a miss costs a duplicate in the training data.
     """
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must be in (0, 1), got {threshold}")
