@@ -1,0 +1,51 @@
+"""`ownllm rlhf snapshot|sft|dpo|gate|register|refresh` and `ownllm lineage VERSION`."""
+
+from __future__ import annotations
+
+from pipeline.cli import add_params_arg, lazy
+
+
+def _db_arg(p) -> None:
+    p.add_argument("--db-url", metavar="URL", help="feedback store (default: serve.db_url in params)")
+
+
+def register(sub) -> None:
+    rl = sub.add_parser("rlhf", help="tune the model on user feedback: snapshot, SFT, DPO/KTO, gate, register")
+    cmds = rl.add_subparsers(dest="rlhf_command", metavar="COMMAND", required=True)
+
+    p = cmds.add_parser("snapshot", help="feedback store → data/feedback/ (SFT, preference pairs, unpaired)")
+    add_params_arg(p)
+    _db_arg(p)
+    p.set_defaults(func=lazy("rlhf.commands:snapshot"))
+
+    p = cmds.add_parser("sft", help="SFT the production model on the snapshot's bounties (TRL) → models/sft/")
+    add_params_arg(p)
+    p.set_defaults(func=lazy("rlhf.commands:sft"))
+
+    p = cmds.add_parser("dpo", help="DPO (or KTO) on accepted vs rejected completions (TRL) → models/tuned/")
+    add_params_arg(p)
+    p.set_defaults(func=lazy("rlhf.commands:dpo"))
+
+    p = cmds.add_parser("gate", help="evaluate tuned vs parent; write reports/rlhf_gate.json and reports/loop.json")
+    add_params_arg(p)
+    p.set_defaults(func=lazy("rlhf.commands:gate"))
+
+    p = cmds.add_parser("register", help="register models/tuned as a staff version if the gate passed")
+    add_params_arg(p)
+    _db_arg(p)
+    p.add_argument("--on-fail", choices=["exit", "record"], default="exit",
+                   help="failed gate: exit 1 (default) or only record it (the DVC stage, so `dvc repro` completes)")
+    p.set_defaults(func=lazy("rlhf.commands:register"))
+
+    p = cmds.add_parser("refresh", help="the periodic job: snapshot → sft → dpo → gate → register, if there is new feedback")
+    add_params_arg(p)
+    _db_arg(p)
+    p.add_argument("--runner", choices=["dvc", "direct"], help="default: rlhf.refresh_runner in params")
+    p.set_defaults(func=lazy("rlhf.commands:refresh"))
+
+    p = sub.add_parser("lineage", help="what reproduces a model version: git rev, dvc.lock hash, commands")
+    add_params_arg(p)
+    _db_arg(p)
+    p.add_argument("version", metavar="VERSION")
+    p.add_argument("--check", metavar="DIR", help="exit 1 unless DIR holds exactly this version's weights")
+    p.set_defaults(func=lazy("rlhf.commands:lineage"))

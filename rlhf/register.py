@@ -1,0 +1,87 @@
+"""`ownllm rlhf register`: only a tuned model that passed the gate becomes a model version.
+
+The version gets its lineage — git revision, dvc.lock hash, snapshot hash, weights hash, parent — through
+the feedback store's registry (``feedback.store.register_model_version``), in rollout state ``staff``;
+``ownllm models promote`` moves it on from there. Its weights are copied to
+``rlhf.registry_dir/<version>/`` so that the next ``models/tuned/`` does not overwrite what is served.
+The version name is derived from the weights hash, so registering the same model twice is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import Params
+from rlhf.gate import read_gate
+from rlhf.snapshot import read_manifest
+
+STAGE = "rlhf_register"
+
+
+@dataclass
+class RegisterResult:
+    registered: bool
+    version: str | None
+    reason: str
+    lineage: dict
+
+    def to_json(self) -> dict:
+        return {"registered": self.registered, "version": self.version, "reason": self.reason, "lineage": self.lineage}
+
+
+def version_name(model_hash: str) -> str:
+    return f"ft-{model_hash[:12]}"
+
+
+def reproduce_commands(git_rev: str | None, exp_name: str | None) -> list[str]:
+    """What rebuilds this version's weights from its lineage (printed by `ownllm lineage`)."""
+    cmds = [f"git checkout {git_rev or '<rev>'}"]
+    if exp_name:
+        cmds.append(f"dvc exp apply {exp_name}   # the refresh experiment: its params and dvc.lock")
+    cmds += ["dvc checkout   # the snapshot data/feedback and the parent model, from the DVC cache",
+             "dvc repro --force --single-item sft dpo   # retrain from the snapshot: same weights"]
+    return cmds
+
+
+def register_tuned(params: Params, db_url: str, repo: str | Path = ".") -> RegisterResult:
+    """Register ``rlhf.tuned_out`` if the gate passed; never touches the registry otherwise."""
+    from feedback.db import session_factory
+    from feedback.lineage import file_hash, git_rev, model_hash
+
+    cfg = params.rlhf
+    gate = read_gate(params)
+    manifest = read_manifest(cfg.snapshot_dir) or {}
+    if not gate["passed"]:
+        return RegisterResult(False, None, "gate failed", {})
+    tuned = Path(cfg.tuned_out)
+    if gate["tuned"].get("weights_sha256"):
+        from rlhf.tune import weights_hash
+
+        if weights_hash(tuned) != gate["tuned"]["weights_sha256"]:
+            return RegisterResult(False, None, f"{tuned} changed since the gate evaluated it; run the gate again", {})
+    mhash = model_hash(tuned)
+    name = version_name(mhash)
+    dest = Path(cfg.registry_dir) / name
+    if not dest.exists():  # content-named: an existing folder already holds these exact weights
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(tuned, tmp)
+        tmp.rename(dest)
+    rev = git_rev(repo)
+    exp_name = os.environ.get("OWNLLM_EXP_NAME")
+    lineage = {"git_rev": rev, "dvc_lock_hash": file_hash(Path(repo) / "dvc.lock"),
+               "snapshot_hash": manifest.get("content_hash"), "model_hash": mhash,
+               "parent": gate["parent"].get("version"), "experiment": exp_name,
+               "commands": reproduce_commands(rev, exp_name)}
+    factory = session_factory(db_url)
+    from feedback.store import register_model_version
+
+    with factory.begin() as s:
+        register_model_version(s, name, str(dest.resolve()), git_rev=rev, dvc_lock_hash=lineage["dvc_lock_hash"],
+                               snapshot_hash=lineage["snapshot_hash"], model_hash=mhash,
+                               parent=lineage["parent"], eval_results={"gate": gate, "lineage": lineage},
+                               state="staff")
+    return RegisterResult(True, name, "gate passed", lineage)

@@ -1,0 +1,111 @@
+"""The RLHF stages as functions: what each `ownllm rlhf ...` command (and so each DVC stage) does.
+
+Each runs inside ``pipeline.tracking.stage_run`` (W&B offline by default, ``reports/rlhf_<stage>.json``
+with deterministic values only) and ends with a one-line summary. ``rlhf.refresh`` calls them in order
+when it runs without DVC.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline.config import Params
+from pipeline.tracking import say, stage_run, wandb_mode, write_json
+
+
+def snapshot(params: Params, db_url: str) -> dict:
+    from rlhf.snapshot import take_snapshot, write_snapshot
+
+    with stage_run("rlhf_snapshot", params) as run:
+        snap, parent = take_snapshot(params, db_url)
+        manifest = write_snapshot(snap, params.rlhf.snapshot_dir, parent)
+        run.summary(manifest)
+    c = manifest["counts"]
+    say(f"[rlhf snapshot] {c['sft']} SFT examples, {c['pairs']} preference pairs, {c['unpaired']} unpaired "
+        f"→ {params.rlhf.snapshot_dir} (hash {manifest['content_hash'][:12]}, parent "
+        f"{parent['version'] or parent['model_dir']}, dropped {snap.stats['rejected'] or 'none'})")
+    return manifest
+
+
+def _report_to(params: Params) -> str:
+    # Explicit, never transformers' "all": W&B (offline unless WANDB_API_KEY) or nothing.
+    return "none" if wandb_mode(params) == "disabled" else "wandb"
+
+
+def _tune(stage: str, params: Params, fn) -> dict:
+    import os
+
+    if _report_to(params) == "wandb":
+        os.environ["WANDB_MODE"] = wandb_mode(params)
+    with stage_run(stage, params) as run:
+        res = fn(params, report_to=_report_to(params))
+        run.log({"tokens_per_s": res.tokens_per_s, "seconds": res.seconds})
+        run.summary(res.metrics())
+    say(f"[{stage.replace('_', ' ')}] {res.method}: {res.examples} examples, {res.steps} steps, "
+        f"loss {res.train_loss if res.train_loss is not None else '-'}, {res.tokens} tokens in {res.seconds:.1f}s "
+        f"({res.tokens_per_s:.0f} tok/s) → {res.out_dir}")
+    return {**res.metrics(), "tokens_per_s": res.tokens_per_s, "seconds": res.seconds}
+
+
+def sft(params: Params) -> dict:
+    from rlhf.tune import run_sft
+
+    return _tune("rlhf_sft", params, run_sft)
+
+
+def preference(params: Params) -> dict:
+    from rlhf.tune import run_preference
+
+    return _tune("rlhf_dpo", params, run_preference)
+
+
+def gate(params: Params) -> dict:
+    """Evaluate tuned vs parent, write the gate result and the loop report; never fails on a bad verdict."""
+    from rlhf.gate import run_gate
+    from rlhf.loop import write_loop
+    from rlhf.snapshot import read_manifest
+    from rlhf.tune import PARENT_FILE
+
+    cfg = params.rlhf
+    parent_file = Path(cfg.snapshot_dir) / PARENT_FILE
+    parent = json.loads(parent_file.read_text(encoding="utf-8")) if parent_file.is_file() else \
+        {"version": None, "model_dir": cfg.base_model}
+    with stage_run("rlhf_gate", params, write_metrics=False) as run:
+        result = run_gate(params, parent, cfg.tuned_out)
+        tune = {}
+        for name in ("rlhf_sft", "rlhf_dpo"):
+            p = Path(params.tracking.reports_dir) / f"{name}.json"
+            if p.is_file():
+                tune[name.removeprefix("rlhf_")] = json.loads(p.read_text(encoding="utf-8"))
+        write_loop(params, result.to_json(), read_manifest(cfg.snapshot_dir), tune)
+        run.summary({r["metric"]: r["tuned"] for r in result.rows})
+    print(result.table())
+    say(f"[rlhf gate] {'passed' if result.passed else 'FAILED'}: tuned vs {parent['version'] or parent['model_dir']} "
+        f"→ {Path(params.tracking.reports_dir) / 'rlhf_gate.json'}, reports/loop.json")
+    return result.to_json()
+
+
+def register(params: Params, db_url: str, on_fail: str = "exit") -> dict:
+    """Register the tuned model if the gate passed. ``on_fail='exit'`` raises GateFailed (exit 1)."""
+    from rlhf.gate import read_gate
+    from rlhf.register import STAGE, register_tuned
+
+    result = register_tuned(params, db_url)
+    write_json(Path(params.tracking.reports_dir) / f"{STAGE}.json", result.to_json())
+    if result.registered:
+        say(f"[rlhf register] registered {result.version} (rollout staff, parent {result.lineage['parent']}); "
+            f"promote with `ownllm models promote {result.version} --to ab:10`")
+    else:
+        gate_json = read_gate(params)
+        from rlhf.gate import GateResult
+
+        print(GateResult(gate_json["passed"], gate_json["metrics"], {}, {}).table())
+        say(f"[rlhf register] nothing registered: {result.reason}")
+        if on_fail == "exit":
+            raise GateFailed(result.reason)
+    return result.to_json()
+
+
+class GateFailed(RuntimeError):
+    """The tuned model regressed against its parent: nothing was registered."""
