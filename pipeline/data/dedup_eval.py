@@ -19,6 +19,7 @@ from __future__ import annotations
 import ast
 import builtins
 import keyword
+import os
 import random
 import re
 import sysconfig
@@ -143,16 +144,19 @@ def make_variant(text: str, kind: str, rng: random.Random) -> str:
 
 
 # ------------------------------------------------------------------------------------------ set
+SKIP_DIRS = {"site-packages", "test", "tests", "idle_test", "encodings", "lib2to3", "__pycache__"}
+
+
 def candidate_files(stdlib: Path, min_bytes: int, max_bytes: int) -> list[Path]:
-    skip = ("site-packages/", "test/", "tests/", "idle_test/", "encodings/", "lib2to3/")
+    """Standard-library modules of a useful size, skipping tests, vendored code and generated codecs."""
     out = []
-    for p in sorted(stdlib.rglob("*.py")):
-        rel = p.relative_to(stdlib).as_posix()
-        if any(s in rel or rel.startswith(s) for s in skip):
-            continue
-        if min_bytes <= p.stat().st_size <= max_bytes:
-            out.append(p)
-    return out
+    for dirpath, dirnames, filenames in os.walk(stdlib):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
+        for name in sorted(filenames):
+            p = Path(dirpath) / name
+            if name.endswith(".py") and not p.is_symlink() and min_bytes <= p.stat().st_size <= max_bytes:
+                out.append(p)
+    return sorted(out)
 
 
 def _pick(files: list[Path], n: int, rng: random.Random, chosen: list[set], stdlib: Path) -> list[tuple[str, str]]:

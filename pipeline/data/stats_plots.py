@@ -52,7 +52,8 @@ def plot_distributions(table: pa.Table, path: Path, dpi: int) -> Path:
             ax.hist(values[lang_col == lang], bins=bins, histtype="step", label=lang, linewidth=1.4)
         ax.set_xlabel(label)
         ax.set_ylabel("documents")
-    axes.flat[0].legend(loc="upper right", fontsize=8)
+    if langs:
+        axes.flat[0].legend(loc="upper right", fontsize=8)
     fig.suptitle(f"{table.num_rows} documents")
     fig.tight_layout()
     return _save(fig, path, dpi)
