@@ -1,0 +1,262 @@
+"""`ownllm data shards`: data/dedup/ → decontaminated, tokenized, traceable MDS training shards.
+
+Order of work: drop the documents named in the exclusion list (``shards.exclude_ids``, appended to by
+loss-spike bisecting), drop benchmark-contaminated documents (decontam.py, to data/rejected/decontam),
+split by document-id hash (records.split_of), tokenize in batches on all cores, then pack.
+
+Packing follows llm-foundry's ``ConcatTokensDataset``: documents in canonical order (lang, id), each
+followed by ``<|endoftext|>``, concatenated and cut into samples of exactly ``max_seq_len`` tokens;
+a document may run across samples. The final partial sample of each split is DROPPED, as
+ConcatTokensDataset does, so there is no padding anywhere (reported as ``tail_tokens_dropped``).
+
+Every sample stores ``doc_spans``: ``[doc_id, doc_token_start, sample_token_start, n_tokens]`` with
+``tokens[sample_token_start : sample_token_start + n_tokens] ==
+encode(doc.content)[doc_token_start : doc_token_start + n_tokens]``. Positions outside all spans hold
+``<|endoftext|>``. :func:`read_sample_docs` and :func:`reconstruct` turn a sample back into files.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from tqdm import tqdm
+
+from pipeline.config import Params
+from pipeline.data.records import read_docs, reject, split_of, write_rejected
+from pipeline.tokenizer import EOS, load_fast
+
+STAGE = "shards"
+SPLITS = ("train", "val")
+COLUMNS = {"tokens": "ndarray:int32", "doc_spans": "json"}
+
+
+# ------------------------------------------------------------------------------------ exclusion list
+def read_exclude_ids(path: str | Path) -> list[str]:
+    """Ids from the exclusion list: one per line, ``#`` starts a comment, blank lines ignored."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"exclusion list not found: {p} (create it empty, or fix shards.exclude_ids)")
+    ids = []
+    for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        entry = line.split("#", 1)[0].strip()
+        if not entry:
+            continue
+        if any(ch.isspace() for ch in entry):
+            raise ValueError(f"{p}:{lineno}: expected one document id per line, got {entry!r}")
+        ids.append(entry)
+    return ids
+
+
+# -------------------------------------------------------------------------------------------- packing
+class Packer:
+    """ConcatTokensDataset packing into one MDS writer, recording where every token came from."""
+
+    def __init__(self, writer, seq_len: int, eos_id: int):
+        self.writer, self.seq_len, self.eos_id = writer, seq_len, eos_id
+        self.buf = np.empty(seq_len, dtype=np.int32)
+        self.fill = 0
+        self.spans: list[list] = []
+        self.samples = 0
+
+    def add(self, doc_id: str, ids: np.ndarray) -> None:
+        pos = 0
+        while pos < len(ids):
+            take = min(len(ids) - pos, self.seq_len - self.fill)
+            self.buf[self.fill : self.fill + take] = ids[pos : pos + take]
+            self.spans.append([doc_id, pos, self.fill, take])
+            self.fill += take
+            pos += take
+            if self.fill == self.seq_len:
+                self._flush()
+        self.buf[self.fill] = self.eos_id
+        self.fill += 1
+        if self.fill == self.seq_len:
+            self._flush()
+
+    def _flush(self) -> None:
+        self.writer.write({"tokens": self.buf.copy(), "doc_spans": self.spans})
+        self.samples += 1
+        self.fill, self.spans = 0, []
+
+
+# ---------------------------------------------------------------------------------------------- stage
+def filter_documents(docs: pa.Table, params: Params) -> tuple[pa.Table, dict, dict]:
+    """Apply the exclusion list, then decontamination; write the decontaminated docs to rejected."""
+    from pipeline.data.decontam import build_decontaminator
+
+    listed = read_exclude_ids(params.shards.exclude_ids)
+    present = set(docs.column("id").to_pylist())
+    drop = pc.is_in(docs.column("id"), value_set=pa.array(sorted(set(listed)), pa.string()))
+    removed = sorted(set(listed) & present)
+    docs = docs.filter(pc.invert(drop))
+    excluded = {"listed": len(set(listed)), "removed": len(removed), "ids": removed,
+                "not_found": sorted(set(listed) - present)}
+
+    cfg = params.decontam
+    rows, keep, closest = [], [], 0.0
+    by_problem: dict[str, int] = defaultdict(int)
+    if cfg.enabled:
+        deco = build_decontaminator(cfg)
+        records = docs.to_pylist()
+        for i, rec in enumerate(tqdm(records, desc="decontaminate", unit="doc", mininterval=1.0, file=sys.stderr)):
+            best = deco.best_match(rec["content"])
+            if best and best[1] >= cfg.threshold:
+                rows.append(reject(rec, STAGE, "decontamination", best[0]))
+                by_problem[best[0]] += 1
+            else:
+                keep.append(i)
+                closest = max(closest, best[1] if best else 0.0)
+        docs = docs.take(pa.array(keep, pa.int64()))
+    write_rejected(rows, cfg.rejected)
+    decontam = {"enabled": cfg.enabled, "documents": len(rows), "by_problem": dict(sorted(by_problem.items())),
+                "closest_kept_fraction": closest, "threshold": cfg.threshold, "ngram": cfg.ngram}
+    return docs, excluded, decontam
+
+
+def encoded_batches(tok, docs: pa.Table, batch_docs: int):
+    """(doc ids, langs, token arrays) per batch, in canonical order.
+
+    ``encode_batch_fast`` (encode_batch without character offsets, which nobody here needs) runs on
+    all cores and releases the GIL, so the next batch is encoded on a helper thread while the caller
+    packs and writes the current one: the bookkeeping hides behind tokenization.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def encode(start: int):
+        batch = docs.slice(start, batch_docs)
+        texts = batch.column("content").to_pylist()
+        encs = tok.encode_batch_fast(texts, add_special_tokens=False)
+        arrays = [np.array(e.ids, dtype=np.int32) for e in encs]
+        return batch.column("id").to_pylist(), batch.column("lang").to_pylist(), arrays, sum(map(len, map(str.encode, texts)))
+
+    total = int(pc.sum(pc.binary_length(docs.column("content").cast(pa.large_binary()))).as_py() or 0)
+    starts = list(range(0, docs.num_rows, batch_docs))
+    with tqdm(total=total, desc="tokenize", unit="B", unit_scale=True, mininterval=1.0, file=sys.stderr) as bar, \
+            ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(encode, starts[0]) if starts else None
+        for nxt in starts[1:] + [None]:
+            ids, langs, arrays, n_bytes = pending.result()
+            pending = pool.submit(encode, nxt) if nxt is not None else None
+            yield ids, langs, arrays
+            bar.update(n_bytes)
+
+
+def write_shards(docs: pa.Table, params: Params) -> dict:
+    from streaming import MDSWriter
+
+    cfg = params.shards
+    tok = load_fast(params.tokenizer.out)
+    eos_id = tok.token_to_id(EOS)
+    if eos_id is None:
+        raise ValueError(f"tokenizer in {params.tokenizer.out} has no {EOS} token")
+    stats = {s: {"documents": 0, "tokens": 0, "tokens_by_lang": defaultdict(int)} for s in SPLITS}
+    writers, packers = {}, {}
+    for split in SPLITS:
+        out = Path(cfg.out) / split
+        if out.exists():
+            shutil.rmtree(out)
+        writers[split] = MDSWriter(out=str(out), columns=COLUMNS, compression="zstd", size_limit=cfg.size_limit)
+        packers[split] = Packer(writers[split], cfg.max_seq_len, eos_id)
+    for ids, langs, arrays in encoded_batches(tok, docs, cfg.encode_batch_docs):
+        for doc_id, lang, arr in zip(ids, langs, arrays):
+            split = split_of(doc_id, cfg.val_frac)
+            packers[split].add(doc_id, arr)
+            st = stats[split]
+            st["documents"] += 1
+            st["tokens"] += len(arr)
+            st["tokens_by_lang"][lang] += len(arr)
+    for split in SPLITS:
+        writers[split].finish()
+        p, st = packers[split], stats[split]
+        st["tokens_by_lang"] = dict(sorted(st["tokens_by_lang"].items()))
+        st["eos_tokens"] = st["documents"]
+        st["samples"] = p.samples
+        st["sample_tokens"] = p.samples * cfg.max_seq_len
+        st["tail_tokens_dropped"] = p.fill  # the final partial sample (ConcatTokensDataset drops it)
+        st["padding_tokens"] = 0
+        st["padding_waste"] = 0.0
+        total = st["tokens"] + st["eos_tokens"]
+        st["tail_waste"] = round(p.fill / total, 6) if total else 0.0
+    return stats
+
+
+def run_shards(params: Params) -> tuple[dict, dict]:
+    timings = {}
+    t0 = time.perf_counter()
+    docs = read_docs(params.data.dedup.out)
+    n_input = docs.num_rows
+    docs, excluded, decontam = filter_documents(docs, params)
+    timings["filter_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    splits = write_shards(docs, params)
+    timings["tokenize_and_write_s"] = time.perf_counter() - t0
+    timings["source_bytes"] = int(pc.sum(pc.binary_length(docs.column("content").cast(pa.large_binary()))).as_py() or 0)
+    report = {
+        "input_documents": n_input,
+        "excluded": excluded,
+        "decontaminated": decontam,
+        "max_seq_len": params.shards.max_seq_len,
+        "final_partial_sample": "dropped",
+        "splits": splits,
+    }
+    return report, timings
+
+
+def main(args) -> int:
+    from pipeline.cli import UserError
+    from pipeline.config import load_params
+    from pipeline.tracking import say, stage_run
+
+    params = load_params(args.params)
+    with stage_run(STAGE, params) as run:
+        try:
+            report, timings = run_shards(params)
+        except (FileNotFoundError, ValueError) as exc:
+            raise UserError(str(exc)) from None
+        run.summary(report)
+        run.log(timings)
+    tr, va = report["splits"]["train"], report["splits"]["val"]
+    secs = timings["tokenize_and_write_s"]
+    say(f"[shards] {tr['samples']} train / {va['samples']} val samples of {params.shards.max_seq_len} tokens "
+        f"({tr['tokens'] + va['tokens']} tokens, {timings['source_bytes'] / 1e6 / secs:.1f} MB/s); "
+        f"excluded {report['excluded']['removed']}, decontaminated {report['decontaminated']['documents']} → {params.shards.out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- tracing samples to files
+def read_sample_docs(doc_spans: list, docs_dir: str | Path = "data/dedup",
+                     columns: tuple[str, ...] = ("id", "source", "path", "lang", "content")) -> list[dict]:
+    """The documents a sample was cut from, in sample order, each with its span fields.
+
+    ``doc_spans`` is a sample's ``doc_spans`` column (or several samples' spans concatenated).
+    """
+    wanted = sorted({span[0] for span in doc_spans})
+    table = read_docs(docs_dir, columns=list(dict.fromkeys(("id", *columns))))
+    table = table.filter(pc.is_in(table.column("id"), value_set=pa.array(wanted, pa.string())))
+    by_id = {rec["id"]: rec for rec in table.to_pylist()}
+    missing = [d for d in wanted if d not in by_id]
+    if missing:
+        raise KeyError(f"documents not in {docs_dir}: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    return [{**by_id[d], "doc_token_start": a, "sample_token_start": b, "n_tokens": n} for d, a, b, n in doc_spans]
+
+
+def reconstruct(doc_spans: list, contents: dict[str, str], tokenizer, seq_len: int) -> np.ndarray:
+    """Rebuild a sample's tokens from document text alone: spans re-encoded, ``<|endoftext|>`` elsewhere.
+
+    ``tokenizer`` is a ``tokenizers.Tokenizer`` (see pipeline.tokenizer.load_fast); ``contents`` maps
+    doc id → content (e.g. from :func:`read_sample_docs`). Equal to the stored ``tokens`` by contract.
+    """
+    out = np.full(seq_len, tokenizer.token_to_id(EOS), dtype=np.int32)
+    cache: dict[str, list[int]] = {}
+    for doc_id, doc_start, sample_start, n in doc_spans:
+        if doc_id not in cache:
+            cache[doc_id] = tokenizer.encode(contents[doc_id], add_special_tokens=False).ids
+        out[sample_start : sample_start + n] = cache[doc_id][doc_start : doc_start + n]
+    return out
