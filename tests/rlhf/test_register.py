@@ -1,0 +1,65 @@
+"""Register only on a passed gate; lineage of a registered version reproduces its weights."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.tracking import write_json
+from rlhf.gate import GateResult, gate_path
+from rlhf.lineage import check, describe, render
+from rlhf.register import register_tuned
+from rlhf.snapshot import take_snapshot, write_snapshot
+from rlhf.tune import run_preference, run_sft, weights_hash
+from rlhf_fixtures import make_store, rlhf_params, sample_bounties, sample_decisions
+
+
+def _versions(url):
+    from feedback.db import session_factory
+    from feedback.store import list_versions
+
+    with session_factory(url)() as s:
+        return [v.name for v in list_versions(s)]
+
+
+def _fake_gate(params, passed: bool, tuned_dir):
+    rows = [{"metric": "heldout.acceptance", "parent": 0.5, "tuned": 0.5 if passed else 0.2,
+             "delta": 0.0 if passed else -0.3, "tolerance": 0.05, "gated": True, "ok": passed}]
+    write_json(gate_path(params), GateResult(passed, rows, {"version": "base", "model_dir": "x"},
+                                             {"model_dir": str(tuned_dir), "weights_sha256": weights_hash(tuned_dir)}).to_json())
+
+
+def test_failing_gate_registers_nothing(tmp_path, tiny_model_dir):
+    params = rlhf_params(tmp_path, tiny_model_dir, tuned_out=str(tiny_model_dir))
+    url = make_store(tmp_path, tiny_model_dir, sample_decisions(2))
+    _fake_gate(params, False, tiny_model_dir)
+    res = register_tuned(params, url)
+    assert not res.registered and res.reason == "gate failed"
+    assert _versions(url) == ["base"]
+    assert not (tmp_path / "models/registry").exists()
+
+
+@pytest.mark.slow
+def test_registered_version_lineage_reproduces_weights(tmp_path, tiny_model_dir):
+    params = rlhf_params(tmp_path, tiny_model_dir)
+    url = make_store(tmp_path, tiny_model_dir, sample_decisions(4), sample_bounties(2))
+    snap, parent = take_snapshot(params, url)
+    write_snapshot(snap, params.rlhf.snapshot_dir, parent)
+    run_sft(params)
+    run_preference(params)
+    _fake_gate(params, True, tmp_path / "models/tuned")
+    res = register_tuned(params, url)
+    assert res.registered and _versions(url) == ["base", res.version]
+    info = describe(url, res.version)
+    assert info["parents"] == ["base"] and info["snapshot_hash"] == snap.content_hash
+    assert info["rollout"] == "staff" and "dvc repro --force --single-item sft dpo" in render(info)
+    # Registering the same weights again is a no-op, not a second version.
+    assert register_tuned(params, url).version == res.version and len(_versions(url)) == 2
+
+    # Reproduce from the lineage: the same snapshot and params, a fresh checkout → identical weights.
+    again = rlhf_params(tmp_path / "repro", tiny_model_dir, snapshot_dir=params.rlhf.snapshot_dir)
+    run_sft(again)
+    run_preference(again)
+    ok, msg = check(info, again.rlhf.tuned_out)
+    assert ok, msg
+    ok, _ = check(info, tiny_model_dir)
+    assert not ok
