@@ -80,7 +80,8 @@ def _positive(kind: str, rng: random.Random, keep: set[str]) -> tuple[str, str, 
         return "email", e, rng.choice([
             f"# Contact: {name} <{e}>", f'__author__ = "{name} <{e}>"', f'    "maintainer": "{e}",',
             f"# Report bugs to {e}.", f"MAIL_FROM = '{e}'", f'send_mail(to=["{e}"], subject="report")',
-            f"// author: {e}", f" * @author {name} ({e})"])
+            f"// author: {e}", f" * @author {name} ({e})", f'<a href="mailto:{e}">{name}</a>',
+            f"# [{name}](mailto:{e.upper()})", f"git commit --author='{name} <{e}>'"])
     if kind == "ipv4":
         ip = _public_ipv4(rng, keep)
         return "ip_address", ip, rng.choice([
@@ -110,6 +111,19 @@ def _positive(kind: str, rng: random.Random, keep: set[str]) -> tuple[str, str, 
     if kind == "stripe":
         v = rng.choice(["sk_live_", "rk_live_"]) + _rand(rng, ALNUM, 24)
         return "key", v, rng.choice([f'stripe.api_key = "{v}"', f"STRIPE_KEY = '{v}'"])
+    if kind == "jwt":
+        def part(obj: str) -> str:
+            return base64.urlsafe_b64encode(obj.encode()).decode().rstrip("=")
+        v = (part('{"alg":"HS256","typ":"JWT"}') + "." + part(f'{{"sub":"{rng.randint(1, 10**9)}","name":"{rng.choice(FIRST)}"}}')
+             + "." + _rand(rng, ALNUM + "_-", 43))
+        return "key", v, rng.choice([f'JWT = "{v}"', f"headers['Authorization'] = 'Bearer {v}'"])
+    if kind == "bearer":
+        v = _rand(rng, ALNUM, rng.choice([32, 40]))
+        return "key", v, rng.choice([f'headers = {{"Authorization": "Bearer {v}"}}', f"curl -H 'Authorization: Bearer {v}'"])
+    if kind == "url_password":
+        v = _rand(rng, ALNUM, rng.randint(10, 20))
+        return "key", v, rng.choice([f'DATABASE_URL = "postgres://app:{v}@db.internal:5432/prod"',
+                                     f"broker = 'amqp://guest:{v}@mq.example-corp.com//'"])
     if kind == "private_key":
         body = base64.b64encode(rng.randbytes(rng.choice([48 * 6, 48 * 12]))).decode()
         lines = "\n".join(body[i:i + 64] for i in range(0, len(body), 64))
@@ -122,12 +136,12 @@ def _positive(kind: str, rng: random.Random, keep: set[str]) -> tuple[str, str, 
     name = rng.choice(["SECRET_KEY", "api_key", "client_secret", "password", "apiToken", "auth_token",
                        "DB_PASSWORD", "private_key", "access_token"])
     return "key", v, rng.choice([f'{name} = "{v}"', f'    "{name}": "{v}",', f"const {name} = '{v}';",
-                                 f"{name}: '{v}'", f"{name}={v}"])
+                                 f"{name}: '{v}'", f"{name}={v}", f"  {name}: {v}"])
 
 
 def _negative(rng: random.Random) -> tuple[str, str]:
     """(value that must survive, line of code holding it)."""
-    kind = rng.randrange(14)
+    kind = rng.randrange(17)
     if kind == 0:
         v = ".".join(str(rng.randint(0, 20)) for _ in range(4))
         return v, rng.choice([f'version = "{v}"', f"__version__ = '{v}'", f"# Version: {v}", f'requires = ["pkg=={v}"]'])
@@ -165,11 +179,19 @@ def _negative(rng: random.Random) -> tuple[str, str]:
         return v, f'__all__ = ["{v}Token", "{v}"]'
     if kind == 12:
         return "KEY_SIZE = 2048", "KEY_SIZE = 2048"
+    if kind == 14:
+        v = rng.choice(["postgres://user:password@localhost/db", "redis://:${REDIS_PASSWORD}@cache:6379",
+                        "https://{user}:{password}@host/path", "ftp://anonymous:****@ftp.example.org"])
+        return v, f'URL = "{v}"'
+    if kind == 15:
+        return '"Bearer " + token', 'headers["Authorization"] = "Bearer " + token'
+    if kind == 16:
+        return "token_type: access_token_for_service_account", "  token_type: access_token_for_service_account"
     return "git@github.com:org/repo.git", 'REMOTE = "git@github.com:org/repo.git"'
 
 
 POSITIVE_KINDS = ["email", "email", "email", "ipv4", "ipv4", "ipv6", "aws", "aws_secret", "github", "github_pat",
-                  "slack", "stripe", "private_key", "entropy", "entropy", "entropy"]
+                  "slack", "stripe", "private_key", "jwt", "bearer", "url_password", "entropy", "entropy", "entropy"]
 
 
 def clean_base_files(paths: list[Path]) -> list[str]:

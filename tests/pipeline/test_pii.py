@@ -27,6 +27,7 @@ def red(text: str, cfg: PIIConfig = CFG):
     ('__author__ = "Jane Doe <jane.doe@example-corp.com>"', '__author__ = "Jane Doe <<EMAIL>>"'),
     ("# mail bob+spam@mail.acme.io, or anna@uni.de.", "# mail <EMAIL>, or <EMAIL>."),
     ("contact: ÉLODIE <elodie_99@posteo.net>\r\nnext", "contact: ÉLODIE <<EMAIL>>\r\nnext"),
+    ("# [Bob](mailto:BOB.SMITH@EXAMPLE.CO.UK)", "# [Bob](mailto:<EMAIL>)"),
 ])
 def test_emails_are_redacted(text, expected):
     out, counts = red(text)
@@ -98,6 +99,11 @@ RSA_BODY = "MIIEowIBAAKCAQEAu1SU1LfVLPHCozMxH2Mo4lgOEePzNm0tRgeLezV6ffAt0gun\nVT
     ('k = "-----BEGIN OPENSSH PRIVATE KEY-----\\n' + RSA_BODY.replace("\n", "\\n") + '-----END OPENSSH PRIVATE KEY-----"',
      "MIIEowIBAAKCAQEA"),
     ("-----BEGIN PRIVATE KEY-----\n" + RSA_BODY, "MIIEowIBAAKCAQEA"),  # truncated block, no END line
+    ('JWT = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"',
+     "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9"),
+    ("curl -H 'Authorization: Bearer q8Zr3LmW0pXv7NcT2yKb5HdF'", "q8Zr3LmW0pXv7NcT2yKb5HdF"),
+    ('DATABASE_URL = "postgres://app:Tr0ub4dor3x@db.internal:5432/prod"', "Tr0ub4dor3x"),
+    ("  client_secret: Xq7pL2vR9sT4wZ8yB3nM6kJ1\n", "Xq7pL2vR9sT4wZ8yB3nM6kJ1"),  # YAML, unquoted
 ])
 def test_keys_are_redacted(text, secret):
     out, counts = red(text)
@@ -116,6 +122,11 @@ def test_keys_are_redacted(text, secret):
     'auth_path = "/usr/local/share/auth/keys.txt"', "KEY_SIZE = 2048",
     "blob = '" + "QUtJQUlPU0ZPRE5ON0VYQU1QTEVRQUtJQQ" + "'",  # AKIA inside base64 is not a key
     "key = 'x' * 100000",
+    'URLS = ["postgres://user:password@localhost/db", "redis://:${REDIS_PASSWORD}@cache:6379"]',
+    'URL = "https://{user}:{password}@host/path"',
+    'headers["Authorization"] = "Bearer " + token',
+    "  token_type: access_token_for_service_account",
+    "jwt_prefix = 'eyJhbGciOi'  # not a whole token",
 ])
 def test_key_lookalikes_stay(text):
     out, counts = red(text)

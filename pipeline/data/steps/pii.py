@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from detect_secrets.plugins.aws import AWSKeyDetector
 from detect_secrets.plugins.github_token import GitHubTokenDetector
+from detect_secrets.plugins.jwt import JwtTokenDetector
 from detect_secrets.plugins.high_entropy_strings import Base64HighEntropyString, HexHighEntropyString
 from detect_secrets.plugins.slack import SlackDetector
 from detect_secrets.plugins.stripe import StripeDetector
@@ -37,7 +38,6 @@ PLACEHOLDERS = {"email": "<EMAIL>", "ip_address": "<IP_ADDRESS>", "key": "<KEY>"
 # A deliberately conservative address: dotted domain ending in a 2+ letter TLD. The look-behind keeps
 # the local part whole (no "user" cut out of "a.user") and rejects URL userinfo like "://u:p@host".
 EMAIL_RE = re.compile(
-    r"(?<![\w.%+\-/:@])"
     r"([A-Za-z0-9](?:[A-Za-z0-9._%+\-]{0,63}[A-Za-z0-9_%+\-])?)"
     r"@((?:[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.)+([A-Za-z]{2,24}))"
     r"(?![\w\-@]|\.[A-Za-z0-9]|:[\w~/])"  # not "git@github.com:org/repo" (an scp-style git remote)
@@ -46,6 +46,9 @@ EMAIL_RE = re.compile(
 # the engine try every position); the local part is then the run of address characters before the "@".
 AT_DOMAIN_RE = re.compile(r"@(?:[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}")
 LOCAL_RUN_RE = re.compile(r"[A-Za-z0-9._%+\-]{1,64}$")
+# What may not stand right before an address (the local part would be cut, or it is URL userinfo
+# "scheme://user:pass@host"); ":" is fine after "mailto".
+NOT_BEFORE_EMAIL = frozenset(string.ascii_letters + string.digits + "_.%+-/:@")
 # "icon@2x.png", "lodash@file.js": asset and package specs that look like addresses.
 FILE_TLDS = frozenset(
     "png jpg jpeg gif svg webp ico bmp js mjs cjs ts tsx jsx py pyc css scss less html htm json yaml yml md "
@@ -91,6 +94,11 @@ TOKEN_RES = [
 TOKEN_BEFORE = re.compile(r"[A-Za-z0-9+/_\-]")
 TOKEN_HINTS = ("AKIA", "A3T", "ABIA", "ACCA", "ASIA", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "xox",
                "XOX", "k_live_")
+# JSON Web Tokens: header.payload.signature, validated with detect-secrets' JWT plugin (base64 JSON parts).
+JWT_RE = re.compile(r"eyJ[A-Za-z0-9_\-]+\.eyJ[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]*")
+# "Authorization: Bearer <token>" and credentials inside URLs ("postgres://app:S3cr3t@db/x").
+BEARER_RE = re.compile(r"(?i)\bbearer\s+([A-Za-z0-9\-._~+/]{16,}=*)")
+URL_PASSWORD_RE = re.compile(r"(?i)\b[a-z][a-z0-9+.\-]{1,15}://[^\s:/@'\"]{1,64}:([^\s@/'\"]{6,128})@")
 PRIVATE_KEY_RE = re.compile(
     r"-----BEGIN ((?:[A-Z0-9]+ )*)PRIVATE KEY(?: BLOCK)?-----"
     r"(?:[\s\S]{0,20000}?-----END \1PRIVATE KEY(?: BLOCK)?-----|[A-Za-z0-9+/=\s\\n:\-,]*)"
@@ -104,7 +112,7 @@ QUOTED_VALUE_RE = re.compile(r"(['\"`])([A-Za-z0-9+/=_\-]{8,})\1")
 NAME_BEFORE_QUOTE_RE = re.compile(
     rf"(?i)(?<![\w$.\-])(?P<name>{SECRET_NAME})['\"]?\s*(?:=|:|:=|=>|,)\s*[rbuf]{{0,2}}$"
 )
-ENV_VALUE_RE = re.compile(r"=[ \t]*([A-Za-z0-9+/=_\-]{8,})[ \t]*$", re.M)
+ENV_VALUE_RE = re.compile(r"[=:][ \t]*([A-Za-z0-9+/=_\-]{8,})[ \t]*$", re.M)  # NAME=v, YAML "name: v"
 ENV_NAME_RE = re.compile(rf"(?i)[ \t]*(?:export[ \t]+)?(?P<name>{SECRET_NAME})[ \t]*$")
 HASH_NAME_RE = re.compile(r"(?i)hash|sha\d*|md5|digest|checksum|cksum|crc|etag|commit|rev|integrity|fingerprint|cache|uuid|guid")
 HASH_HEX_LENGTHS = frozenset({32, 40, 56, 64, 96, 128})
@@ -131,6 +139,10 @@ def find_emails(text: str) -> list[Span]:
         run = LOCAL_RUN_RE.search(text, max(0, at.start() - 64), at.start())
         m = EMAIL_RE.match(text, run.start()) if run else None
         if m is None or m.group(3).lower() in FILE_TLDS:
+            continue
+        before = text[m.start() - 1] if m.start() else " "
+        mailto = before == ":" and text[max(0, m.start() - 7):m.start() - 1].lower() == "mailto"
+        if before in NOT_BEFORE_EMAIL and not mailto:
             continue
         out.append(Span(m.start(), m.end(), "email"))
     return out
@@ -223,6 +235,13 @@ def looks_like_secret(name: str, value: str, cfg: PIIConfig) -> bool:
     return _B64.calculate_shannon_entropy(value) > limit
 
 
+def _real_password(value: str) -> bool:
+    """A URL password that is not a placeholder ("password", "{pw}", "${DB_PASS}", "****", "<secret>")."""
+    if any(c in value for c in "{}$<>%*[]()") or value.lower() in {"password", "passwd", "secret", "pass"}:
+        return False
+    return any(c.isdigit() for c in value) or not _identifier_like(value)
+
+
 def find_keys(text: str, cfg: PIIConfig) -> list[Span]:
     out = []
     if any(h in text for h in TOKEN_HINTS):
@@ -232,6 +251,17 @@ def find_keys(text: str, cfg: PIIConfig) -> list[Span]:
                 if (s and TOKEN_BEFORE.match(text, s - 1)) or (e < len(text) and text[e].isalnum()):
                     continue
                 out.append(Span(s, e, "key"))
+    if "eyJ" in text:
+        out.extend(Span(m.start(), m.end(), "key") for m in JWT_RE.finditer(text)
+                   if JwtTokenDetector.is_formally_valid(m.group()))
+    if "earer" in text or "EARER" in text:
+        for m in BEARER_RE.finditer(text):
+            if looks_like_secret("bearer", m.group(1), cfg):
+                out.append(Span(m.start(1), m.end(1), "key"))
+    if "://" in text:
+        for m in URL_PASSWORD_RE.finditer(text):
+            if _real_password(m.group(1)):
+                out.append(Span(m.start(1), m.end(1), "key"))
     if "PRIVATE KEY" in text:
         out.extend(Span(m.start(), m.end(), "key") for m in PRIVATE_KEY_RE.finditer(text))
     for m in QUOTED_VALUE_RE.finditer(text):
