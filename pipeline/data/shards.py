@@ -231,30 +231,34 @@ def main(args) -> int:
 
 
 # ----------------------------------------------------------------------------- tracing samples to files
-def read_sample_docs(doc_spans: list, docs_dir: str | Path = "data/dedup",
+def read_sample_docs(doc_spans: list, docs: str | Path | pa.Table = "data/dedup",
                      columns: tuple[str, ...] = ("id", "source", "path", "lang", "content")) -> list[dict]:
     """The documents a sample was cut from, in sample order, each with its span fields.
 
-    ``doc_spans`` is a sample's ``doc_spans`` column (or several samples' spans concatenated).
+    ``doc_spans`` is a sample's ``doc_spans`` column (or several samples' spans concatenated);
+    ``docs`` is the data/dedup directory, or a table already read from it (for many look-ups).
     """
     wanted = sorted({span[0] for span in doc_spans})
-    table = read_docs(docs_dir, columns=list(dict.fromkeys(("id", *columns))))
+    table = docs if isinstance(docs, pa.Table) else read_docs(docs, columns=list(dict.fromkeys(("id", *columns))))
     table = table.filter(pc.is_in(table.column("id"), value_set=pa.array(wanted, pa.string())))
     by_id = {rec["id"]: rec for rec in table.to_pylist()}
     missing = [d for d in wanted if d not in by_id]
     if missing:
-        raise KeyError(f"documents not in {docs_dir}: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        where = "the given table" if isinstance(docs, pa.Table) else str(docs)
+        raise KeyError(f"documents not in {where}: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     return [{**by_id[d], "doc_token_start": a, "sample_token_start": b, "n_tokens": n} for d, a, b, n in doc_spans]
 
 
-def reconstruct(doc_spans: list, contents: dict[str, str], tokenizer, seq_len: int) -> np.ndarray:
+def reconstruct(doc_spans: list, contents: dict[str, str], tokenizer, seq_len: int,
+                cache: dict[str, list[int]] | None = None) -> np.ndarray:
     """Rebuild a sample's tokens from document text alone: spans re-encoded, ``<|endoftext|>`` elsewhere.
 
     ``tokenizer`` is a ``tokenizers.Tokenizer`` (see pipeline.tokenizer.load_fast); ``contents`` maps
     doc id → content (e.g. from :func:`read_sample_docs`). Equal to the stored ``tokens`` by contract.
+    Pass one ``cache`` dict across calls to encode each document once when replaying many samples.
     """
     out = np.full(seq_len, tokenizer.token_to_id(EOS), dtype=np.int32)
-    cache: dict[str, list[int]] = {}
+    cache = {} if cache is None else cache
     for doc_id, doc_start, sample_start, n in doc_spans:
         if doc_id not in cache:
             cache[doc_id] = tokenizer.encode(contents[doc_id], add_special_tokens=False).ids
