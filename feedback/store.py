@@ -192,6 +192,8 @@ class FeedbackResult:
     index: int
     kind: str
     duplicate: bool
+    model: str = ""
+    language: str = ""
 
 
 def record_feedback(s: Session, user: User, events: Iterable[FeedbackInput]) -> list[FeedbackResult]:
@@ -205,10 +207,12 @@ def record_feedback(s: Session, user: User, events: Iterable[FeedbackInput]) -> 
     if not events:
         return []
     keys = {(e.request_id, e.index) for e in events}
-    rows = s.execute(select(Completion.id, Completion.request_id, Completion.choice_index)
+    rows = s.execute(select(Completion.id, Completion.request_id, Completion.choice_index, Completion.language,
+                            ModelVersion.name).join(ModelVersion)
                      .where(Completion.user_id == user.id,
-                            Completion.request_id.in_({k[0] for k in keys})))
+                            Completion.request_id.in_({k[0] for k in keys}))).all()
     ids = {(r.request_id, r.choice_index): r.id for r in rows}
+    labels = {r.id: (r.name, r.language) for r in rows}
     missing = sorted(keys - ids.keys())
     if missing:
         rid, idx = missing[0]
@@ -226,7 +230,7 @@ def record_feedback(s: Session, user: User, events: Iterable[FeedbackInput]) -> 
             seen[cid] = e.kind
             new.append({"completion_id": cid, "kind": e.kind, "time_to_decision_ms": e.time_to_decision_ms,
                         "created_at": utcnow()})
-        out.append(FeedbackResult(e.request_id, e.index, e.kind.value, prior is not None))
+        out.append(FeedbackResult(e.request_id, e.index, e.kind.value, prior is not None, *labels[cid]))
     if new:
         _insert_ignoring_duplicates(s, new)
     return out

@@ -1,0 +1,442 @@
+"""The completion gateway: an OpenAI-compatible ``/v1/completions`` that logs every completion it serves.
+
+The gateway owns auth (Bearer keys, stored hashed), routing (rollout state, A/B arms), logging to the
+feedback store, metrics and input limits; generation is a backend (feedback/backends.py).
+
+Failure rules:
+- bad input is a 4xx with an OpenAI-style ``{"error": {"message": ...}}`` body that names the input;
+- the store unreachable is a 503, and a completion is returned only after its log row is committed, so
+  nothing is served unlogged and nothing is half-written (one transaction per request).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from typing import Annotated, Any, Iterator, Literal
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from feedback import store
+from feedback.backends import (Backend, BackendError, BadGenerationRequest, GenRequest, LocalBackend, StreamDelta,
+                               UpstreamBackend)
+from feedback.db import check_at_head, current_revision, make_engine
+from feedback.models import Completion, FeedbackKind, ModelVersion, User, utcnow
+from feedback.routing import NoModel, Route, route, visible_versions
+from pipeline.config import ServeConfig
+
+log = logging.getLogger("ownllm.serve")
+DB_ERRORS = (OperationalError, DBAPIError, PoolTimeout)
+
+
+# ------------------------------------------------------------------------------------------------ errors
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param = status, message, type_, param
+
+
+def error_body(message: str, type_: str, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": None}}
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errs = exc.errors()
+    first = errs[0] if errs else {}
+    if first.get("type") == "json_invalid":
+        return f"malformed JSON body: {first.get('ctx', {}).get('error', 'cannot parse')}", None
+    parts, param = [], None
+    for e in errs[:5]:
+        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+        name = ".".join(loc) or "body"
+        param = param or name
+        parts.append(f"{name}: {e.get('msg')}")
+    return "invalid request: " + "; ".join(parts), param
+
+
+# ---------------------------------------------------------------------------------------- request models
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, max_length=128)
+    prompt: str | list[str]
+    suffix: str | None = None
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    user: str | None = Field(None, max_length=256)
+    seed: int | None = None
+    logprobs: int | None = None
+    echo: bool = False
+    # Not in the OpenAI schema: the editor's language of the file, for acceptance-by-language analytics.
+    language: str | None = Field(None, min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_+#.-]+$")
+
+
+class FeedbackItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=64)
+    index: int = Field(0, ge=0)
+    event: FeedbackKind
+    time_to_decision_ms: float | None = Field(None, ge=0)
+
+
+class FeedbackBatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    events: list[FeedbackItem] = Field(min_length=1)
+
+
+class BountyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    title: str = Field(min_length=1, max_length=256)
+    instruction: str = Field(min_length=1, max_length=20_000)
+    language: str = Field(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_+#.-]+$")
+    solution: str = Field(min_length=1, max_length=50_000)
+    source: Literal["user", "import", "derived"] = "user"
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+class Metrics:
+    """Prometheus series; a registry per app so several gateways (tests) can live in one process."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.latency = Histogram("ownllm_completion_latency_seconds", "completion latency (generation + logging)",
+                                 ["model", "language"], registry=self.registry,
+                                 buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.completions = Counter("ownllm_completions", "choices served", ["model", "language"],
+                                   registry=self.registry)
+        self.feedback = Counter("ownllm_feedback", "feedback events stored", ["model", "language", "event"],
+                                registry=self.registry)
+        self.errors = Counter("ownllm_http_errors", "error responses", ["status"], registry=self.registry)
+
+
+# ------------------------------------------------------------------------------------------------ backends
+class BackendPool:
+    """One backend per model version, created on first use (loading a model takes seconds)."""
+
+    def __init__(self, cfg: ServeConfig):
+        self.cfg = cfg
+        self.cache: dict[str, Backend] = {}
+        self.lock = threading.Lock()
+
+    def get(self, version: ModelVersion) -> Backend:
+        key = version.path if self.cfg.backend == "local" else version.name
+        with self.lock:
+            if key not in self.cache:
+                self.cache[key] = self.create(version)
+            return self.cache[key]
+
+    def create(self, version: ModelVersion) -> Backend:
+        if self.cfg.backend == "local":
+            return LocalBackend(version.path, device=self.cfg.device)
+        if not self.cfg.upstream_url:
+            raise BackendError("serve.backend is 'openai' but serve.upstream_url is not set")
+        return UpstreamBackend(self.cfg.upstream_url, version.name, os.environ.get(self.cfg.upstream_api_key_env))
+
+
+# --------------------------------------------------------------------------------------------- body limit
+class BodyLimit:
+    """Pure ASGI middleware: a body over ``limit`` bytes is a 413 before anyone parses it."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._reject(send)
+        chunks, size, more = [], 0, True
+        while more:  # read the whole (small) body, counting, then replay it
+            msg = await receive()
+            if msg["type"] != "http.request":
+                return await self.app(scope, receive, send)
+            chunks.append(msg.get("body", b""))
+            size += len(chunks[-1])
+            more = msg.get("more_body", False)
+            if size > self.limit:
+                return await self._reject(send)
+        body, sent = b"".join(chunks), False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+    async def _reject(self, send):
+        payload = json.dumps(error_body(f"request body larger than {self.limit} bytes", "invalid_request_error")).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+        await send({"type": "http.response.body", "body": payload})
+
+
+def current_user(request: Request) -> User:
+    """The user behind the Bearer key (keys are looked up by hash)."""
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise ApiError(401, "missing API key: send `Authorization: Bearer <key>`", "authentication_error")
+    with request.app.state.factory() as s:
+        user = store.authenticate(s, key.strip())
+    if user is None:
+        raise ApiError(401, "invalid API key", "authentication_error")
+    return user
+
+
+UserDep = Annotated[User, Depends(current_user)]
+
+
+# ------------------------------------------------------------------------------------------------ the app
+def create_app(cfg: ServeConfig, backends: BackendPool | None = None, check_schema: bool = True) -> FastAPI:
+    """Build the gateway. Raises StoreNotAtHead at once (not on first request) if the store needs migrating."""
+    engine = make_engine(cfg.db_url, sqlite_busy_timeout_s=cfg.sqlite_busy_timeout_s)
+    if check_schema:
+        check_at_head(engine)
+    factory: sessionmaker[Session] = sessionmaker(engine, expire_on_commit=False)
+    pool = backends or BackendPool(cfg)
+    metrics = Metrics()
+    app = FastAPI(title="ownllm completion gateway", version="1")
+    app.state.engine, app.state.factory, app.state.backends, app.state.metrics = engine, factory, pool, metrics
+    app.add_middleware(BodyLimit, limit=cfg.max_body_bytes)
+    _install_error_handlers(app, metrics)
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        rev = current_revision(engine)  # a DB error here is a 503 like everywhere else
+        return {"status": "ok", "db_revision": rev, "backend": cfg.backend}
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    def models(user: UserDep) -> dict:
+        with factory() as s:
+            rows = visible_versions(s, user)
+        data = [{"id": "auto", "object": "model", "created": 0, "owned_by": "ownllm"}]
+        data += [{"id": v.name, "object": "model", "created": int(v.created_at.timestamp()), "owned_by": "ownllm",
+                  "rollout_state": v.rollout_state.value, "parent": None} for v in rows]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/completions", response_model=None)
+    def completions(body: CompletionRequest, user: UserDep) -> dict | StreamingResponse:
+        gen = _gen_request(body, cfg)
+        with factory() as s:
+            try:
+                r = route(s, user, body.model)
+            except NoModel as exc:
+                raise ApiError(404, str(exc), "invalid_request_error", "model") from None
+        backend = pool.get(r.version)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        lang = body.language or "unknown"
+        if body.stream:
+            return _stream_response(rid, body, gen, backend, r, user, lang, factory, metrics)
+        t0 = time.perf_counter()
+        out = backend.complete(gen)
+        latency = time.perf_counter() - t0
+        with factory.begin() as s:
+            s.add_all(_completion_rows(rid, body, gen, r, user, lang, [(c.text, c.finish_reason, c.completion_tokens)
+                                                                        for c in out.choices], out.prompt_tokens,
+                                       latency))
+        metrics.latency.labels(r.version.name, lang).observe(latency)
+        metrics.completions.labels(r.version.name, lang).inc(len(out.choices))
+        n_comp = sum(c.completion_tokens for c in out.choices)
+        return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": r.version.name,
+                "choices": [{"text": c.text, "index": i, "logprobs": None, "finish_reason": c.finish_reason}
+                            for i, c in enumerate(out.choices)],
+                "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": n_comp,
+                          "total_tokens": out.prompt_tokens + n_comp}}
+
+    @app.get("/v1/completions/{request_id}")
+    def get_completion(request_id: str, user: UserDep) -> dict:
+        """A user's own completion (texts, decision); anyone else's is indistinguishable from a missing one."""
+        with factory() as s:
+            rows = s.scalars(select(Completion).where(Completion.request_id == request_id,
+                                                      Completion.user_id == user.id)
+                             .order_by(Completion.choice_index)).all()
+            if not rows:
+                raise ApiError(404, f"no completion {request_id!r}", "invalid_request_error", "id")
+            return {"id": request_id, "model": rows[0].model_version.name, "language": rows[0].language,
+                    "prompt": rows[0].prompt, "suffix": rows[0].suffix,
+                    "choices": [{"index": c.choice_index, "text": c.completion, "finish_reason": c.finish_reason,
+                                 "feedback": c.feedback.kind.value if c.feedback else None} for c in rows]}
+
+    @app.post("/v1/feedback")
+    def feedback(body: FeedbackItem | FeedbackBatch, user: UserDep) -> dict:
+        items = body.events if isinstance(body, FeedbackBatch) else [body]
+        if len(items) > cfg.max_feedback_batch:
+            raise ApiError(400, f"too many events: {len(items)} > {cfg.max_feedback_batch}", param="events")
+        events = [store.FeedbackInput(i.id, i.event, i.index, i.time_to_decision_ms) for i in items]
+        with factory.begin() as s:
+            results = store.record_feedback(s, user, events)
+        for res in results:
+            if not res.duplicate:
+                metrics.feedback.labels(res.model, res.language, res.kind).inc()
+        out = [{"id": r.request_id, "index": r.index, "event": r.kind, "duplicate": r.duplicate} for r in results]
+        return {"events": out} if isinstance(body, FeedbackBatch) else out[0]
+
+    @app.post("/v1/bounties", status_code=201)
+    def bounties(body: BountyRequest, user: UserDep) -> dict:
+        with factory.begin() as s:
+            row, created = store.add_bounty(s, title=body.title, instruction=body.instruction,
+                                            language=body.language, solution=body.solution, source=body.source,
+                                            user=user)
+        return {"id": row.id, "created": created}
+
+    return app
+
+
+def _gen_request(body: CompletionRequest, cfg: ServeConfig) -> GenRequest:
+    """Limits that depend on configuration (so not in the pydantic model); each error names its field."""
+    if isinstance(body.prompt, list):
+        if len(body.prompt) != 1:
+            raise ApiError(400, "prompt: only one prompt per request is supported (got a list of "
+                           f"{len(body.prompt)})", param="prompt")
+        prompt = body.prompt[0]
+    else:
+        prompt = body.prompt
+    if len(prompt) + len(body.suffix or "") > cfg.max_prompt_chars:
+        raise ApiError(400, f"prompt: prompt plus suffix is {len(prompt) + len(body.suffix or '')} characters, "
+                       f"over the limit of {cfg.max_prompt_chars}", param="prompt")
+    if body.max_tokens > cfg.max_tokens_limit:
+        raise ApiError(400, f"max_tokens: {body.max_tokens} is over the limit of {cfg.max_tokens_limit}",
+                       param="max_tokens")
+    if body.n > cfg.max_n:
+        raise ApiError(400, f"n: {body.n} is over the limit of {cfg.max_n}", param="n")
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stops) > cfg.max_stop or any(len(s) > 64 or not s for s in stops):
+        raise ApiError(400, f"stop: at most {cfg.max_stop} non-empty sequences of up to 64 characters",
+                       param="stop")
+    if body.logprobs is not None or body.echo:
+        raise ApiError(400, "logprobs and echo are not supported by this gateway", param="logprobs")
+    return GenRequest(prompt=prompt, suffix=body.suffix or None, max_tokens=body.max_tokens,
+                      temperature=body.temperature, top_p=body.top_p, n=body.n, stop=tuple(stops), seed=body.seed)
+
+
+def _completion_rows(rid: str, body: CompletionRequest, gen: GenRequest, r: Route, user: User, lang: str,
+                     choices: list[tuple[str, str, int]], prompt_tokens: int, latency_s: float) -> list[Completion]:
+    p_hash, s_hash = store.sha256(gen.prompt), store.sha256(gen.suffix) if gen.suffix else None
+    now = utcnow()
+    return [Completion(request_id=rid, choice_index=i, user_id=user.id, end_user=body.user,
+                       model_version_id=r.version.id, experiment_id=r.experiment_id, language=lang,
+                       prompt=gen.prompt, suffix=gen.suffix, completion=text, prompt_hash=p_hash, suffix_hash=s_hash,
+                       finish_reason=finish, prompt_tokens=prompt_tokens, completion_tokens=n_tok,
+                       latency_ms=latency_s * 1000, created_at=now)
+            for i, (text, finish, n_tok) in enumerate(choices)]
+
+
+def _sse(payload: Any) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+def _stream_response(rid, body, gen, backend, r, user, lang, factory, metrics) -> StreamingResponse:
+    stream = backend.stream(gen)  # validates the prompt now, so a bad request is still a plain 400
+
+    def events() -> Iterator[str]:
+        t0 = time.perf_counter()
+        texts: dict[int, list[str]] = {i: [] for i in range(gen.n)}
+        finals: dict[int, StreamDelta] = {}
+        created = int(time.time())
+        try:
+            for d in stream.deltas:
+                texts.setdefault(d.index, []).append(d.text)
+                if d.finish_reason:
+                    finals[d.index] = d
+                yield _sse({"id": rid, "object": "text_completion", "created": created, "model": r.version.name,
+                            "choices": [{"text": d.text, "index": d.index, "logprobs": None,
+                                         "finish_reason": d.finish_reason}]})
+            latency = time.perf_counter() - t0
+            choices = [("".join(texts[i]), finals[i].finish_reason if i in finals else "length",
+                        finals[i].completion_tokens if i in finals else 0) for i in sorted(texts)]
+            with factory.begin() as s:
+                s.add_all(_completion_rows(rid, body, gen, r, user, lang, choices, stream.prompt_tokens, latency))
+        except DB_ERRORS as exc:
+            log.error("could not log streamed completion %s: %s", rid, exc)
+            metrics.errors.labels("503").inc()
+            yield _sse(error_body("feedback store unavailable; this completion was not logged", "store_unavailable"))
+            return
+        except BackendError as exc:
+            metrics.errors.labels("502").inc()
+            yield _sse(error_body(str(exc), "backend_error"))
+            return
+        metrics.latency.labels(r.version.name, lang).observe(latency)
+        metrics.completions.labels(r.version.name, lang).inc(len(choices))
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+    def reply(status: int, message: str, type_: str, param: str | None = None, headers=None) -> JSONResponse:
+        metrics.errors.labels(str(status)).inc()
+        return JSONResponse(error_body(message, type_, param), status_code=status, headers=headers)
+
+    @app.exception_handler(ApiError)
+    async def _api(_req, exc: ApiError):
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return reply(exc.status, exc.message, exc.type, exc.param, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_req, exc: RequestValidationError):
+        message, param = _validation_message(exc)
+        return reply(400, message, "invalid_request_error", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_req, exc: StarletteHTTPException):
+        return reply(exc.status_code, str(exc.detail), "invalid_request_error")
+
+    @app.exception_handler(store.NotFound)
+    async def _not_found(_req, exc):
+        return reply(404, str(exc), "invalid_request_error", "id")
+
+    @app.exception_handler(store.Conflict)
+    async def _conflict(_req, exc):
+        return reply(409, str(exc), "conflict", "event")
+
+    @app.exception_handler(store.StoreError)
+    async def _store(_req, exc):
+        return reply(400, str(exc), "invalid_request_error")
+
+    @app.exception_handler(BadGenerationRequest)
+    async def _bad_gen(_req, exc):
+        return reply(400, str(exc), "invalid_request_error", "max_tokens")
+
+    @app.exception_handler(BackendError)
+    async def _backend(_req, exc):
+        return reply(502, str(exc), "backend_error")
+
+    for exc_type in DB_ERRORS:
+        @app.exception_handler(exc_type)
+        async def _db(_req, exc):
+            log.error("feedback store unavailable: %s", exc)
+            return reply(503, "feedback store unavailable, try again later (nothing was recorded)",
+                         "store_unavailable", headers={"Retry-After": "5"})
+
+    @app.exception_handler(Exception)
+    async def _other(_req, exc):  # never a bare 500 page: still JSON, and logged with its traceback
+        log.exception("unhandled error")
+        return reply(500, f"internal error: {type(exc).__name__}", "server_error")

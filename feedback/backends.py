@@ -1,0 +1,357 @@
+"""Generation backends behind the gateway: in-process transformers, or an upstream OpenAI-compatible server.
+
+The gateway owns auth, routing, A/B and logging; a backend only turns (prompt, suffix, sampling knobs)
+into choices. ``LocalBackend`` runs ``model.generate`` (KV cache on, greedy or sampling) and builds FIM
+prompts with the tokenizer's own FIM tokens; ``UpstreamBackend`` forwards to vLLM / TGI / Triton or any
+server speaking ``/v1/completions``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Protocol
+
+FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE, FIM_PAD = "<fim_prefix>", "<fim_suffix>", "<fim_middle>", "<fim_pad>"
+EOS = "<|endoftext|>"
+
+
+class BackendError(RuntimeError):
+    """Generation failed for a reason the client cannot fix (upstream down, model broken): a 502/503."""
+
+
+class BadGenerationRequest(ValueError):
+    """The request cannot be served by this model (e.g. max_tokens beyond its context): a 400."""
+
+
+@dataclass(frozen=True)
+class GenRequest:
+    prompt: str
+    suffix: str | None = None
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass
+class Choice:
+    text: str
+    finish_reason: str  # "stop" (eos or a stop sequence) | "length"
+    completion_tokens: int
+
+
+@dataclass
+class Generation:
+    choices: list[Choice]
+    prompt_tokens: int
+
+
+@dataclass
+class StreamDelta:
+    index: int
+    text: str
+    finish_reason: str | None = None  # set on the last delta of a choice
+    completion_tokens: int = 0  # set with finish_reason
+
+
+@dataclass
+class Stream:
+    """A streamed generation: iterate ``deltas``; ``prompt_tokens`` is known once iteration has started."""
+
+    deltas: Iterator[StreamDelta]
+    prompt_tokens: int = 0
+    info: dict = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    name: str
+
+    def complete(self, req: GenRequest) -> Generation: ...
+
+    def stream(self, req: GenRequest) -> Stream: ...
+
+
+# -------------------------------------------------------------------------------------------- stop strings
+def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    """Text up to the earliest stop sequence (excluded, as in the OpenAI API), and whether one was found."""
+    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+class StopScanner:
+    """Streams text while holding back just enough to never emit the start of a stop sequence.
+
+    Written by hand because transformers' streamers know nothing of OpenAI stop semantics (the stop
+    sequence must not be sent, and may span token boundaries).
+    """
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = tuple(s for s in stops if s)
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.buf = ""
+        self.stopped = False
+
+    def feed(self, piece: str) -> str:
+        if self.stopped:
+            return ""
+        self.buf += piece
+        text, hit = cut_at_stop(self.buf, self.stops)
+        if hit:
+            self.stopped, self.buf = True, ""
+            return text
+        safe = len(self.buf) - self.hold
+        out, self.buf = (self.buf[:safe], self.buf[safe:]) if safe > 0 else ("", self.buf)
+        return out
+
+    def flush(self) -> str:
+        out, self.buf = ("" if self.stopped else self.buf), ""
+        return out
+
+
+# ------------------------------------------------------------------------------------------ local model
+def fim_prompt(prefix: str, suffix: str) -> str:
+    """PSM fill-in-the-middle prompt, as the model was trained on."""
+    return f"{FIM_PREFIX}{prefix}{FIM_SUFFIX}{suffix}{FIM_MIDDLE}"
+
+
+class LocalBackend:
+    """A Hugging Face causal LM in this process. One generation at a time (a lock): on CPU, parallel
+    generate calls only fight over the same cores and make every request slower."""
+
+    def __init__(self, model_dir: str | Path, device: str = "cpu", num_threads: int | None = None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = Path(model_dir)
+        if not (path / "config.json").is_file():
+            raise BackendError(f"no Hugging Face model in {path} (config.json missing; run the export stage)")
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.name = path.name
+        self.device = device
+        self.tok = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+        self.max_context = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        vocab = self.tok.get_vocab()
+        self.fim_ids = {t: vocab.get(t) for t in (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE)}
+        self.eos_id = self.tok.eos_token_id if self.tok.eos_token_id is not None else vocab.get(EOS)
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
+        # Generation ends at end-of-text and at any FIM control token (the middle is over).
+        self.stop_ids = sorted({i for i in [self.eos_id, *self.fim_ids.values(), vocab.get(FIM_PAD)] if i is not None})
+        self.lock = threading.Lock()
+
+    # -- prompt ------------------------------------------------------------------------------------
+    def _encode(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def prompt_ids(self, req: GenRequest) -> list[int]:
+        """Token ids of the prompt, truncated to fit the context: prefix keeps its end, suffix its start."""
+        budget = self.max_context - req.max_tokens
+        if budget < 8:
+            raise BadGenerationRequest(f"max_tokens={req.max_tokens} leaves no room for a prompt in this model's "
+                                       f"context of {self.max_context} tokens")
+        prefix = self._encode(req.prompt)
+        if not req.suffix:
+            start = [self.eos_id] if self.eos_id is not None else []  # documents start after <|endoftext|>
+            keep = budget - len(start)
+            return start + prefix[-keep:] if keep > 0 else start
+        if any(v is None for v in self.fim_ids.values()):
+            raise BadGenerationRequest("this model has no FIM tokens, so `suffix` cannot be used")
+        suffix = self._encode(req.suffix)
+        room = budget - 3
+        suffix_room = min(len(suffix), max(room // 3, room - len(prefix)))
+        prefix_room = room - suffix_room
+        p, s = prefix[-prefix_room:] if prefix_room > 0 else [], suffix[:suffix_room]
+        return [self.fim_ids[FIM_PREFIX], *p, self.fim_ids[FIM_SUFFIX], *s, self.fim_ids[FIM_MIDDLE]]
+
+    def _gen_kwargs(self, req: GenRequest, ids: list[int]) -> dict:
+        import torch
+
+        x = torch.tensor([ids], device=self.device)
+        kw = dict(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=req.max_tokens, use_cache=True,
+                  eos_token_id=self.stop_ids, pad_token_id=self.pad_id)
+        if req.temperature > 0:
+            kw.update(do_sample=True, temperature=req.temperature, top_p=req.top_p)
+        else:
+            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if req.seed is not None:
+            torch.manual_seed(req.seed)
+        return kw
+
+    def _finish(self, new_ids: list[int], req: GenRequest) -> Choice:
+        ended = False
+        if any(i in self.stop_ids for i in new_ids):
+            first = next(k for k, i in enumerate(new_ids) if i in self.stop_ids)
+            new_ids, ended = new_ids[:first], True
+        text = self.tok.decode(new_ids, skip_special_tokens=True)
+        text, hit = cut_at_stop(text, req.stop)
+        return Choice(text, "stop" if ended or hit else "length", len(new_ids))
+
+    # -- generation --------------------------------------------------------------------------------
+    def complete(self, req: GenRequest) -> Generation:
+        import torch
+
+        ids = self.prompt_ids(req)
+        kw = self._gen_kwargs(req, ids)
+        if req.stop:
+            kw.update(stop_strings=list(req.stop), tokenizer=self.tok)  # stop early; the cut is exact below
+        with self.lock, torch.inference_mode():
+            if req.n > 1 and req.temperature == 0:  # greedy choices are identical: decode once
+                out = self.model.generate(**kw)
+                rows = [out[0]] * req.n
+            else:
+                rows = list(self.model.generate(**kw, num_return_sequences=req.n))
+        choices = [self._finish(row[len(ids):].tolist(), req) for row in rows]
+        return Generation(choices, len(ids))
+
+    def stream(self, req: GenRequest) -> Stream:
+        ids = self.prompt_ids(req)
+        return Stream(self._stream(req, ids), prompt_tokens=len(ids))
+
+    def _stream(self, req: GenRequest, ids: list[int]) -> Iterator[StreamDelta]:
+        for index in range(req.n):  # choices one after another, each streamed token by token
+            yield from self._stream_one(req, ids, index)
+
+    def _stream_one(self, req: GenRequest, ids: list[int], index: int) -> Iterator[StreamDelta]:
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True, timeout=120)
+        scanner, state = StopScanner(req.stop), {"cancel": False, "tokens": 0, "ended": False}
+        stop_ids = set(self.stop_ids)
+
+        class _Cancel(StoppingCriteria):  # stop generating once a stop sequence was seen or the client left
+            def __call__(self, input_ids, scores, **kw):
+                last = int(input_ids[0, -1])
+                state["tokens"] = input_ids.shape[1] - len(ids)
+                state["ended"] = state["ended"] or last in stop_ids
+                return torch.full((input_ids.shape[0],), state["cancel"], dtype=torch.bool)
+
+        kw = self._gen_kwargs(req, ids)
+        kw.update(streamer=streamer, stopping_criteria=StoppingCriteriaList([_Cancel()]))
+        errors: list[BaseException] = []
+
+        def run():
+            with self.lock, torch.inference_mode():
+                try:
+                    self.model.generate(**kw)
+                except BaseException as exc:  # surfaced to the consumer below
+                    errors.append(exc)
+                    streamer.end()
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        drained = False
+        try:
+            for piece in streamer:
+                out = scanner.feed(piece)
+                if out:
+                    yield StreamDelta(index, out)
+                if scanner.stopped:
+                    state["cancel"] = True
+            drained = True
+            tail = scanner.flush()
+            if tail:
+                yield StreamDelta(index, tail)
+        finally:
+            state["cancel"] = True
+            if not drained:  # the client went away: let the worker finish its current token and end
+                for _ in streamer:
+                    pass
+            worker.join()
+        if errors:
+            raise BackendError(f"generation failed: {errors[0]}")
+        stopped = scanner.stopped or state["ended"]
+        yield StreamDelta(index, "", "stop" if stopped else "length", state["tokens"])
+
+
+# ------------------------------------------------------------------------------------------- upstream
+class UpstreamBackend:
+    """Forwards to an OpenAI-compatible ``/v1/completions`` (vLLM, TGI, Triton, or another ownllm gateway)."""
+
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout_s: float = 60.0):
+        import httpx
+
+        self.name = model
+        self.model = model
+        self.url = base_url.rstrip("/") + "/completions"
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.Client(timeout=timeout_s, headers=headers)
+
+    def _body(self, req: GenRequest, stream: bool) -> dict:
+        body = {"model": self.model, "prompt": req.prompt, "max_tokens": req.max_tokens,
+                "temperature": req.temperature, "top_p": req.top_p, "n": req.n, "stream": stream}
+        if req.suffix:
+            body["suffix"] = req.suffix
+        if req.stop:
+            body["stop"] = list(req.stop)
+        if req.seed is not None:
+            body["seed"] = req.seed
+        return body
+
+    def complete(self, req: GenRequest) -> Generation:
+        import httpx
+
+        try:
+            r = self.client.post(self.url, json=self._body(req, False))
+        except httpx.HTTPError as exc:
+            raise BackendError(f"upstream {self.url} unreachable: {exc}") from None
+        data = self._check(r)
+        choices = sorted(data.get("choices", []), key=lambda c: c.get("index", 0))
+        usage = data.get("usage") or {}
+        n_comp = int(usage.get("completion_tokens", 0))
+        return Generation([Choice(c.get("text", ""), c.get("finish_reason") or "stop", n_comp // max(len(choices), 1))
+                           for c in choices], int(usage.get("prompt_tokens", 0)))
+
+    def _check(self, r) -> dict:
+        if r.status_code >= 400:
+            try:
+                detail = r.json()["error"]["message"]
+            except Exception:
+                detail = r.text[:200]
+            if 400 <= r.status_code < 500:
+                raise BadGenerationRequest(f"upstream rejected the request: {detail}")
+            raise BackendError(f"upstream {self.url} failed with {r.status_code}: {detail}")
+        return r.json()
+
+    def stream(self, req: GenRequest) -> Stream:
+        return Stream(self._stream(req))
+
+    def _stream(self, req: GenRequest) -> Iterator[StreamDelta]:
+        import httpx
+
+        counts: dict[int, int] = {}
+        try:
+            with self.client.stream("POST", self.url, json=self._body(req, True)) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    self._check(r)
+                for line in r.iter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    payload = line[5:].strip()
+                    if payload == "[DONE]":
+                        break
+                    for c in json.loads(payload).get("choices", []):
+                        i = int(c.get("index", 0))
+                        counts[i] = counts.get(i, 0) + (1 if c.get("text") else 0)
+                        fin = c.get("finish_reason")
+                        yield StreamDelta(i, c.get("text", ""), fin, counts[i] if fin else 0)
+        except httpx.HTTPError as exc:
+            raise BackendError(f"upstream {self.url} failed while streaming: {exc}") from None
+
+
+def make_backend(kind: str, model_dir: str, upstream_url: str | None = None, upstream_model: str | None = None,
+                 upstream_api_key: str | None = None) -> Backend:
+    if kind == "local":
+        return LocalBackend(model_dir)
+    if kind == "openai":
+        if not upstream_url:
+            raise BackendError("serve.backend is 'openai' but serve.upstream_url is not set")
+        return UpstreamBackend(upstream_url, upstream_model or Path(model_dir).name, upstream_api_key)
+    raise BackendError(f"unknown backend {kind!r} (expected local or openai)")

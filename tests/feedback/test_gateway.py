@@ -1,0 +1,119 @@
+"""The gateway over real HTTP on 127.0.0.1: the OpenAI shape, the official client, FIM, streaming, auth."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+
+def post(gw, user, path, body, **kw):
+    return httpx.post(gw.url + path, json=body, headers=gw.headers(user), timeout=60, **kw)
+
+
+def test_completion_has_the_openai_shape_and_is_logged(gateway):
+    before = gateway.counts()["completions"]
+    r = post(gateway, "alice", "/v1/completions",
+             {"model": "auto", "prompt": "def add(a, b):\n", "max_tokens": 8, "temperature": 0, "n": 2,
+              "user": "ide-1", "language": "python"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["id"].startswith("cmpl-") and body["object"] == "text_completion" and body["model"] == "tiny"
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    assert body["choices"][0]["text"] == body["choices"][1]["text"]  # greedy: identical choices
+    assert body["choices"][0]["finish_reason"] in {"stop", "length"}
+    u = body["usage"]
+    assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"] and 0 < u["completion_tokens"] <= 16
+    assert gateway.counts()["completions"] == before + 2
+    got = httpx.get(f"{gateway.url}/v1/completions/{body['id']}", headers=gateway.headers("alice")).json()
+    assert got["prompt"] == "def add(a, b):\n" and got["language"] == "python"
+    assert got["choices"][0]["text"] == body["choices"][0]["text"]
+
+
+def test_greedy_is_deterministic_and_fim_uses_the_suffix(gateway):
+    body = {"model": "auto", "prompt": "import os\n\ndef main(", "suffix": "\n    return 0\n", "max_tokens": 12,
+            "temperature": 0}
+    a = post(gateway, "alice", "/v1/completions", body).json()["choices"][0]["text"]
+    b = post(gateway, "bob", "/v1/completions", body).json()["choices"][0]["text"]
+    plain = post(gateway, "alice", "/v1/completions", {**body, "suffix": None}).json()["choices"][0]["text"]
+    assert a == b
+    assert a != plain or a == ""  # a FIM prompt is a different prompt
+
+
+def test_stop_sequence_is_cut_and_not_returned(gateway):
+    base = {"model": "auto", "prompt": "class Queue:\n    def ", "max_tokens": 24, "temperature": 0}
+    full = post(gateway, "alice", "/v1/completions", base).json()["choices"][0]["text"]
+    assert len(full) > 2
+    stop = full[1:3]
+    cut = post(gateway, "alice", "/v1/completions", {**base, "stop": [stop]}).json()["choices"][0]
+    assert cut["text"] == full[:full.find(stop)] and cut["finish_reason"] == "stop"
+
+
+def test_sse_stream_matches_the_plain_completion(gateway):
+    body = {"model": "auto", "prompt": "for i in range(", "max_tokens": 10, "temperature": 0, "stream": True}
+    plain = post(gateway, "alice", "/v1/completions", {**body, "stream": False}).json()["choices"][0]["text"]
+    before = gateway.counts()["completions"]
+    with httpx.stream("POST", gateway.url + "/v1/completions", json=body, headers=gateway.headers("alice"),
+                      timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(ln[len("data: "):]) for ln in lines[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == plain
+    assert chunks[-1]["choices"][0]["finish_reason"] in {"stop", "length"}
+    assert gateway.counts()["completions"] == before + 1
+
+
+def test_official_openai_client_plain_and_streaming(gateway):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=gateway.keys["bob"], max_retries=0)
+    models = [m.id for m in client.models.list().data]
+    assert "tiny" in models
+    c = client.completions.create(model="tiny", prompt="import sys\n", max_tokens=6, temperature=0,
+                                  extra_body={"language": "python"})
+    assert c.id.startswith("cmpl-") and c.model == "tiny" and isinstance(c.choices[0].text, str)
+    assert c.usage.completion_tokens >= 1
+    parts = list(client.completions.create(model="tiny", prompt="import sys\n", max_tokens=6, temperature=0,
+                                           stream=True))
+    assert "".join(p.choices[0].text for p in parts) == c.choices[0].text
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=gateway.url + "/v1", api_key="ollm-wrong", max_retries=0).completions.create(
+            model="tiny", prompt="x", max_tokens=1)
+
+
+def test_feedback_is_idempotent_and_owned(gateway):
+    cid = post(gateway, "alice", "/v1/completions",
+               {"model": "auto", "prompt": "x = ", "max_tokens": 3, "temperature": 0}).json()["id"]
+    before = gateway.counts()["feedback_events"]
+    ev = {"id": cid, "event": "accepted", "time_to_decision_ms": 420}
+    first, again = post(gateway, "alice", "/v1/feedback", ev), post(gateway, "alice", "/v1/feedback", ev)
+    assert first.status_code == again.status_code == 200
+    assert (first.json()["duplicate"], again.json()["duplicate"]) == (False, True)
+    assert gateway.counts()["feedback_events"] == before + 1
+    contradict = post(gateway, "alice", "/v1/feedback", {"id": cid, "event": "rejected"})
+    assert contradict.status_code == 409 and "already accepted" in contradict.json()["error"]["message"]
+    # Another user can neither see nor act on alice's completion: indistinguishable from a missing one.
+    assert post(gateway, "bob", "/v1/feedback", ev).status_code == 404
+    assert httpx.get(f"{gateway.url}/v1/completions/{cid}", headers=gateway.headers("bob")).status_code == 404
+    assert post(gateway, "alice", "/v1/feedback", {"id": "cmpl-nope", "event": "accepted"}).status_code == 404
+    assert gateway.counts()["feedback_events"] == before + 1
+
+
+def test_bounties_are_stored_once(gateway):
+    b = {"title": "reverse a list", "instruction": "def rev(xs):\n    \"\"\"Reverse xs.\"\"\"",
+         "language": "python", "solution": "    return xs[::-1]\n"}
+    first = post(gateway, "alice", "/v1/bounties", b)
+    second = post(gateway, "bob", "/v1/bounties", b)
+    assert first.status_code == second.status_code == 201
+    assert first.json()["created"] and not second.json()["created"] and first.json()["id"] == second.json()["id"]
+
+
+def test_metrics_and_health(gateway):
+    post(gateway, "alice", "/v1/completions",
+         {"model": "auto", "prompt": "y = ", "max_tokens": 2, "temperature": 0, "language": "python"})
+    text = httpx.get(gateway.url + "/metrics").text
+    assert 'ownllm_completions_total{language="python",model="tiny"}' in text
+    assert "ownllm_completion_latency_seconds_bucket" in text
+    h = httpx.get(gateway.url + "/healthz").json()
+    assert h["status"] == "ok" and h["db_revision"]
