@@ -165,7 +165,7 @@ def _redact(text: str, params: Params, counts: Counter) -> str:
 
 
 def build_snapshot(decisions: list[Decision], bounties: list[BountyText], params: Params,
-                   benchmark_snippets: list[str] | None = None) -> Snapshot:
+                   decontaminator=None) -> Snapshot:
     """Turn store rows into the three datasets (pure function of its inputs; order of inputs is irrelevant)."""
     cfg = params.rlhf
     pii: Counter = Counter()
@@ -197,16 +197,18 @@ def build_snapshot(decisions: list[Decision], bounties: list[BountyText], params
         ctx_docs[cid] = (_doc("feedback", cid, ctx.language, body), ctx)
     sft_docs = {}
     for b in bounties:
-        prompt = render_bounty(BountyText(_redact(b.title, params, pii), _redact(b.instruction, params, pii),
-                                          b.language, ""), cfg.max_prompt_chars)
+        title, instruction = _redact(b.title, params, pii), _redact(b.instruction, params, pii)
+        prompt = render_bounty(BountyText(title, instruction, b.language, ""), cfg.max_prompt_chars)
         completion = _redact(b.solution, params, pii)
+        # Dedup/decontaminate the raw text: comment markers would hide a pasted benchmark prompt's n-grams.
+        raw = f"{title}\n{instruction}\n{completion}"
         sid = row_id("sft", prompt, completion)
-        sft_docs[sid] = (_doc("bounty", sid, b.language, prompt + completion), prompt, completion, b.language)
+        sft_docs[sid] = (_doc("bounty", sid, b.language, raw), prompt, completion, b.language)
 
     rejected = []
-    keep_ctx, rej = _filter_docs([d for d, _ in ctx_docs.values()], params, benchmark_snippets)
+    keep_ctx, rej = _filter_docs([d for d, _ in ctx_docs.values()], params, decontaminator)
     rejected.append(rej)
-    keep_sft, rej = _filter_docs([v[0] for v in sft_docs.values()], params, benchmark_snippets)
+    keep_sft, rej = _filter_docs([v[0] for v in sft_docs.values()], params, decontaminator)
     rejected.append(rej)
 
     sft = [{"id": sid, "prompt": p, "completion": c, "language": lang}
@@ -239,33 +241,40 @@ def _doc(source: str, rid: str, lang: str, content: str) -> dict:
     return {**make_doc(source, rid, lang, content), "id": rid}
 
 
-def _filter_docs(docs: list[dict], params: Params, snippets: list[str] | None) -> tuple[set[str], pa.Table]:
+def _filter_docs(docs: list[dict], params: Params, decontaminator) -> tuple[set[str], pa.Table]:
     """Run the pipeline's dedup, then its decontamination, over snapshot documents: (kept ids, rejected)."""
     table = to_table(sorted(docs, key=lambda d: d["id"]), DOC_SCHEMA)
     if table.num_rows == 0:
         return set(), REJECT_SCHEMA.empty_table()
     kept, rejected, _ = dedup_table(table, params.data.dedup, params.seed, workers=1)
     rej = [rejected.cast(REJECT_SCHEMA)]
-    if snippets:
-        kept, dropped = decontaminate(kept, snippets, params)
+    if decontaminator is not None:
+        kept, dropped = decontaminate(kept, decontaminator)
         rej.append(dropped)
     return set(kept.column("id").to_pylist()), pa.concat_tables(rej)
 
 
-def decontaminate(table: pa.Table, snippets: list[str], params: Params) -> tuple[pa.Table, pa.Table]:
-    """Drop documents that contain benchmark code, with the pipeline's own n-gram decontamination."""
-    from pipeline.data import decontam
+def decontaminate(table: pa.Table, deco) -> tuple[pa.Table, pa.Table]:
+    """Drop documents that contain benchmark code, with the pipeline's own n-gram decontaminator."""
+    from pipeline.data.records import reject
 
-    return decontam.decontaminate_table(table, snippets, params.decontam)
+    keep, dropped = [], []
+    for i, doc in enumerate(table.to_pylist()):
+        best = deco.match(doc["content"])
+        if best is None:
+            keep.append(i)
+        else:
+            dropped.append(reject(doc, STAGE, "decontamination", best[0]))
+    return table.take(pa.array(keep, type=pa.int64())), to_table(dropped, REJECT_SCHEMA)
 
 
-def benchmark_snippets(params: Params) -> list[str]:
-    """HumanEval prompts + solutions (and any extra benchmark files params name): what tuning must not see."""
+def benchmark_decontaminator(params: Params):
+    """HumanEval (and ``decontam.benchmark_files``) n-gram index: what tuning must not see. None if disabled."""
     if not params.decontam.enabled:
-        return []
-    from pipeline.data import decontam
+        return None
+    from pipeline.data.decontam import build_decontaminator
 
-    return decontam.benchmark_snippets(params.decontam)
+    return build_decontaminator(params.decontam)
 
 
 # ------------------------------------------------------------------------------------------- writing
@@ -299,6 +308,6 @@ def take_snapshot(params: Params, db_url: str) -> tuple[Snapshot, dict]:
     with factory() as s:
         decisions, bounties, purged = load_store(s)
         parent = production_parent(s, params.rlhf.base_model)
-    snap = build_snapshot(decisions, bounties, params, benchmark_snippets(params))
+    snap = build_snapshot(decisions, bounties, params, benchmark_decontaminator(params))
     snap.stats["purged_texts"] = purged
     return snap, parent

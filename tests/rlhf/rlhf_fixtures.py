@@ -12,7 +12,7 @@ from pipeline.config import Params, parse_params
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
 
-def rlhf_params(tmp: Path, model_dir: Path, decontam: bool = False, **rlhf) -> Params:
+def rlhf_params(tmp: Path, model_dir: Path, decontam: bool = True, **rlhf) -> Params:
     cfg = {
         "snapshot_dir": str(tmp / "data/feedback"),
         "base_model": str(model_dir),

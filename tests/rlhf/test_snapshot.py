@@ -69,3 +69,22 @@ def test_pii_redacted_conflicts_dropped_and_near_duplicates_removed(tmp_path, ti
     write_snapshot(snap, tmp_path / "s", {"version": None, "model_dir": "m"})
     rej = pq.read_table(tmp_path / "s" / "rejected.parquet")
     assert rej.column("reason").to_pylist() == ["near_duplicate"]
+
+
+def test_humaneval_solutions_are_decontaminated(tmp_path, tiny_model_dir):
+    from pipeline.data.decontam import humaneval_file, read_problems
+
+    from rlhf.snapshot import BountyText, benchmark_decontaminator
+
+    params = rlhf_params(tmp_path, tiny_model_dir)
+    he = read_problems(humaneval_file())[2]
+    (p1, t1), = code_chunks(1)
+    bounties = [BountyText("copy", he["prompt"], "python", he["solution"]),
+                BountyText("fine", "continue", "python", t1)]
+    decisions = [Decision("python", he["prompt"], "", he["solution"], True),
+                 Decision("python", he["prompt"], "", "    pass\n", False)]
+    snap = build_snapshot(decisions, bounties, params, benchmark_decontaminator(params))
+    assert [r["completion"] for r in snap.sft] == [t1]
+    assert snap.pairs == [] and snap.unpaired == []
+    assert snap.stats["rejected"] == {"decontamination": 2}
+    assert set(snap.rejected.column("detail").to_pylist()) == {he["task_id"]}
