@@ -10,7 +10,9 @@ Every originals is a real standard-library file; its variants are what near dedu
 - ``mixed``: all of the above at once.
 
 Negatives are distinct files that share boilerplate: each gets the same licence header and import
-block, the situation where a too-eager dedup would merge unrelated files. Files are chosen so that no
+block, the situation where a too-eager dedup would merge unrelated files. Hard negatives (``overlap``)
+splice the first part of one original onto the end of another, so they share a large block of code
+with both (true Jaccard 0.3-0.6): related, but below the threshold, where raw LSH starts to let pairs in. Files are chosen so that no
 two originals are themselves near duplicates (the stdlib has some, e.g. ``encodings/cp*.py``).
 """
 
@@ -179,9 +181,31 @@ def _pick(files: list[Path], n: int, rng: random.Random, chosen: list[set], stdl
     return picked
 
 
+def splice(a: str, b: str, frac: float) -> str:
+    """The first ``frac`` of ``a``'s lines followed by the last ``1 - frac`` of ``b``'s."""
+    la, lb = a.split("\n"), b.split("\n")
+    return "\n".join(la[: int(len(la) * frac)] + lb[int(len(lb) * frac):])
+
+
+def overlaps(originals: list[tuple[str, str]], n: int, rng: random.Random) -> list[tuple[str, str]]:
+    """Up to ``n`` spliced files whose true Jaccard with every original lies in [0.3, 0.6]."""
+    sets = [shingle_set(t) for _, t in originals]
+    out = []
+    for k in rng.sample(range(len(originals)), len(originals)):
+        if len(out) == n:
+            break
+        (name_a, a), (name_b, b) = originals[k], originals[(k + 1) % len(originals)]
+        text = splice(a, b, rng.uniform(0.55, 0.7))
+        js = [jaccard(shingle_set(text), other) for other in sets]
+        if 0.3 <= max(js) <= 0.6:
+            out.append((f"{name_a}+{name_b}#overlap", text))
+    return out
+
+
 def build_neardup_set(n_originals: int = 30, n_boilerplate: int = 30, seed: int = 0,
-                      stdlib: str | Path | None = None) -> LabelledSet:
-    """Originals with their four variants each, plus distinct files sharing a licence and import header."""
+                      stdlib: str | Path | None = None, n_overlap: int | None = None) -> LabelledSet:
+    """Originals with their four variants each, distinct files sharing a licence and import header, and
+    spliced hard negatives (``n_overlap``, default half the originals)."""
     root = Path(stdlib or sysconfig.get_paths()["stdlib"])
     rng = random.Random(seed)
     chosen: list[set] = []
@@ -195,6 +219,9 @@ def build_neardup_set(n_originals: int = 30, n_boilerplate: int = 30, seed: int 
             out.add(f"{name}#{kind}", make_variant(text, kind, random.Random(f"{seed}:{name}:{kind}")), g, kind)
     for k, (name, text) in enumerate(distinct):
         out.add(f"{name}#boilerplate", LICENCE_HEADER + "\n\n" + text, len(originals) + k, "boilerplate")
+    n_overlap = n_originals // 2 if n_overlap is None else n_overlap
+    for k, (name, text) in enumerate(overlaps(originals, n_overlap, rng)):
+        out.add(name, text, len(originals) + len(distinct) + k, "overlap")
     return out
 
 

@@ -8,9 +8,9 @@ The method is the one of datasketch / BigCode / text-dedup:
 
 1. a document becomes the set of its word 5-grams ("shingles") over ``[A-Za-z_0-9]+`` tokens, each
    hashed to 64 bits (:func:`shingles`);
-2. each of ``num_perm`` universal hash functions ``h(x) = (a*x + b) mod (2^61 - 1)`` is applied to every
-   shingle and the minimum kept (:func:`signature`); two signatures agree in a position with
-   probability equal to the Jaccard similarity of the two shingle sets;
+2. each of ``num_perm`` universal hash functions is applied to every shingle and the minimum kept
+   (:func:`signature`); two signatures agree in a position with probability equal to the Jaccard
+   similarity of the two shingle sets;
 3. the signature is cut into ``bands`` bands of ``rows`` values; documents that share any band key are
    candidates (:func:`band_hashes`, :func:`candidate_pairs`), the banding chosen so that pairs above the
    threshold collide with high probability (:func:`optimal_bands`);
@@ -19,8 +19,9 @@ The method is the one of datasketch / BigCode / text-dedup:
    (:func:`connected_components`), and one document per cluster is kept (:func:`representative`).
 
 We vectorise with numpy instead of calling datasketch's ``MinHash`` per document: datasketch hashes
-every shingle with SHA-1 in a Python loop and reduces with ``%`` on uint64, which benchmarks/bench_data.py
-measures several times slower at the same accuracy.
+every shingle with SHA-1 in a Python loop and applies ``(a*x + b) mod (2^61 - 1)`` with a ``%`` on uint64.
+We hash tokens once and combine them in numpy, and use the multiply-add-shift family, which is as
+universal and needs half the passes over the (shingles x permutations) matrix (benchmarks/bench_data.py).
 """
 
 from __future__ import annotations
@@ -31,12 +32,9 @@ from functools import lru_cache
 import numpy as np
 import xxhash
 
-MERSENNE_PRIME = (1 << 61) - 1
-_P = np.uint64(MERSENNE_PRIME)
 _U64 = np.uint64
-_MASK32 = np.uint64(0xFFFFFFFF)
 # Shingle rows per block in :func:`signature`: a (block, num_perm) uint64 matrix stays near the cache.
-_BLOCK = 1024
+_BLOCK = 512
 
 
 # ------------------------------------------------------------------------------------ exact dedup
@@ -91,8 +89,7 @@ def shingles(text: str, ngram: int = 5, token_pattern: str = r"[A-Za-z_0-9]+") -
     tokens = token_regex(token_pattern).findall(text)
     if not tokens:
         return np.empty(0, dtype=np.uint64)
-    h = xxhash.xxh64_intdigest
-    tok = np.fromiter((h(t) for t in tokens), dtype=np.uint64, count=len(tokens))
+    tok = np.fromiter(map(xxhash.xxh64_intdigest, tokens), dtype=np.uint64, count=len(tokens))
     n = min(ngram, len(tok))
     windows = np.lib.stride_tricks.sliding_window_view(tok, n)
     with np.errstate(over="ignore"):
@@ -102,49 +99,37 @@ def shingles(text: str, ngram: int = 5, token_pattern: str = r"[A-Za-z_0-9]+") -
 
 # ------------------------------------------------------------------------------------- signatures
 def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Parameters ``(a, b)`` of ``num_perm`` hash functions ``((a*x + b) mod 2^64) mod (2^61 - 1)``.
+    """Parameters ``(a, b)`` of ``num_perm`` hash functions ``h(x) = ((a*x + b) mod 2^64) >> 32``.
 
-    As datasketch: ``a`` in [1, p), ``b`` in [0, p). The product wraps at 2^64 (numpy uint64), which is
-    what mixes the bits: with ``a`` kept below 2^32 to avoid the wrap, ``a*x`` would hardly wrap mod p
-    and the minimum would track the smallest ``x`` in every permutation (tests catch that as a bias).
+    This is Dietzfelbinger's multiply-add-shift family: for 32-bit keys ``x`` and random 64-bit ``a``,
+    ``b`` it is strongly universal (2-independent), the same guarantee as datasketch's
+    ``(a*x + b) mod (2^61 - 1)`` (which in fact wraps at 2^64 before the modulus), but it needs only a
+    multiply and an add per value: numpy's uint64 arithmetic wraps at 2^64 for free.
     """
     if num_perm < 1:
         raise ValueError(f"num_perm must be >= 1, got {num_perm}")
     rng = np.random.Generator(np.random.PCG64(seed))
-    a = rng.integers(1, MERSENNE_PRIME, size=num_perm, dtype=np.uint64)
-    b = rng.integers(0, MERSENNE_PRIME, size=num_perm, dtype=np.uint64)
+    a = rng.integers(0, 1 << 64, size=num_perm, dtype=np.uint64, endpoint=False) | _U64(1)
+    b = rng.integers(0, 1 << 64, size=num_perm, dtype=np.uint64, endpoint=False)
     return a, b
-
-
-def _mod_mersenne(x: np.ndarray) -> np.ndarray:
-    """``x mod (2^61 - 1)`` in place, without division: 2^61 ≡ 1 (mod p), so x ≡ (x >> 61) + (x & p).
-
-    The result is the residue itself except when the residue is below 8 (probability 2^-58 per value),
-    where it reads ``p + residue``. We skip that last conditional subtraction: it costs a quarter of the
-    signature time and the function stays a fixed, deterministic hash on every engine.
-    """
-    hi = x >> _U64(61)
-    x &= _P
-    x += hi
-    return x
 
 
 def signature(shingle_hashes: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """MinHash signature (uint32, one value per permutation) of a set of shingle hashes.
 
-    Each position is ``min over shingles of ((a*x + b) mod 2^64) mod p`` with ``x`` the top 32 bits of the
-    shingle hash (datasketch's recipe, vectorised over shingles and permutations), stored as its low 32 bits (the minimum is taken over the full value, so ties are rarer than
-    datasketch's, which masks before taking it). An empty set gets all-ones, which matches nothing but
-    another empty set; callers leave empty documents out of near dedup.
+    Position ``k`` is the minimum over shingles of ``h_k(x)`` with ``x`` the top 32 bits of the shingle
+    hash: the minimum of the full 64-bit ``a*x + b`` is taken (its order is the order of the top 32
+    bits, ties broken by the rest) and its top 32 bits are kept. An empty set gets all-ones, which
+    matches nothing but another empty set; callers leave empty documents out of near dedup.
     """
     out = np.full(len(a), np.iinfo(np.uint64).max, dtype=np.uint64)
     x32 = np.asarray(shingle_hashes, dtype=np.uint64) >> _U64(32)
-    for start in range(0, len(x32), _BLOCK):
-        with np.errstate(over="ignore"):
+    with np.errstate(over="ignore"):
+        for start in range(0, len(x32), _BLOCK):
             block = np.multiply.outer(x32[start:start + _BLOCK], a)
             block += b
-        np.minimum(out, _mod_mersenne(block).min(axis=0), out=out)
-    return (out & _MASK32).astype(np.uint32)
+            np.minimum(out, block.min(axis=0), out=out)
+    return (out >> _U64(32)).astype(np.uint32)
 
 
 # ------------------------------------------------------------------------------------------- LSH
@@ -152,6 +137,7 @@ def _collision_probability(s: np.ndarray, bands: np.ndarray, rows: np.ndarray) -
     return 1.0 - (1.0 - s ** rows) ** bands
 
 
+@lru_cache(maxsize=64)
 def optimal_bands(threshold: float, num_perm: int, fp_weight: float = 0.1, fn_weight: float = 0.9) -> tuple[int, int]:
     """``(bands, rows)`` with ``bands * rows <= num_perm`` minimising weighted false positive + negative mass.
 
@@ -165,8 +151,8 @@ def optimal_bands(threshold: float, num_perm: int, fp_weight: float = 0.1, fn_we
         raise ValueError(f"threshold must be in (0, 1), got {threshold}")
     b, r = zip(*[(b, r) for b in range(1, num_perm + 1) for r in range(1, num_perm // b + 1)])
     bands, rows = np.array(b, dtype=float)[:, None], np.array(r, dtype=float)[:, None]
-    lo = np.linspace(0.0, threshold, 2001)[None, :]
-    hi = np.linspace(threshold, 1.0, 2001)[None, :]
+    lo = np.linspace(0.0, threshold, 401)[None, :]
+    hi = np.linspace(threshold, 1.0, 401)[None, :]
     fp = np.trapezoid(_collision_probability(lo, bands, rows), lo, axis=1)
     fn = np.trapezoid(1.0 - _collision_probability(hi, bands, rows), hi, axis=1)
     best = int(np.argmin(fp_weight * fp + fn_weight * fn))

@@ -51,9 +51,10 @@ def test_labelled_near_duplicates_are_found_and_boilerplate_is_not_merged(labell
     kept_per_group: dict[int, int] = {}
     for doc_id, group, kind in zip(table.column("id").to_pylist(), s.groups, s.kinds):
         kept_per_group[group] = kept_per_group.get(group, 0) + (doc_id in kept_ids)
-        if kind == "boilerplate":
-            assert doc_id in kept_ids, "distinct files that share a licence header must all be kept"
+        if kind in ("boilerplate", "overlap"):  # shared licence header / a large shared block, J < 0.6
+            assert doc_id in kept_ids, f"a distinct {kind} file was merged"
     assert set(kept_per_group.values()) == {1}  # one representative per group of variants
+    assert s.kinds.count("overlap") >= 8
     assert metrics["near_duplicates"] == table.num_rows - kept.num_rows == 4 * 24
 
 

@@ -69,7 +69,8 @@ def test_permutations_are_seeded_and_in_range():
     a2, b2 = mh.permutations(256, 1)
     a3, _ = mh.permutations(256, 2)
     assert np.array_equal(a1, a2) and np.array_equal(b1, b2) and not np.array_equal(a1, a3)
-    assert a1.min() >= 1 and a1.max() < mh.MERSENNE_PRIME and b1.max() < mh.MERSENNE_PRIME
+    assert a1.dtype == b1.dtype == np.uint64 and (a1 & np.uint64(1)).all()  # odd multipliers
+    assert a1.max() > 2**62 and b1.max() > 2**62  # drawn from the full 64-bit range
     with pytest.raises(ValueError, match="num_perm"):
         mh.permutations(0, 1)
 
@@ -93,8 +94,8 @@ def test_signature_estimates_jaccard_of_real_file_pairs():
 def test_signature_estimate_is_unbiased_over_seeds():
     """Averaged over independent permutation sets the estimate converges to the true Jaccard.
 
-    (A family whose permutations are correlated, e.g. ``a < 2^32`` without the 2^64 wrap, is biased
-    upwards by about 0.03 here.)
+    (A family whose permutations are correlated, e.g. ``(a*x + b) mod (2^61 - 1)`` with ``a, b < 2^32``,
+    which never wraps, is biased upwards by about 0.03 here.)
     """
     text = stdlib_files(["heapq.py"])["heapq.py"]
     lines = text.split("\n")
