@@ -1,0 +1,180 @@
+"""Training data: MDS shards → StreamingDataset → FIM/next-token collator → batches, and back again.
+
+Sample order is a pure function of params (``shuffle_seed``, ``num_canonical_nodes``, the global batch) by
+mosaicml-streaming's design, and the FIM randomness of a sample is a pure function of ``seed`` and the
+sample's index. Together they make any step's batch recoverable after the fact: ``batch_for_step(params,
+step)`` rebuilds it, bit for bit, without having trained. The bisect stage builds on these functions.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.config import Params
+from pipeline.train.fim import IGNORE_INDEX, Codec, FimTokens, permute
+
+SHUFFLE_ALGO = "py1e"  # streaming's default; pinned because the order depends on it
+
+
+def _streaming_dataset_class():
+    from streaming import StreamingDataset
+
+    class TracedStreamingDataset(StreamingDataset):
+        """A StreamingDataset whose samples carry their own global index, so every batch can name its samples."""
+
+        def get_item(self, sample_id: int, retry: int = 7) -> Any:
+            sample = super().get_item(sample_id, retry)
+            sample["sample_idx"] = int(sample_id)
+            return sample
+
+    return TracedStreamingDataset
+
+
+def split_dir(params: Params, split: str) -> Path:
+    path = Path(params.shards.out) / split
+    if not (path / "index.json").is_file():
+        raise FileNotFoundError(f"no MDS shards at {path} (index.json missing): run `ownllm data shards` first")
+    return path
+
+
+def make_dataset(params: Params, split: str, device_batch_size: int):
+    """The StreamingDataset of one split. Train is shuffled by params; val is read in order."""
+    cls = _streaming_dataset_class()
+    train = split == "train"
+    return cls(local=str(split_dir(params, split)), shuffle=train, shuffle_seed=params.train.shuffle_seed,
+               shuffle_algo=SHUFFLE_ALGO, num_canonical_nodes=params.train.num_canonical_nodes,
+               batch_size=device_batch_size)
+
+
+@dataclass
+class Collator:
+    """Turns MDS samples into a model batch, applying FIM per document with a per-sample seeded RNG.
+
+    Labels are the input ids with ``<fim_pad>`` positions set to -100 (the model shifts them itself).
+    Besides the model inputs the batch carries ``sample_idx`` and ``doc_ids`` (for the batch log and the
+    spike detector) and per-sample objective counts; the Hugging Face wrapper drops the extra keys.
+    """
+
+    tokenizer: Any
+    seed: int
+    fim_rate: float
+    spm_rate: float
+    min_tokens: int
+    fim: FimTokens = field(init=False)
+    codec: Codec = field(init=False)
+
+    def __post_init__(self):
+        self.fim = FimTokens.from_tokenizer(self.tokenizer)
+        self.codec = Codec(self.tokenizer)
+
+    @classmethod
+    def from_params(cls, params: Params, tokenizer) -> "Collator":
+        t = params.train
+        return cls(tokenizer, params.seed, t.fim_rate, t.fim_spm_rate, t.fim_min_tokens)
+
+    def transform(self, tokens: np.ndarray, spans: list, sample_idx: int) -> tuple[np.ndarray, int, int]:
+        """One sample → (ids, documents FIM-transformed, documents seen). Deterministic in (seed, sample_idx)."""
+        rng = np.random.default_rng([self.seed, int(sample_idx)])
+        out = np.asarray(tokens, dtype=np.int64).copy()
+        n_fim = 0
+        for _doc, _doc_start, start, n in spans:
+            if rng.random() >= self.fim_rate or n < self.min_tokens:
+                continue
+            res = permute(self.codec.decode(tokens[start:start + n]), self.codec, self.fim, n, rng, self.spm_rate)
+            if res is not None:
+                out[start:start + n] = res.tokens
+                n_fim += 1
+        return out, n_fim, len(spans)
+
+    def __call__(self, samples: list[dict]) -> dict[str, Any]:
+        ids, fims, docs = [], [], []
+        for s in samples:
+            x, n_fim, n_docs = self.transform(s["tokens"], s["doc_spans"], s["sample_idx"])
+            ids.append(x)
+            fims.append(n_fim)
+            docs.append(n_docs)
+        input_ids = torch.from_numpy(np.stack(ids))
+        labels = input_ids.clone()
+        labels[labels == self.fim.pad] = IGNORE_INDEX
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "sample_idx": torch.tensor([s["sample_idx"] for s in samples], dtype=torch.long),
+            "fim_docs": torch.tensor(fims, dtype=torch.long),
+            "n_docs": torch.tensor(docs, dtype=torch.long),
+            "doc_ids": [[span[0] for span in s["doc_spans"]] for s in samples],
+        }
+
+
+def load_tokenizer(params: Params):
+    from transformers import AutoTokenizer
+
+    path = Path(params.tokenizer.out)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no tokenizer at {path}: run `ownllm tokenizer train` first")
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+@dataclass
+class StepBatch:
+    """A training step's batch, recovered from params alone."""
+
+    step: int
+    sample_idx: list[int]
+    doc_ids: list[list[str]]
+    batch: dict[str, Any]
+
+
+def batches_per_epoch(params: Params) -> int:
+    ds = make_dataset(params, "train", params.train.global_batch_size)
+    try:
+        return ds.size // params.train.global_batch_size
+    finally:
+        release(ds)
+
+
+def batch_for_step(params: Params, step: int, tokenizer=None) -> StepBatch:
+    """Rebuild the global batch that training step ``step`` (0-based) consumed, from params alone.
+
+    Streaming resumes mid-epoch from (epoch, sample_in_epoch) exactly as Composer's autoresume does, so
+    this is the same code path that training itself takes after a restart. Samples come out in global
+    order, so with several processes the recovered batch is the union of the ranks' micro-batches.
+    """
+    return batches_for_steps(params, [step], tokenizer)[0]
+
+
+def batches_for_steps(params: Params, steps: list[int], tokenizer=None) -> list[StepBatch]:
+    tokenizer = tokenizer or load_tokenizer(params)
+    collate = Collator.from_params(params, tokenizer)
+    gbs = params.train.global_batch_size
+    ds = make_dataset(params, "train", gbs)
+    out = []
+    try:
+        per_epoch = ds.size // gbs
+        for step in steps:
+            epoch, b = divmod(int(step), per_epoch)
+            ds.next_epoch = epoch  # iterating advanced it; a resume state older than it would be ignored
+            ds.load_state_dict({"epoch": epoch, "sample_in_epoch": b * gbs, "shuffle_seed": params.train.shuffle_seed,
+                                "num_canonical_nodes": params.train.num_canonical_nodes})
+            it = iter(ds)
+            samples = [next(it) for _ in range(gbs)]
+            del it
+            batch = collate(samples)
+            out.append(StepBatch(int(step), batch["sample_idx"].tolist(), batch["doc_ids"], batch))
+    finally:
+        release(ds)
+    return out
+
+
+def release(ds) -> None:
+    """Free a dataset's shared memory now, so another dataset over the same directory can open in this process."""
+    import gc
+
+    del ds
+    gc.collect()
