@@ -237,9 +237,10 @@ def looks_like_secret(name: str, value: str, cfg: PIIConfig) -> bool:
 
 def _real_password(value: str) -> bool:
     """A URL password that is not a placeholder ("password", "{pw}", "${DB_PASS}", "****", "<secret>")."""
-    if any(c in value for c in "{}$<>%*[]()") or value.lower() in {"password", "passwd", "secret", "pass"}:
+    if any(c in value for c in "{}$<>%*[]()"):
         return False
-    return any(c.isdigit() for c in value) or not _identifier_like(value)
+    # "password", "changeme", "guest", "my_pass": lowercase words are placeholders and defaults.
+    return not re.fullmatch(r"[a-z_\-]+", value)
 
 
 def find_keys(text: str, cfg: PIIConfig) -> list[Span]:
