@@ -368,6 +368,9 @@ class EvalConfig(Section):
     out: str = "reports/eval"
     model: str = "models/base"
     name: str = "base"
+    # Torch threads for generation. 1 by default: on a shared or loaded machine, OpenMP threads spinning
+    # against each other made batched generation ~40x slower (measured, docs/BENCHMARKS.md).
+    num_threads: int | None = Field(1, ge=1)
     sandbox: SandboxConfig = SandboxConfig()
     humaneval: HumanEvalConfig = HumanEvalConfig()
     fim: FimEvalConfig = FimEvalConfig()
@@ -431,7 +434,6 @@ class RLHFConfig(Section):
     tuned_out: str = "models/tuned"
     work_dir: str = "checkpoints/rlhf"  # trainer scratch (nothing is saved there by default)
     registry_dir: str = "models/registry"  # registered versions' weights, one folder per version
-    reports_dir: str = "reports/rlhf"
     method: Literal["dpo", "kto"] = "dpo"
     min_pairs: int = Field(8, ge=1)
     sft_epochs: float = Field(1.0, gt=0)

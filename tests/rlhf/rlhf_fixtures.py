@@ -20,7 +20,6 @@ def rlhf_params(tmp: Path, model_dir: Path, decontam: bool = True, **rlhf) -> Pa
         "tuned_out": str(tmp / "models/tuned"),
         "work_dir": str(tmp / "checkpoints/rlhf"),
         "registry_dir": str(tmp / "models/registry"),
-        "reports_dir": str(tmp / "reports/rlhf"),
         "lock_file": str(tmp / "var/rlhf.lock"),
         "state_file": str(tmp / "var/rlhf/last_refresh.json"),
         "device": "cpu",
