@@ -335,6 +335,10 @@ def python_job(program: str, limits: Limits | None = None, isolation: Isolation 
     return Job(files={"main.py": prelude + program}, argv=python_argv("main.py"), limits=limits, meta=meta or {})
 
 
+def sandbox_from_config(cfg: SandboxConfig) -> Sandbox:
+    return Sandbox(Limits.from_config(cfg), workers=cfg.workers, root=cfg.root)
+
+
 def run_all(programs: Iterable[str], sandbox: Sandbox, desc: str = "sandbox") -> list[Execution]:
     """Convenience for Python programs (HumanEval)."""
     return sandbox.map([python_job(p, isolation=sandbox.isolation) for p in programs], desc=desc)

@@ -1,0 +1,43 @@
+"""`ownllm eval ...`: HumanEval, FIM / next-line accuracy, pluggable benchmarks and the regression gate."""
+
+from __future__ import annotations
+
+from pipeline.cli import add_params_arg, lazy
+
+
+def _model_args(p) -> None:
+    p.add_argument("--model", metavar="DIR", help="HF model directory (default: eval.model in params)")
+    p.add_argument("--name", help="report name: writes reports/eval/<name>/ (default: eval.name in params)")
+
+
+def register(sub) -> None:
+    ev = sub.add_parser("eval", help="evaluate a model (HumanEval, FIM, benchmarks) and gate regressions")
+    cmds = ev.add_subparsers(dest="eval_command", metavar="COMMAND", required=True)
+
+    p = cmds.add_parser("humaneval", help="HumanEval pass@k, samples executed in the sandbox")
+    add_params_arg(p)
+    _model_args(p)
+    p.add_argument("--samples", metavar="FILE", help="score this samples JSONL (task_id, completion) instead of generating")
+    p.add_argument("--limit", type=int, metavar="N", help="first N problems only (default: eval.humaneval.limit)")
+    p.set_defaults(func=lazy("pipeline.eval.humaneval:main"))
+
+    p = cmds.add_parser("fim", help="single-line infilling and next-line exact match on held-out code")
+    add_params_arg(p)
+    _model_args(p)
+    p.set_defaults(func=lazy("pipeline.eval.fim:main"))
+
+    p = cmds.add_parser("run", help="run a pluggable benchmark (problems JSONL + per-language runtimes)")
+    add_params_arg(p)
+    _model_args(p)
+    p.add_argument("--benchmark", required=True, metavar="FILE", help="problems JSONL")
+    p.add_argument("--runtimes", metavar="FILE", help="runtime specs (YAML/JSON) added to the built-in ones")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--samples", metavar="FILE", help="score this samples JSONL instead of generating")
+    src.add_argument("--canonical", action="store_true", help="score the problems' canonical solutions (harness check)")
+    p.set_defaults(func=lazy("pipeline.eval.benchmarks:main"))
+
+    p = cmds.add_parser("compare", help="gate: fail when CANDIDATE regresses against BASE beyond tolerances")
+    add_params_arg(p)
+    p.add_argument("base", metavar="BASE", help="report directory (reports/eval/<name>/) or a name under eval.out")
+    p.add_argument("candidate", metavar="CANDIDATE", help="report directory or name")
+    p.set_defaults(func=lazy("pipeline.eval.compare:main"))

@@ -1,0 +1,195 @@
+"""`ownllm eval fim`: what a completion product serves, measured on held-out code of every language.
+
+For each held-out document (the validation split, shared with the shards and the simulated IDE user)
+one cursor line is chosen deterministically from ``eval.fim.seed`` and the document id, then:
+
+- **single-line infilling** (SantaCoder's FIM evaluation): the line is masked, the model sees prefix and
+  suffix in PSM order and must produce the line;
+- **next-line completion**: the model sees only the prefix and must produce the line.
+
+Both are exact match after whitespace normalisation, reported per language and over all cases in
+``reports/eval/<name>/fim.json`` (plus ``fim_results.jsonl``, one line per case).
+
+:func:`fim_prompt` is the one place that knows the FIM prompt format; serving and RLHF import it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import Params
+
+EOS = "<|endoftext|>"
+FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, FIM_PAD = "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"
+SPECIAL_TOKENS = (EOS, FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, FIM_PAD)
+
+
+def fim_prompt(prefix: str, suffix: str) -> str:
+    """PSM fill-in-the-middle prompt: the model continues with the middle and ends it with ``<|endoftext|>``."""
+    return f"{FIM_PREFIX}{prefix}{FIM_SUFFIX}{suffix}{FIM_MIDDLE}"
+
+
+def heldout_docs(params: Params, columns: tuple[str, ...] = ("id", "lang", "path", "content")) -> list[dict]:
+    """Documents of data/dedup in the validation split (``records.split_of``), in canonical (lang, id) order."""
+    from pipeline.data.records import read_docs, split_of
+
+    table = read_docs(params.data.dedup.out, columns=list(dict.fromkeys(("id", "lang", *columns))))
+    rows = [r for r in table.to_pylist() if split_of(r["id"], params.shards.val_frac) == "val"]
+    return sorted(rows, key=lambda r: (r["lang"], r["id"]))
+
+
+def normalise(line: str) -> str:
+    return " ".join(line.split())
+
+
+@dataclass
+class Case:
+    doc_id: str
+    lang: str
+    line_no: int  # 0-based
+    prefix: str  # text before the cursor line, ending with a newline
+    target: str  # the cursor line, without its newline
+    suffix: str  # the text after the line, starting with its newline
+
+
+def cursor_case(doc: dict, seed: int, min_line_chars: int) -> Case | None:
+    """One deterministic cursor line per document: same seed and document, same line, on every machine."""
+    lines = doc["content"].split("\n")
+    candidates = [i for i, line in enumerate(lines) if len(line.strip()) >= min_line_chars]
+    if not candidates:
+        return None
+    i = random.Random(f"{seed}:{doc['id']}").choice(candidates)
+    return Case(doc_id=doc["id"], lang=doc["lang"], line_no=i, prefix="".join(line + "\n" for line in lines[:i]),
+                target=lines[i], suffix="\n" + "\n".join(lines[i + 1:]))
+
+
+def select_cases(docs: list[dict], seed: int, min_line_chars: int, max_docs: int) -> tuple[list[Case], Counter]:
+    """Up to ``max_docs`` cases per language; documents that cannot give one are counted with the reason."""
+    cases, skipped, per_lang = [], Counter(), Counter()
+    for doc in docs:
+        if per_lang[doc["lang"]] >= max_docs:
+            continue
+        if any(t in doc["content"] for t in SPECIAL_TOKENS):
+            skipped["contains_special_token"] += 1  # would be read as control tokens in the prompt
+            continue
+        case = cursor_case(doc, seed, min_line_chars)
+        if case is None:
+            skipped["no_line_long_enough"] += 1
+            continue
+        cases.append(case)
+        per_lang[doc["lang"]] += 1
+    return cases, skipped
+
+
+class ContextFitter:
+    """Cuts prefix/suffix to the model's context, in tokens, keeping the text nearest the cursor."""
+
+    def __init__(self, tok, max_len: int, max_new_tokens: int, max_chars: int):
+        self.tok, self.max_chars = tok, max_chars
+        self.budget = max(8, max_len - max_new_tokens - 4)  # 3 FIM tokens + slack
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def fit(self, prefix: str, suffix: str, suffix_share: float) -> tuple[str, str]:
+        prefix, suffix = prefix[-self.max_chars:], suffix[:self.max_chars]
+        p_ids, s_ids = self._ids(prefix), self._ids(suffix) if suffix else []
+        s_keep = min(len(s_ids), int(self.budget * suffix_share))
+        p_keep = min(len(p_ids), self.budget - s_keep)
+        if p_keep < len(p_ids):
+            prefix = self.tok.decode(p_ids[len(p_ids) - p_keep:])
+        if s_keep < len(s_ids):
+            suffix = self.tok.decode(s_ids[:s_keep])
+        return prefix, suffix
+
+
+def first_line(text: str) -> str:
+    return text.split("\n", 1)[0]
+
+
+def evaluate_cases(model, tok, cases: list[Case], params: Params) -> list[dict]:
+    from pipeline.eval.generate import GenerationSettings, generate
+
+    cfg = params.eval.fim
+    max_len = getattr(model.config, "max_position_embeddings", 2048)
+    fitter = ContextFitter(tok, max_len, cfg.max_new_tokens, cfg.max_context_chars)
+    infill_prompts, next_prompts = [], []
+    for c in cases:
+        prefix, suffix = fitter.fit(c.prefix, c.suffix, suffix_share=1 / 3)
+        infill_prompts.append(fim_prompt(prefix, suffix))
+        next_prompts.append(fitter.fit(c.prefix, "", suffix_share=0.0)[0])
+    settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, temperature=0.0, batch_size=cfg.batch_size,
+                                  seed=params.seed, stop=("\n",))
+    infills = generate(model, tok, infill_prompts, settings, desc="fim infill")
+    nexts = generate(model, tok, next_prompts, settings, desc="fim next-line")
+    results = []
+    for c, infill, nxt in zip(cases, infills, nexts):
+        infill, nxt = first_line(infill), first_line(nxt)
+        results.append({"doc_id": c.doc_id, "lang": c.lang, "line_no": c.line_no, "target": c.target,
+                        "infill": infill, "next_line": nxt,
+                        "infill_exact": normalise(infill) == normalise(c.target),
+                        "next_line_exact": normalise(nxt) == normalise(c.target)})
+    return results
+
+
+def summarise(results: list[dict]) -> dict:
+    per_lang: dict[str, dict] = defaultdict(lambda: {"cases": 0, "infill_exact": 0, "next_line_exact": 0})
+    for r in results:
+        s = per_lang[r["lang"]]
+        s["cases"] += 1
+        s["infill_exact"] += int(r["infill_exact"])
+        s["next_line_exact"] += int(r["next_line_exact"])
+    n = len(results)
+    out = {"cases": n,
+           "infill_exact": sum(r["infill_exact"] for r in results) / n if n else 0.0,
+           "next_line_exact": sum(r["next_line_exact"] for r in results) / n if n else 0.0,
+           "per_lang": {}}
+    for lang, s in sorted(per_lang.items()):
+        out["per_lang"][lang] = {"cases": s["cases"], "infill_exact": s["infill_exact"] / s["cases"],
+                                 "next_line_exact": s["next_line_exact"] / s["cases"]}
+    return out
+
+
+def run_fim(params: Params, name: str, model_dir: str, docs: list[dict] | None = None) -> dict:
+    from pipeline.eval.generate import load_model
+    from pipeline.tracking import write_json
+
+    cfg = params.eval.fim
+    docs = heldout_docs(params) if docs is None else docs
+    cases, skipped = select_cases(docs, cfg.seed, cfg.min_line_chars, cfg.max_docs)
+    if not cases:
+        raise ValueError(f"no held-out documents to evaluate in {params.data.dedup.out} "
+                         f"(val_frac={params.shards.val_frac}, skipped: {dict(skipped) or 'none'})")
+    model, tok = load_model(model_dir, params.eval.num_threads)
+    results = evaluate_cases(model, tok, cases, params)
+    summary = {**summarise(results), "docs_skipped": dict(sorted(skipped.items()))}
+    out_dir = Path(params.eval.out) / name
+    write_json(out_dir / "fim.json", summary)
+    with open(out_dir / "fim_results.jsonl", "w", encoding="utf-8") as f:
+        for r in results:
+            f.write(json.dumps(r, sort_keys=True) + "\n")
+    return summary
+
+
+def main(args) -> int:
+    from pipeline.cli import UserError
+    from pipeline.config import load_params
+    from pipeline.tracking import say, stage_run
+
+    params = load_params(args.params)
+    name = args.name or params.eval.name
+    with stage_run("eval fim", params, write_metrics=False) as run:
+        try:
+            summary = run_fim(params, name, args.model or params.eval.model)
+        except (FileNotFoundError, ValueError) as exc:
+            raise UserError(str(exc)) from None
+        run.summary(summary)
+    langs = ", ".join(f"{k} {v['infill_exact']:.2f}/{v['next_line_exact']:.2f} (n={v['cases']})"
+                      for k, v in summary["per_lang"].items())
+    say(f"[eval fim] {name}: infill exact {summary['infill_exact']:.3f}, next-line exact "
+        f"{summary['next_line_exact']:.3f} over {summary['cases']} held-out cases; per language infill/next: {langs}")
+    return 0

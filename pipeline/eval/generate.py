@@ -1,0 +1,100 @@
+"""Batched generation with a KV cache for evaluation (HumanEval samples, FIM and next-line completions).
+
+Prompts are sorted by length and cut into batches so that left padding wastes little; each batch runs
+one ``model.generate`` call (KV cache on, per-row stop strings), and results come back in input order.
+Sampling is seeded per batch from params, so a rerun reproduces every sample.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from tqdm import tqdm
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 0.95
+    batch_size: int = 16
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    use_cache: bool = True
+
+
+@dataclass
+class GenerationStats:
+    prompts: int = 0
+    new_tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds else 0.0
+
+
+def load_model(model_dir: str | Path, num_threads: int | None = None):
+    """An exported HF model directory and its tokenizer, from local files only, ready for left-padded batches."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no model at {path} (expected an HF directory with config.json; run `ownllm train export`)")
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    model.eval()
+    return model, tok
+
+
+def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def generate(model, tok, prompts: Sequence[str], settings: GenerationSettings, desc: str = "generate",
+             stats: GenerationStats | None = None) -> list[str]:
+    """Completions of ``prompts`` (new text only, cut at the first stop string or end of text)."""
+    import torch
+
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+    out: list[str] = [""] * len(prompts)
+    batches = [order[i:i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
+    max_len = getattr(model.config, "max_position_embeddings", None)
+    start = time.perf_counter()
+    for b, idx in enumerate(tqdm(batches, desc=desc, unit="batch", leave=False, disable=None)):
+        enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+        if max_len and enc["input_ids"].shape[1] + settings.max_new_tokens > max_len:
+            keep = max(1, max_len - settings.max_new_tokens)  # keep the end of the prompt: it is what gets continued
+            enc = {k: v[:, -keep:] for k, v in enc.items()}
+        kwargs = dict(max_new_tokens=settings.max_new_tokens, use_cache=settings.use_cache,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        if settings.stop:
+            kwargs.update(stop_strings=list(settings.stop), tokenizer=tok)
+        if settings.temperature > 0:
+            kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        torch.manual_seed(settings.seed + b)
+        with torch.inference_mode():
+            seqs = model.generate(**enc, **kwargs)
+        new = seqs[:, enc["input_ids"].shape[1]:]
+        for row, i in enumerate(idx):
+            ids = new[row].tolist()
+            if stats is not None:
+                stats.new_tokens += sum(1 for t in ids if t != tok.pad_token_id)
+            text = tok.decode(ids, skip_special_tokens=True)
+            out[i] = truncate_at_stop(text, settings.stop)
+    if stats is not None:
+        stats.prompts += len(prompts)
+        stats.seconds += time.perf_counter() - start
+    return out
