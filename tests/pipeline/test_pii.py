@@ -54,6 +54,7 @@ def test_email_lookalikes_stay(text):
     ("# staging at 151.101.1.69:8080 and 2a00:1450:4001:81c::200e", 2),
     ('url = "http://[2606:2800:220:1:248:1893:25c8:1946]:80/"', 1),
     ('ALLOWED = ["52.95.110.1/32"]', 1),
+    ('HOST = "12.34.5.6"; ssh 4.3.2.1:22; route via host 41.2.3.4', 3),  # small parts, address context
 ])
 def test_public_ips_are_redacted(text, n):
     out, counts = red(text)
@@ -68,6 +69,10 @@ def test_public_ips_are_redacted(text, n):
     'DOCS = ["203.0.113.7", "198.51.100.3", "2001:db8::1", "fe80::1%eth0", "::1", "::"]',
     "/* 4.3.2.1 Class-Specific AC Interface Descriptor */",  # spec section numbers (kernel headers)
     "        // 5.2.1.1",
+    "// Client workflow 5.4.3.1: check for rollback attack",
+    "/* 802.3ad port state definitions (43.4.2.2 in the 802.3ad standard) */",
+    "/* 30.3.3.3 aMACControlFramesTransmitted */",
+    "        2.7.2.2\n        1.3.a4",
     "OID = '1.3.6.1.4.1.311.60.2.1.3'",
     "EXTENSION_OID_KEY_USAGE = '2.5.29.15'",
     "std::vector<int> a; Foo::Bar; abc::def; t = '12:34:56'; mac = '00:1a:2b:3c:4d:5e'",

@@ -75,6 +75,8 @@ NOT_IP_BEFORE_RE = re.compile(
 )
 # A section number opening a heading: "/* 4.3.2.1 Class-Specific AC Interface Descriptor */", "5.2.1.1. Append".
 SECTION_TITLE_AFTER_RE = re.compile(r"\.?[ \t]+[A-Z]")
+IP_PORT_AFTER_RE = re.compile(r"[:/]\d")  # 1.2.3.4:8080, 1.2.3.4/24
+IP_WORD_BEFORE_RE = re.compile(r"(?i)ip|host|addr|server|connect|dns|proxy|gateway|route|ping|bind|listen|://|@")
 # A bare number in a comment or in parentheses refers to a spec step: "// 5.2.1.1", "/* 8.4.26.1 */", "(5.4.1.1)".
 COMMENT_BEFORE_RE = re.compile(r"(?://+|#+|/\*+|^[ \t]*\*+|\()[ \t]*$", re.M)
 COMMENT_AFTER_RE = re.compile(r"[ \t]*\)|[ \t]*(?:\*/)?[ \t]*(?:\n|$)")
@@ -155,7 +157,20 @@ def _not_an_ip(text: str, start: int, end: int) -> bool:
         return True
     if SECTION_TITLE_AFTER_RE.match(text, end):
         return True
-    return bool(COMMENT_BEFORE_RE.search(text, max(line_start, start - 8), start) and COMMENT_AFTER_RE.match(text, end))
+    if COMMENT_BEFORE_RE.search(text, max(line_start, start - 8), start) and COMMENT_AFTER_RE.match(text, end):
+        return True
+    # Section and step numbers ("Client workflow 5.4.3.1:", "(43.4.2.2 in the 802.3ad standard)") have
+    # small parts; a public address that small (~0.15% of them) is believed only in an address context.
+    if all(int(p) < 50 for p in text[start:end].split(".")):
+        return not _address_context(text, line_start, start, end)
+    return False
+
+
+def _address_context(text: str, line_start: int, start: int, end: int) -> bool:
+    before = text[start - 1] if start else ""
+    if before in "'\"`" and text[end:end + 1] == before:
+        return True  # a string literal holding just the address
+    return bool(IP_PORT_AFTER_RE.match(text, end) or IP_WORD_BEFORE_RE.search(text, max(line_start, start - 40), start))
 
 
 def find_ips(text: str, keep: frozenset[str]) -> list[Span]:
