@@ -51,6 +51,19 @@ def test_shingles_depend_on_token_order_and_handle_short_and_empty_texts():
     assert not np.array_equal(mh.shingles("a = b ; c = d", 2, r"\S+"), mh.shingles("a = b ; c = d", 2))
 
 
+def test_vectorised_tokenizer_agrees_with_the_regex_on_real_and_unicode_text():
+    """The default pattern is scanned over UTF-8 bytes; any other pattern runs as a regex. Same tokens."""
+    texts = list(stdlib_files(["heapq.py", "textwrap.py", "locale.py"]).values())
+    texts += ["naïve 名前 = ünïcode_ok + x1\u2028x2 \U0001F600x3 é_é", "", "___", "a", "  ab\tcd  "]
+    for text in texts:
+        regex_twin = r"(?:[A-Za-z_0-9])+"  # the same language, taken down the regex path
+        assert np.array_equal(mh.token_hashes(text), mh.token_hashes(text, regex_twin))
+        assert len(mh.token_hashes(text)) == len(mh.token_regex(mh.DEFAULT_TOKEN_PATTERN).findall(text))
+    # A token hashes the same wherever it stands.
+    h = mh.token_hashes("alpha beta alpha  gamma\nalpha")
+    assert h[0] == h[2] == h[4] and len(set(h.tolist())) == 3
+
+
 def test_shingle_hashes_are_stable_across_processes_and_hash_seeds():
     code = ("from pipeline.data.minhash import shingles, permutations, signature; import sys; "
             "t = open(sys.argv[1]).read(); a, b = permutations(64, 7); "
