@@ -56,6 +56,9 @@ def pii_totals(table: pa.Table) -> dict[str, int]:
 
 
 def run_clean(params: Params) -> dict:
+    if params.engine == "spark":  # the same clean_steps, through mapInArrow
+        from pipeline.data.spark_engine import run_clean_spark
+        return run_clean_spark(params)
     cfg = params.data.clean
     table = read_docs(params.data.ingest.out)
     result = engine.run_local(table, clean_steps(params), CLEAN_SCHEMA, STAGE, batch_rows=cfg.batch_rows,

@@ -218,9 +218,6 @@ def dedup_table(table: pa.Table, cfg: DedupConfig, seed: int, workers: int | Non
 
 
 def run_dedup(params: Params) -> dict:
-    if params.engine == "spark":  # the same minhash functions, distributed
-        from pipeline.data.spark_dedup import run_dedup_spark
-        return run_dedup_spark(params)
     if params.engine == "spark":  # the same minhash functions, as Spark jobs (pipeline/data/spark_dedup.py)
         from pipeline.data.spark_dedup import run_dedup_spark
 

@@ -228,6 +228,9 @@ def manifest_entry(src: SourceConfig, res: SourceResult) -> dict:
 
 
 def run_ingest(params: Params) -> dict:
+    if params.engine == "spark":  # the same checks, file by file on the executors
+        from pipeline.data.spark_engine import run_ingest_spark
+        return run_ingest_spark(params)
     cfg = params.data.ingest
     docs: list[dict] = []
     rejected: list[dict] = []

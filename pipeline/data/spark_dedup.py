@@ -154,14 +154,17 @@ def connected_components_df(edges: "DataFrame", max_iterations: int) -> tuple["D
     current = (edges.where(F.col("src") != F.col("dst"))
                .select(F.greatest("src", "dst").alias("hi"), F.least("src", "dst").alias("lo"))
                .distinct().localCheckpoint())
+    size = current.count()
     for rounds in range(1, max_iterations + 1):
+        # Checkpointing each round's edges keeps the plan (and lineage) one round long.
         nxt = _small_star(_large_star(current)).localCheckpoint()
+        nxt_size = nxt.count()
         # Both are duplicate-free sets: equal sizes and an empty difference mean equal sets.
-        if nxt.count() == current.count() and nxt.exceptAll(current).isEmpty():
+        if nxt_size == size and nxt.exceptAll(current).isEmpty():
             labels = nxt.select(F.col("hi").alias("node"), F.col("lo").alias("label")).union(
                 nxt.select(F.col("lo").alias("node"), F.col("lo").alias("label"))).distinct()
             return labels, rounds
-        current = nxt
+        current, size = nxt, nxt_size
     raise ComponentsDidNotConverge(f"connected components did not converge in {max_iterations} rounds "
                                    f"(raise spark.cc_max_iterations)")
 
