@@ -8,7 +8,8 @@ Two baselines run on the same set in the same run:
   - keys: detect-secrets' file scan with BigCode's plugin and filter choice (their keys_detection.py).
     BigCode added a gibberish model and hash filters on top, which are not installed here, so their
     published figures are quoted next to ours as well.
-Step speeds are measured on data/raw (run `ownllm data ingest` first), one process, each step over every
+Speeds are MB per CPU-second of this process (time.process_time), so that they mean the same on a
+shared, loaded machine as on an idle one. Step speeds are measured on data/raw (run `ownllm data ingest` first), one process, each step over every
 document (not only the ones earlier steps keep).
 """
 
@@ -98,17 +99,17 @@ def bench_steps(params) -> None:
 
     docs = read_docs(params.data.ingest.out).to_pylist()
     mb = sum(len(d["content"].encode()) for d in docs) / 1e6
-    print(f"\nstep speed on {params.data.ingest.out}: {len(docs)} docs, {mb:.1f} MB, one process")
+    print(f"\nstep speed on {params.data.ingest.out}: {len(docs)} docs, {mb:.1f} MB, one process, CPU time")
     total = 0.0
     for step in clean_steps(params):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         dropped = 0
         for d in docs:
             dropped += isinstance(step.process(dict(d)), tuple)
-        dt = time.perf_counter() - t0
+        dt = time.process_time() - t0
         total += dt
-        print(f"  {step.name:<22} {mb / dt:8.1f} MB/s  {dt:6.2f} s  (would drop {dropped})")
-    print(f"  {'all steps':<22} {mb / total:8.1f} MB/s  {total:6.2f} s")
+        print(f"  {step.name:<22} {mb / dt:8.1f} MB/s  {dt:6.2f} cpu-s  (would drop {dropped})")
+    print(f"  {'all steps':<22} {mb / total:8.1f} MB/s  {total:6.2f} cpu-s")
 
 
 def main() -> int:
@@ -127,13 +128,13 @@ def main() -> int:
     mb = sum(len(s.text.encode()) for s in samples) / 1e6
     print(f"labelled set: {len(samples)} docs ({mb:.1f} MB) from {len(base)} stdlib files, seed {args.seed}")
 
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     ours, broken = pii_eval.score(samples, cfg)
-    dt = time.perf_counter() - t0
+    dt = time.process_time() - t0
     print_scores(f"ownllm redact_pii   ({mb / dt:.1f} MB/s, hard negatives changed: {len(broken)})", ours)
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     base_scores = score_baseline(samples)
-    dtb = time.perf_counter() - t0
+    dtb = time.process_time() - t0
     print_scores(f"baseline: naive regex + detect-secrets (BigCode plugins/filters)   ({mb / dtb:.1f} MB/s)", base_scores)
     print("BigCode published (regex + detect-secrets + gibberish filter): email P 0.88 R 0.96; key P 0.78 R 0.53")
     for t in TYPES:
