@@ -1,0 +1,103 @@
+"""Helpers for the feedback tests: a real uvicorn server on 127.0.0.1, fresh PostgreSQL databases, a gateway."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import uvicorn
+from sqlalchemy import text
+
+from feedback import store
+from feedback.app import BackendPool, create_app
+from feedback.db import make_engine, session_factory, upgrade
+from pipeline.config import ServeConfig
+
+PG_URL = os.environ.get("OWNLLM_TEST_PG_URL")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def live_server(app, port: int | None = None):
+    """Run ``app`` under a real uvicorn server in a thread; yields its base URL."""
+    port = port or free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           lifespan="off", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def fresh_pg_url() -> str:
+    """A new, empty database on the test PostgreSQL server (so tests never see each other's rows)."""
+    from sqlalchemy.engine import make_url
+
+    base = make_url(PG_URL)
+    name = f"ownllm_t_{uuid.uuid4().hex[:10]}"
+    eng = make_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    with eng.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+    eng.dispose()
+    return base.set(database=name).render_as_string(hide_password=False)
+
+
+class PreloadedPool(BackendPool):
+    """The session's loaded tiny model for every version (loading it per test would cost seconds each)."""
+
+    def __init__(self, cfg, backend):
+        super().__init__(cfg)
+        self.backend = backend
+
+    def create(self, version):
+        return self.backend
+
+
+@dataclass
+class Gateway:
+    url: str
+    db_url: str
+    keys: dict[str, str]
+    app: object
+    factory: object = field(repr=False, default=None)
+
+    def headers(self, user: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.keys[user]}"}
+
+    def counts(self) -> dict[str, int]:
+        with self.factory() as s:
+            return store.counts(s)
+
+
+def start_gateway(db_url: str, backend, model_dir: Path, **cfg_overrides):
+    upgrade(db_url)
+    factory = session_factory(db_url)
+    keys = {}
+    with factory.begin() as s:
+        store.register_model_version(s, "tiny", str(model_dir), state="all")
+        for name, staff in (("alice", False), ("bob", False), ("staff", True)):
+            keys[name] = store.create_key(s, name, staff=staff)
+    cfg = ServeConfig(db_url=db_url, **cfg_overrides)
+    app = create_app(cfg, backends=PreloadedPool(cfg, backend))
+    return app, keys, factory
+
+
