@@ -139,6 +139,13 @@ def test_key_lookalikes_stay(text):
     assert out == text
 
 
+def test_random_map_keys_are_not_secret_names():
+    """JSON data: random ids as keys, random values; only a real secret-ish name makes a value a key."""
+    rows = [f'  "x8KeYq2Lm9Zp3Rt{i:04d}": "q8Zr3LmW0pXv7NcT2yKb5HdF{i:04d}",' for i in range(200)]
+    out, counts = red("{\n" + "\n".join(rows) + '\n  "apiKey": "Zm9vYmFyYmF6cXV4MTIzNDU2Nzg5"\n}')
+    assert counts["key"] == 1 and "Zm9vYmFyYmF6cXV4MTIzNDU2Nzg5" not in out
+
+
 def test_overlapping_detections_count_once():
     text = 'password = "AKIAIOSFODNN7EXAMPLE1234"\nkey = "-----BEGIN EC PRIVATE KEY-----\nabc@def.com 93.184.216.34\n-----END EC PRIVATE KEY-----"'
     out, counts = red(text)

@@ -35,8 +35,9 @@ from pipeline.data.steps.base import Transform
 PLACEHOLDERS = {"email": "<EMAIL>", "ip_address": "<IP_ADDRESS>", "key": "<KEY>"}
 
 # ------------------------------------------------------------------------------------------ emails
-# A deliberately conservative address: dotted domain ending in a 2+ letter TLD. The look-behind keeps
-# the local part whole (no "user" cut out of "a.user") and rejects URL userinfo like "://u:p@host".
+# A deliberately conservative address: dotted domain ending in a 2+ letter TLD. find_emails checks the
+# character before it, so that the local part is whole (no "user" cut out of "a.user") and URL userinfo
+# ("://u:p@host") is not taken for an address.
 EMAIL_RE = re.compile(
     r"([A-Za-z0-9](?:[A-Za-z0-9._%+\-]{0,63}[A-Za-z0-9_%+\-])?)"
     r"@((?:[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.)+([A-Za-z]{2,24}))"
@@ -64,7 +65,8 @@ IPV4_CANDIDATE_RE = re.compile(r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}")
 IPV6_CANDIDATE_RE = re.compile(r":[0-9A-Fa-f]{0,4}:")
 HEX_RUN_RE = re.compile(r"[0-9A-Fa-f]{1,4}$")
 # Candidates only; ipaddress.IPv6Address does the real validation.
-IPV6_RE = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{1,4}:|:)(?::|[0-9A-Fa-f]{1,4}:){1,7}(?::|[0-9A-Fa-f]{1,4})(?:\.\d{1,3}){0,3}(?![\w:])")
+IPV6_RE = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{1,4}:|:)(?::|[0-9A-Fa-f]{1,4}:){1,7}(?::|[0-9A-Fa-f]{1,4})"
+                     r"(?:\.\d{1,3}){0,3}(?![\w:])")
 # "version = '1.2.3.4'", "__version__", "Version: 10.0.0.1", "pkg==1.2.3.4" are versions, not hosts;
 # "section 7.3.2.2", "IEEE 802.11 8.4.2.29", "RFC 4960 5.3.1.1" are numbered sections of specifications.
 NOT_IP_BEFORE_RE = re.compile(
@@ -116,7 +118,9 @@ NAME_BEFORE_QUOTE_RE = re.compile(
 )
 ENV_VALUE_RE = re.compile(r"[=:][ \t]*([A-Za-z0-9+/=_\-]{8,})[ \t]*$", re.M)  # NAME=v, YAML "name: v"
 ENV_NAME_RE = re.compile(rf"(?i)[ \t]*(?:export[ \t]+)?(?P<name>{SECRET_NAME})[ \t]*$")
-HASH_NAME_RE = re.compile(r"(?i)hash|sha\d*|md5|digest|checksum|cksum|crc|etag|commit|rev|integrity|fingerprint|cache|uuid|guid")
+HASH_NAME_RE = re.compile(
+    r"(?i)hash|sha\d*|md5|digest|checksum|cksum|crc|etag|commit|rev|integrity|fingerprint|cache|uuid|guid"
+)
 HASH_HEX_LENGTHS = frozenset({32, 40, 56, 64, 96, 128})
 UUID_RE = re.compile(r"^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$")
 # Words of an identifier: "HTTPPasswordMgr" -> HTTP, Password, Mgr; a random string splits into 1-2 char bits.
@@ -258,6 +262,24 @@ def _real_password(value: str) -> bool:
     return not re.fullmatch(r"[a-z_\-]+", value)
 
 
+SECRET_WORDS = ("key", "secret", "token", "passw", "pwd", "credential", "auth")
+
+
+def secret_name(name: str) -> bool:
+    """``apiKey``, ``DB_PASSWORD``, ``x-api-key``, ``APIKEY``: a keyword starts one of the name's words.
+
+    This only has to keep out random-looking names (map keys in JSON data that contain "key" or "auth" by
+    chance); words like "keyboard" or "author" pass and are then judged by their value.
+    """
+    if sum(c.isdigit() for c in name) > 2:
+        return False
+    low = name.lower()
+    if (name.islower() or name.isupper()) and not any(c in name for c in "_-.$"):
+        return any(w in low for w in SECRET_WORDS)  # one-case run-together names: "apikey", "PASSWD"
+    words = [w.lower() for w in WORD_RE.findall(name)]
+    return any(w.startswith(SECRET_WORDS) for w in words)
+
+
 def find_keys(text: str, cfg: PIIConfig) -> list[Span]:
     out = []
     if any(h in text for h in TOKEN_HINTS):
@@ -286,14 +308,14 @@ def find_keys(text: str, cfg: PIIConfig) -> list[Span]:
         start = m.start()
         line_start = text.rfind("\n", max(0, start - 120), start) + 1
         name = NAME_BEFORE_QUOTE_RE.search(text, max(line_start, start - 120), start)
-        if name and looks_like_secret(name.group("name"), m.group(2), cfg):
+        if name and secret_name(name.group("name")) and looks_like_secret(name.group("name"), m.group(2), cfg):
             out.append(Span(m.start(2), m.end(2), "key"))
     for m in ENV_VALUE_RE.finditer(text):
         if len(m.group(1)) < cfg.min_key_length:
             continue
         line_start = text.rfind("\n", 0, m.start()) + 1
         name = ENV_NAME_RE.fullmatch(text, line_start, m.start())
-        if name and looks_like_secret(name.group("name"), m.group(1), cfg):
+        if name and secret_name(name.group("name")) and looks_like_secret(name.group("name"), m.group(1), cfg):
             out.append(Span(m.start(1), m.end(1), "key"))
     return out
 
