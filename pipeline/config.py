@@ -114,7 +114,7 @@ class CleanConfig(Section):
     lock_files: list[str] = ["package-lock.json", "npm-shrinkwrap.json", "yarn.lock", "pnpm-lock.yaml",
                              "poetry.lock", "Pipfile.lock", "Cargo.lock", "Gemfile.lock", "composer.lock",
                              "go.sum", "*.lock"]
-    parse_check_languages: list[str] = ["python", "javascript"]
+    parse_check_languages: list[str] = ["python", "javascript", "typescript"]
     # Codex / StarCoder line-shape thresholds.
     max_avg_line_len: float = Field(100.0, gt=0)
     max_line_len: int = Field(1000, gt=0)

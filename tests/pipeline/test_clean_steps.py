@@ -144,6 +144,15 @@ def test_javascript_with_tree_sitter():
     assert v[:2] == ("drop", "syntax_error") and v[2].startswith("javascript:")
 
 
+def test_typescript_and_tsx_with_tree_sitter():
+    check = SyntaxCheck(["typescript", "tsx"])
+    ok = "interface A<T> { b?: T; readonly c: string[] }\nexport const f = <T,>(x: T): T => x as T;\n"
+    assert verdict(check, doc(ok, "a.ts", "typescript")) == "keep"
+    assert verdict(check, doc("const a = <div className={x!}>{y as any}</div>;\n", "a.tsx", "tsx")) == "keep"
+    v = verdict(check, doc("let x: = 1;\n", "b.ts", "typescript"))
+    assert v[:2] == ("drop", "syntax_error") and v[2].startswith("typescript:")
+
+
 def test_unlisted_languages_pass_and_unknown_language_is_an_error():
     assert verdict(CHECK, doc("int main( {", "x.c", "c")) == "keep"
     assert verdict(SyntaxCheck(["javascript"]), doc("print 'py2'\n")) == "keep"
