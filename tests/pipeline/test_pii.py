@@ -69,6 +69,7 @@ def test_public_ips_are_redacted(text, n):
     'DOCS = ["203.0.113.7", "198.51.100.3", "2001:db8::1", "fe80::1%eth0", "::1", "::"]',
     "/* 4.3.2.1 Class-Specific AC Interface Descriptor */",  # spec section numbers (kernel headers)
     "        // 5.2.1.1",
+    "        // 5.2.1.1\r\n        x();\r\n",
     "// Client workflow 5.4.3.1: check for rollback attack",
     "/* 802.3ad port state definitions (43.4.2.2 in the 802.3ad standard) */",
     "/* 30.3.3.3 aMACControlFramesTransmitted */",
@@ -99,6 +100,7 @@ RSA_BODY = "MIIEowIBAAKCAQEAu1SU1LfVLPHCozMxH2Mo4lgOEePzNm0tRgeLezV6ffAt0gun\nVT
     ('SECRET_KEY = "k3J9x_Qz8vLw2Rt5Yb7Nm4Hc6Fg1Dp0S"', "k3J9x_Qz8vLw2Rt5Yb7Nm4Hc6Fg1Dp0S"),
     ('    "client_secret": "9f8e7d6c5b4a39281706f5e4d3c2b1a0",', "9f8e7d6c5b4a39281706f5e4d3c2b1a0"),
     ("export DB_PASSWORD=Xq7pL2vR9sT4wZ8yB3nM6kJ1\n", "Xq7pL2vR9sT4wZ8yB3nM6kJ1"),
+    ("REM windows\r\nSET_API_KEY=Xq7pL2vR9sT4wZ8yB3nM6kJ1\r\nnext\r\n", "Xq7pL2vR9sT4wZ8yB3nM6kJ1"),  # CRLF
     ("const apiToken = `Zm9vYmFyYmF6cXV4MTIzNDU2Nzg5MGFi`;", "Zm9vYmFyYmF6cXV4MTIzNDU2Nzg5MGFi"),
     ('KEY = """-----BEGIN RSA PRIVATE KEY-----\n' + RSA_BODY + '-----END RSA PRIVATE KEY-----"""', "MIIEowIBAAKCAQEA"),
     ('k = "-----BEGIN OPENSSH PRIVATE KEY-----\\n' + RSA_BODY.replace("\n", "\\n") + '-----END OPENSSH PRIVATE KEY-----"',

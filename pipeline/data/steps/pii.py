@@ -81,7 +81,7 @@ IP_PORT_AFTER_RE = re.compile(r"[:/]\d")  # 1.2.3.4:8080, 1.2.3.4/24
 IP_WORD_BEFORE_RE = re.compile(r"(?i)ip|host|addr|server|connect|dns|proxy|gateway|route|ping|bind|listen|://|@")
 # A bare number in a comment or in parentheses refers to a spec step: "// 5.2.1.1", "/* 8.4.26.1 */", "(5.4.1.1)".
 COMMENT_BEFORE_RE = re.compile(r"(?://+|#+|/\*+|^[ \t]*\*+|\()[ \t]*$", re.M)
-COMMENT_AFTER_RE = re.compile(r"[ \t]*\)|[ \t]*(?:\*/)?[ \t]*(?:\n|$)")
+COMMENT_AFTER_RE = re.compile(r"[ \t]*\)|[ \t]*(?:\*/)?[ \t]*(?:\r?\n|$)")
 
 # -------------------------------------------------------------------------------------------- keys
 # detect-secrets' plugin regexes for token formats (the access-key id, not the 40-char secret pattern,
@@ -116,7 +116,7 @@ QUOTED_VALUE_RE = re.compile(r"(['\"`])([A-Za-z0-9+/=_\-]{8,})\1")
 NAME_BEFORE_QUOTE_RE = re.compile(
     rf"(?i)(?<![\w$.\-])(?P<name>{SECRET_NAME})['\"]?\s*(?:=|:|:=|=>|,)\s*[rbuf]{{0,2}}$"
 )
-ENV_VALUE_RE = re.compile(r"[=:][ \t]*([A-Za-z0-9+/=_\-]{8,})[ \t]*$", re.M)  # NAME=v, YAML "name: v"
+ENV_VALUE_RE = re.compile(r"[=:][ \t]*([A-Za-z0-9+/=_\-]{8,})[ \t\r]*$", re.M)  # NAME=v, YAML "name: v"
 ENV_NAME_RE = re.compile(rf"(?i)[ \t]*(?:export[ \t]+)?(?P<name>{SECRET_NAME})[ \t]*$")
 HASH_NAME_RE = re.compile(
     r"(?i)hash|sha\d*|md5|digest|checksum|cksum|crc|etag|commit|rev|integrity|fingerprint|cache|uuid|guid"
