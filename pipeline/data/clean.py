@@ -91,12 +91,11 @@ def main(args) -> int:
 
     params = load_params(args.params)
     try:
-        steps_check = clean_steps(params)  # a missing parser wheel is a user error, said before any work
+        clean_steps(params)  # an unknown language or a missing parser wheel: one clear error before any work
     except ValueError as exc:
         from pipeline.cli import UserError
 
         raise UserError(str(exc)) from None
-    del steps_check
     with stage_run(STAGE, params) as run:
         summary = run_clean(params)
         run.summary(summary)
