@@ -55,6 +55,7 @@ def test_email_lookalikes_stay(text):
     ('url = "http://[2606:2800:220:1:248:1893:25c8:1946]:80/"', 1),
     ('ALLOWED = ["52.95.110.1/32"]', 1),
     ('HOST = "12.34.5.6"; ssh 4.3.2.1:22; route via host 41.2.3.4', 3),  # small parts, address context
+    ('mapped = "::ffff:93.184.216.34"; embedded = "2a00:1450::93.184.216.34"', 2),  # one redaction each
 ])
 def test_public_ips_are_redacted(text, n):
     out, counts = red(text)
@@ -76,7 +77,7 @@ def test_public_ips_are_redacted(text, n):
     "        2.7.2.2\n        1.3.a4",
     "OID = '1.3.6.1.4.1.311.60.2.1.3'",
     "EXTENSION_OID_KEY_USAGE = '2.5.29.15'",
-    "std::vector<int> a; Foo::Bar; abc::def; t = '12:34:56'; mac = '00:1a:2b:3c:4d:5e'",
+    "std::vector<int> a; Foo::Bar; abc::def; t = '12:34:56'; mac = '00:1a:2b:3c:4d:5e'; m2 = 2a:00:14:50:40:01",
     "x = a[::2]; 1.2.3.4.5; 256.1.1.1",
     "MULTICAST = '224.0.0.251'",
 ])
