@@ -58,6 +58,7 @@ DEFAULT_EXTENSIONS = {
     ".mjs": "javascript",
     ".cjs": "javascript",
     ".ts": "typescript",
+    ".tsx": "tsx",
     ".c": "c",
     ".h": "c",
     ".cc": "cpp",
@@ -404,16 +405,24 @@ class ServeConfig(Section):
 
 class SimulateConfig(Section):
     users: int = Field(4, ge=1)
-    files: int = Field(24, ge=1)
+    files: int = Field(24, ge=1)  # held-out files replayed, spread round-robin over languages
     cursors_per_file: int = Field(2, ge=1)
+    min_line_chars: int = Field(8, ge=1)  # a cursor line has at least this much non-blank text
     min_common_prefix: int = Field(12, ge=1)
     max_tokens: int = Field(32, ge=1)
+    max_context_chars: int = Field(2000, ge=16)  # prefix/suffix characters sent, as an editor plugin would
+    bounties: int = Field(16, ge=0)  # demo bounties derived from held-out functions with docstrings
+    model_name: str = "base"  # the version name serve.model_dir is registered under when absent
+    reset: bool = True  # replace the previous simulated traffic (so reruns give the same store and reports)
     seed: int = 11
 
 
 class FeedbackConfig(Section):
     simulate: SimulateConfig = SimulateConfig()
     reports_dir: str = "reports/feedback"
+    report_days: float = Field(30.0, gt=0)  # default window of `ownllm feedback report`
+    ab_alpha: float = Field(0.05, gt=0, lt=1)  # two-sided significance level of the A/B test
+    ab_power: float = Field(0.8, gt=0, lt=1)  # power for the "needed sample size" of the A/B verdict
 
 
 class RLHFGateConfig(Section):
