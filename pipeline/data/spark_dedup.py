@@ -28,7 +28,7 @@ from pipeline.config import DedupConfig, Params
 from pipeline.data import minhash
 from pipeline.data.dedup import EXACT, NEAR, STAGE, SignatureSpec, cluster_size_histogram
 from pipeline.data.records import CLEAN_SCHEMA, DOC_COLUMNS, REJECT_SCHEMA
-from pipeline.data.spark_engine import (read_docs_df, rejected_summary, spark_session, write_docs_df,
+from pipeline.data.spark_engine import (read_docs_df, rejected_summary, spark_session, spread, write_docs_df,
                                         write_rejected_df)
 
 if TYPE_CHECKING:
@@ -180,7 +180,7 @@ def decide(docs: "DataFrame", cfg: DedupConfig, seed: int, max_iterations: int) 
     lsh = {"bands": bands, "rows": rows, "candidate_pairs": 0, "verified_pairs": 0, "docs_without_shingles": 0}
     base = docs.select("id", "lang", "content")
     if cfg.exact:
-        hashed = base.select("id", "content").mapInArrow(_content_hashes, "id string, hash string")
+        hashed = spread(base.select("id", "content")).mapInArrow(_content_hashes, "id string, hash string")
         exact = hashed.withColumn("exact_keep", F.min("id").over(Window.partitionBy("hash"))).select("id", "exact_keep")
     else:
         exact = base.select("id", F.col("id").alias("exact_keep"))
@@ -193,7 +193,7 @@ def decide(docs: "DataFrame", cfg: DedupConfig, seed: int, max_iterations: int) 
     else:
         spec = SignatureSpec.from_config(cfg, seed)
         schema = "id string, lang string, has_shingles boolean, sig binary, keys array<long>"
-        sigs = survivors.mapInArrow(_signatures(spec, bands, rows), schema).persist(StorageLevel.MEMORY_AND_DISK)
+        sigs = spread(survivors).mapInArrow(_signatures(spec, bands, rows), schema).persist(StorageLevel.MEMORY_AND_DISK)
         candidates, edges = candidate_edges(sigs, cfg)
         edges = edges.localCheckpoint()
         lsh.update(candidate_pairs=candidates.count(), verified_pairs=edges.count(),

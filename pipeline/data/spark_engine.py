@@ -91,6 +91,17 @@ def read_docs_df(spark: "SparkSession", in_dir: str | Path) -> "DataFrame":
 
 
 # ------------------------------------------------------------------------------------------ map steps
+def spread(df: "DataFrame") -> "DataFrame":
+    """At least as many partitions as shuffles use (and 2 per core) before CPU-bound Python work.
+
+    A dataset of a few large files, or a join that adaptive execution coalesced, can reach a Python
+    pass in fewer partitions than cores; an explicit repartition count is kept as given.
+    """
+    spark = df.sparkSession
+    target = max(int(spark.conf.get("spark.sql.shuffle.partitions")), 2 * spark.sparkContext.defaultParallelism)
+    return df if df.rdd.getNumPartitions() >= target else df.repartition(target)
+
+
 def union_schema(out_schema: pa.Schema) -> pa.Schema:
     """One schema for kept and rejected rows of a mapInArrow pass, told apart by a ``_rejected`` flag.
 
@@ -132,7 +143,7 @@ def map_steps(df: "DataFrame", steps: Sequence[Step], out_schema: pa.Schema, sta
     if batch_rows:
         df.sparkSession.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(batch_rows))
     schema = union_schema(out_schema)
-    mixed = df.mapInArrow(lambda it: steps_over_batches(it, steps, out_schema, stage), spark_schema(schema))
+    mixed = spread(df).mapInArrow(lambda it: steps_over_batches(it, steps, out_schema, stage), spark_schema(schema))
     mixed = mixed.persist(StorageLevel.MEMORY_AND_DISK)
     kept = mixed.filter(~mixed[REJECTED_FLAG]).select(*out_schema.names)
     rejected = mixed.filter(mixed[REJECTED_FLAG]).select(*REJECT_SCHEMA.names)

@@ -231,17 +231,20 @@ def test_an_empty_dataset_is_a_clear_error(spark, tmp_path):
 
 
 @pytest.mark.slow
-def test_ownllm_data_cli_with_engine_spark_writes_the_local_engines_data_dedup(both_engines, corpus, tmp_path):
-    """`ownllm data ingest|clean|dedup --params` with `engine: spark`, each stage its own Spark application."""
+def test_ownllm_data_dedup_cli_with_engine_spark_writes_the_local_engines_data_dedup(both_engines, corpus, tmp_path):
+    """`ownllm data dedup --params` with `engine: spark`, as its own Spark application, on the local data/clean.
+
+    (ingest and clean under Spark are compared in-process above; one CLI run keeps the JVM start-ups down.)
+    """
     local, _ = both_engines["local"]
     out = tmp_path / "cli"
     out.mkdir()
     params = out / "params.yaml"
-    params.write_text(yaml.safe_dump(params_dict(corpus, out, "spark")))
-    for stage in ("ingest", "clean", "dedup"):
-        proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "data", stage, "--params", str(params)],
-                              cwd=out, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    params.write_text(yaml.safe_dump(params_dict(corpus, out, "spark", input=str(local / "clean"))))
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "data", "dedup", "--params", str(params)],
+                          cwd=out, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert tree(out / "dedup") == tree(local / "dedup")
-    assert rejected_keys(out / "rejected") == rejected_keys(local / "rejected")
-    assert json.loads((out / "reports" / "dedup.json").read_text())["documents_out"] == len(read_docs(local / "dedup"))
+    assert tree(out / "rejected" / "dedup") == tree(local / "rejected" / "dedup")
+    metrics = json.loads((out / "reports" / "dedup.json").read_text())
+    assert metrics["documents_out"] == len(read_docs(local / "dedup")) and metrics["near_duplicates"] >= 3
