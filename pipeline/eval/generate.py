@@ -73,6 +73,7 @@ def generate(model, tok, prompts: Sequence[str], settings: GenerationSettings, d
     start = time.perf_counter()
     for b, idx in enumerate(tqdm(batches, desc=desc, unit="batch", leave=False, disable=None)):
         enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}  # no token_type_ids
         if max_len and enc["input_ids"].shape[1] + settings.max_new_tokens > max_len:
             keep = max(1, max_len - settings.max_new_tokens)  # keep the end of the prompt: it is what gets continued
             enc = {k: v[:, -keep:] for k, v in enc.items()}
