@@ -44,6 +44,8 @@ from pipeline.config import SandboxConfig
 
 # World-writable places a program could leave a trace in; each becomes a private tmpfs.
 MASKED_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
+NAMESPACE_ARGS = ("--net", "--pid", "--fork", "--kill-child", "--mount", "--propagation", "private", "--mount-proc")
+USERNS_ARGS = ("--user", "--map-root-user")
 TAIL_BYTES = 4096
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 
@@ -70,6 +72,7 @@ class Isolation:
     prlimit: bool
     switch_uid: bool  # root: each run gets a fresh unprivileged uid
     namespaces: bool  # network + PID + mount namespaces via unshare
+    userns: bool = False  # not root: the namespaces sit inside a user namespace (no uid switch possible)
     uid_pool: tuple[int, int] = (200_000, 1_200_000)
 
     @property
@@ -79,7 +82,8 @@ class Isolation:
     def describe(self) -> str:
         parts = ["rlimits" if self.prlimit else "rlimits (preexec)",
                  "fresh uid" if self.switch_uid else "same uid",
-                 "net+pid+mount namespaces" if self.namespaces else "no namespaces (sockets blocked in-process)"]
+                 ("user+" if self.userns else "") + "net+pid+mount namespaces" if self.namespaces
+                 else "no namespaces (sockets blocked in-process)"]
         return ", ".join(parts)
 
 
@@ -92,6 +96,7 @@ class Execution:
     duration_s: float
     stdout: str = ""
     stderr: str = ""
+    uid: int | None = None  # the fresh uid it ran as, if any
 
     @property
     def passed(self) -> bool:
@@ -136,17 +141,20 @@ def detect_isolation() -> Isolation:
     pool = _uid_pool()
     switch_uid = (os.geteuid() == 0 and shutil.which("setpriv") is not None
                   and _run_quiet(["setpriv", f"--reuid={pool[0]}", f"--regid={pool[0]}", "--clear-groups", "--", "true"]))
+    # Without root, the namespaces need a user namespace around them (where the kernel allows unprivileged ones).
+    userns = os.geteuid() != 0
     namespaces = shutil.which("unshare") is not None and shutil.which("mount") is not None and _run_quiet(
-        ["unshare", "--net", "--pid", "--fork", "--kill-child", "--mount", "--propagation", "private", "--mount-proc",
+        ["unshare", *(USERNS_ARGS if userns else ()), *NAMESPACE_ARGS,
          "--", "mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", "/tmp"])
-    # Without root, a mount namespace needs a user namespace too; we then skip the uid switch.
-    return Isolation(prlimit=has_prlimit, switch_uid=switch_uid, namespaces=namespaces and os.geteuid() == 0,
+    return Isolation(prlimit=has_prlimit, switch_uid=switch_uid, namespaces=namespaces, userns=userns and namespaces,
                      uid_pool=pool)
 
 
 def default_root(isolation: Isolation) -> str:
     """Where run directories go: never under a masked dir, or the program would not see its own files."""
-    return "/run/ownllm-sandbox" if isolation.namespaces else os.path.join(tempfile.gettempdir(), "ownllm-sandbox")
+    if isolation.namespaces:
+        return "/run/ownllm-sandbox" if not isolation.userns else os.path.expanduser("~/.cache/ownllm-sandbox")
+    return os.path.join(tempfile.gettempdir(), "ownllm-sandbox")
 
 
 def _mask_fstab(path: Path) -> None:
@@ -190,7 +198,7 @@ class Sandbox:
                     os.chown(p, uid, uid)
             with open(out_path, "wb") as out, open(err_path, "wb") as err:
                 execution = self._execute(self._command(job.argv, limits, uid), workdir, limits, out, err, uid)
-            execution.stdout, execution.stderr = _tail(out_path), _tail(err_path)
+            execution.stdout, execution.stderr, execution.uid = _tail(out_path), _tail(err_path), uid
             return execution
         finally:
             if uid is not None and ((execution is None or execution.status == "timeout") or not self.isolation.namespaces):
@@ -210,8 +218,8 @@ class Sandbox:
                     f"--fsize={limits.file_size_mb << 20}", f"--nofile={limits.max_open_files}",
                     f"--nproc={limits.max_processes}", "--core=0", "--"]
         if self.isolation.namespaces:
-            cmd += ["unshare", "--net", "--pid", "--fork", "--kill-child", "--mount", "--propagation", "private",
-                    "--mount-proc", "--", "sh", "-c", f'mount -a -T {self.fstab} && exec "$@"', "sandbox"]
+            cmd += ["unshare", *(USERNS_ARGS if self.isolation.userns else ()), *NAMESPACE_ARGS,
+                    "--", "sh", "-c", f'mount -a -T {self.fstab} && exec "$@"', "sandbox"]
         if uid is not None:
             cmd += ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs",
                     "--inh-caps=-all", "--"]
