@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import os
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from typing import Annotated, Any, Iterator, Literal
 
 from fastapi import Depends, FastAPI, Request
@@ -440,3 +442,31 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     async def _other(_req, exc):  # never a bare 500 page: still JSON, and logged with its traceback
         log.exception("unhandled error")
         return reply(500, f"internal error: {type(exc).__name__}", "server_error")
+
+
+@contextmanager
+def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Run the gateway under uvicorn in a background thread (simulator, benchmarks); yields its base URL.
+
+    ``port=0`` takes a free port. Real HTTP over a real socket: exactly what an IDE plugin talks to.
+    """
+    import uvicorn
+
+    if port == 0:
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
+                                           timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, name="ownllm-gateway", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError(f"the gateway did not start on {host}:{port}")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

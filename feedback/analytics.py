@@ -1,0 +1,183 @@
+"""Acceptance analytics: rates per model version x language with 95% intervals, and the A/B verdict.
+
+Counting happens in the database (one GROUP BY per question, using the (version, language, time)
+index); Python only turns the few aggregated rows into intervals and tests. The statistics are the
+textbook formulas, written out because they are a few lines each and scipy/statsmodels would add a
+large dependency for them:
+- Wilson score interval for a binomial rate (sound at small n and near 0 or 1);
+- two-sided two-proportion z-test with pooled variance for the difference between arms;
+- the per-arm sample size that would detect the observed difference at the configured alpha and power.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from statistics import NormalDist
+from typing import Any
+
+from sqlalchemy import and_, case, func, select, true
+from sqlalchemy.orm import Session
+
+from feedback.models import Completion, Experiment, ExperimentArm, FeedbackEvent, FeedbackKind, ModelVersion
+
+Z95 = NormalDist().inv_cdf(0.975)
+
+
+def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def two_proportion_test(x1: int, n1: int, x2: int, n2: int) -> dict[str, float | None]:
+    """Difference p2 - p1 with its z statistic and two-sided p-value (pooled standard error)."""
+    if n1 == 0 or n2 == 0:
+        return {"diff": None, "z": None, "p_value": None}
+    p1, p2 = x1 / n1, x2 / n2
+    pooled = (x1 + x2) / (n1 + n2)
+    se = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+    if se == 0:
+        return {"diff": p2 - p1, "z": 0.0, "p_value": 1.0}
+    z = (p2 - p1) / se
+    return {"diff": p2 - p1, "z": z, "p_value": 2 * (1 - NormalDist().cdf(abs(z)))}
+
+
+def needed_per_arm(p1: float, p2: float, alpha: float, power: float) -> int | None:
+    """Per-arm n for a two-sided test to detect p1 vs p2 (normal approximation); None when p1 == p2."""
+    if p1 == p2:
+        return None
+    za, zb = NormalDist().inv_cdf(1 - alpha / 2), NormalDist().inv_cdf(power)
+    pbar = (p1 + p2) / 2
+    num = (za * math.sqrt(2 * pbar * (1 - pbar)) + zb * math.sqrt(p1 * (1 - p1) + p2 * (1 - p2))) ** 2
+    return math.ceil(num / (p2 - p1) ** 2)
+
+
+def _rate(accepted: int, decided: int) -> dict[str, Any]:
+    lo, hi = wilson(accepted, decided)
+    return {"accepted": accepted, "decided": decided, "rejected": decided - accepted,
+            "rate": accepted / decided if decided else None, "ci95": [lo, hi]}
+
+
+def _window(since: datetime | None, until: datetime | None):
+    conds = []
+    if since is not None:
+        conds.append(Completion.created_at >= since)
+    if until is not None:
+        conds.append(Completion.created_at < until)
+    return and_(true(), *conds)
+
+
+def acceptance(s: Session, since: datetime | None = None, until: datetime | None = None,
+               by_language: bool = True) -> list[dict[str, Any]]:
+    """Served, decided and accepted counts per version (x language), aggregated by the database."""
+    accepted = func.sum(case((FeedbackEvent.kind == FeedbackKind.accepted, 1), else_=0))
+    keys = [ModelVersion.name] + ([Completion.language] if by_language else [])
+    q = (select(*keys, func.count(Completion.id), func.count(FeedbackEvent.id), accepted)
+         .select_from(Completion)
+         .join(ModelVersion, ModelVersion.id == Completion.model_version_id)
+         .outerjoin(FeedbackEvent, FeedbackEvent.completion_id == Completion.id)
+         .where(_window(since, until)).group_by(*keys).order_by(*keys))
+    out = []
+    for row in s.execute(q):
+        served, decided, acc = row[-3], row[-2], int(row[-1] or 0)
+        item = {"model": row[0], **({"language": row[1]} if by_language else {}), "served": served,
+                **_rate(acc, decided)}
+        out.append(item)
+    return out
+
+
+def experiment_report(s: Session, exp: Experiment, alpha: float, power: float,
+                      since: datetime | None = None, until: datetime | None = None) -> dict[str, Any]:
+    """Arms' acceptance on the traffic the experiment routed, the difference, the test and the verdict."""
+    accepted = func.sum(case((FeedbackEvent.kind == FeedbackKind.accepted, 1), else_=0))
+    q = (select(ExperimentArm.name, ModelVersion.name, ExperimentArm.traffic_share, func.count(FeedbackEvent.id),
+                accepted)
+         .select_from(ExperimentArm)
+         .join(ModelVersion, ModelVersion.id == ExperimentArm.model_version_id)
+         .outerjoin(Completion, and_(Completion.experiment_id == ExperimentArm.experiment_id,
+                                     Completion.model_version_id == ExperimentArm.model_version_id,
+                                     _window(since, until)))
+         .outerjoin(FeedbackEvent, FeedbackEvent.completion_id == Completion.id)
+         .where(ExperimentArm.experiment_id == exp.id)
+         .group_by(ExperimentArm.id, ExperimentArm.name, ModelVersion.name, ExperimentArm.traffic_share)
+         .order_by(ExperimentArm.id))
+    arms = [{"arm": a, "model": m, "traffic_share": share, **_rate(int(acc or 0), decided)}
+            for a, m, share, decided, acc in s.execute(q)]
+    out: dict[str, Any] = {"experiment": exp.name, "status": exp.status.value, "arms": arms}
+    if len(arms) != 2:
+        out["verdict"] = "needs exactly two arms"
+        return out
+    c, t = arms
+    test = two_proportion_test(c["accepted"], c["decided"], t["accepted"], t["decided"])
+    out.update(test)
+    if test["p_value"] is None:
+        out.update(significant=False, needed_per_arm=None, verdict="no decided completions in one of the arms yet")
+        return out
+    need = needed_per_arm(c["rate"], t["rate"], alpha, power)
+    significant = test["p_value"] < alpha
+    out.update(significant=significant, alpha=alpha, power=power, needed_per_arm=need)
+    better = "treatment" if test["diff"] > 0 else "control"
+    if significant:
+        out["verdict"] = (f"significant: {better} is better by {abs(test['diff']):.1%} "
+                          f"(p={test['p_value']:.3g} < {alpha})")
+    elif need is None:
+        out["verdict"] = "not significant: the arms' rates are identical"
+    else:
+        have = min(c["decided"], t["decided"])
+        out["verdict"] = (f"not significant (p={test['p_value']:.3g}); a true difference of "
+                          f"{abs(test['diff']):.1%} needs about {need} decided completions per arm "
+                          f"(have {have}) at alpha={alpha}, power={power}")
+    return out
+
+
+def report(s: Session, since: datetime | None, until: datetime | None, alpha: float = 0.05,
+           power: float = 0.8) -> dict[str, Any]:
+    exps = s.scalars(select(Experiment).order_by(Experiment.id)).all()
+    return {"by_version_language": acceptance(s, since, until, True),
+            "by_version": acceptance(s, since, until, False),
+            "experiments": [experiment_report(s, e, alpha, power, since, until) for e in exps]}
+
+
+def plot(rep: dict[str, Any], path) -> None:
+    """Acceptance per version x language with 95% Wilson error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rep["by_version_language"] if r["decided"]]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(rows) + 2), 3.6))
+    if rows:
+        labels = [f"{r['model']}\n{r['language']}" for r in rows]
+        rates = [r["rate"] for r in rows]
+        err = [[r["rate"] - r["ci95"][0] for r in rows], [r["ci95"][1] - r["rate"] for r in rows]]
+        ax.bar(range(len(rows)), rates, yerr=err, capsize=4, color="#4c72b0")
+        ax.set_xticks(range(len(rows)), labels, fontsize=8)
+        for i, r in enumerate(rows):
+            ax.text(i, 0.02, f"n={r['decided']}", ha="center", fontsize=7, color="white")
+    else:
+        ax.text(0.5, 0.5, "no feedback in the window", ha="center", va="center", transform=ax.transAxes)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("acceptance rate (95% CI)")
+    ax.set_title("Completion acceptance by model version and language")
+    fig.tight_layout()
+    # No Software/date metadata, so the same numbers give the same bytes.
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+
+
+def render(rep: dict[str, Any]) -> str:
+    """The report as a plain-text table for the terminal."""
+    lines = [f"{'model':<20} {'language':<12} {'served':>7} {'decided':>8} {'accepted':>9} {'rate':>7}  95% CI"]
+    for r in rep["by_version_language"]:
+        rate = "-" if r["rate"] is None else f"{r['rate']:.3f}"
+        lines.append(f"{r['model']:<20} {r['language']:<12} {r['served']:>7} {r['decided']:>8} {r['accepted']:>9} "
+                     f"{rate:>7}  [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]")
+    for e in rep["experiments"]:
+        lines.append(f"A/B {e['experiment']} ({e['status']}): {e['verdict']}")
+    return "\n".join(lines)

@@ -1,0 +1,231 @@
+"""`ownllm feedback simulate`: a simulated IDE user closes the loop offline.
+
+It replays held-out files (the validation split, ``pipeline.data.records.split_of``) through the HTTP
+API exactly as an editor plugin would: at deterministic cursor lines it sends the text before the
+cursor as ``prompt`` and the text after the cursor line as ``suffix`` (FIM), then accepts when the
+completion matches what the file really says next — the first line equal after whitespace
+normalisation, or a common prefix of at least ``min_common_prefix`` characters — and rejects otherwise.
+It also posts demo bounties derived from held-out documented functions (``source = "derived"``).
+
+Deterministic given params: files, cursors and users come from seeded choices; decoding is greedy;
+the previous simulated traffic is replaced (``reset``), so a rerun leaves the same store and reports.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from pipeline.cli import UserError
+from pipeline.config import Params, SimulateConfig, load_params
+from pipeline.tracking import say, stage_run
+
+STAGE = "feedback/simulate"
+SIM_USER_PREFIX = "sim-user-"
+SPECIAL_TOKENS = ("<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>")
+
+
+@dataclass(frozen=True)
+class Cursor:
+    doc_id: str
+    path: str
+    lang: str
+    line_no: int
+    prefix: str  # everything before the cursor line
+    suffix: str  # everything after the cursor line (the line itself is what the user is about to type)
+    truth: str  # the real text from the cursor to the end of the file
+
+
+def normalise(line: str) -> str:
+    return " ".join(line.split())
+
+
+def accepts(completion: str, truth: str, min_common_prefix: int) -> bool:
+    """The simulated user's decision: does the completion say what the file says next?"""
+    if not completion.strip():
+        return False
+    first, want = normalise(completion.split("\n", 1)[0]), normalise(truth.split("\n", 1)[0])
+    if want and first == want:
+        return True
+    return len(os.path.commonprefix([completion, truth])) >= min_common_prefix
+
+
+def pick_files(docs: list[dict], cfg: SimulateConfig) -> list[dict]:
+    """``cfg.files`` documents, round-robin over languages (so every language gets traffic), seeded."""
+    by_lang: dict[str, list[dict]] = defaultdict(list)
+    for d in docs:
+        if d["content"].count("\n") >= 4 and not any(t in d["content"] for t in SPECIAL_TOKENS):
+            by_lang[d["lang"]].append(d)
+    for lang, group in by_lang.items():
+        random.Random(f"{cfg.seed}:{lang}").shuffle(group)
+    out, langs = [], sorted(by_lang)
+    while len(out) < cfg.files and any(by_lang[lang] for lang in langs):
+        for lang in langs:
+            if by_lang[lang] and len(out) < cfg.files:
+                out.append(by_lang[lang].pop())
+    return out
+
+
+def cursors(doc: dict, cfg: SimulateConfig) -> list[Cursor]:
+    """``cfg.cursors_per_file`` cursor lines with enough text, after a little context, seeded by the doc id."""
+    lines = doc["content"].split("\n")
+    candidates = [i for i in range(3, len(lines)) if len(lines[i].strip()) >= cfg.min_line_chars]
+    rng = random.Random(f"{cfg.seed}:{doc['id']}")
+    picks = sorted(rng.sample(candidates, min(cfg.cursors_per_file, len(candidates))))
+    out = []
+    for i in picks:
+        prefix = "".join(line + "\n" for line in lines[:i])
+        suffix = "\n" + "\n".join(lines[i + 1:])
+        out.append(Cursor(doc["id"], doc.get("path", ""), doc["lang"], i, prefix[-cfg.max_context_chars:],
+                          suffix[:cfg.max_context_chars], "\n".join(lines[i:])))
+    return out
+
+
+def reset_simulated(s) -> dict[str, int]:
+    """Remove the previous run's simulated traffic (its users' completions, feedback, keys; derived bounties)."""
+    from sqlalchemy import delete, select
+
+    from feedback.models import ApiKey, Bounty, Completion, FeedbackEvent, User
+
+    ids = list(s.scalars(select(User.id).where(User.name.startswith(SIM_USER_PREFIX))))
+    comp = select(Completion.id).where(Completion.user_id.in_(ids))
+    n_fb = s.execute(delete(FeedbackEvent).where(FeedbackEvent.completion_id.in_(comp))).rowcount
+    n_comp = s.execute(delete(Completion).where(Completion.user_id.in_(ids))).rowcount
+    s.execute(delete(ApiKey).where(ApiKey.user_id.in_(ids)))
+    n_b = s.execute(delete(Bounty).where(Bounty.source == "derived")).rowcount
+    return {"completions": n_comp, "feedback_events": n_fb, "bounties": n_b}
+
+
+def derived_bounties(docs: list[dict], limit: int):
+    from feedback.bounties import derive
+
+    out = []
+    for d in docs:  # canonical (lang, id) order: the same bounties on every run
+        if d["lang"] != "python" or len(out) >= limit:
+            continue
+        out.extend(derive(d.get("path") or d["id"], d["content"])[: limit - len(out)])
+    return out
+
+
+def _rate(acc: int, n: int) -> dict:
+    from feedback.analytics import wilson
+
+    lo, hi = wilson(acc, n)
+    return {"accepted": acc, "decided": n, "rate": acc / n if n else None, "ci95": [lo, hi]}
+
+
+def simulate(params: Params, db_url: str) -> dict:
+    import httpx
+
+    from feedback import store
+    from feedback.app import create_app, serve_in_thread
+    from feedback.commands import ensure_model_registered, write_report
+    from feedback.db import session_factory, upgrade
+    from pipeline.eval.fim import heldout_docs
+
+    cfg = params.feedback.simulate
+    try:
+        docs = heldout_docs(params, columns=("id", "lang", "path", "content"))
+    except FileNotFoundError as exc:
+        raise UserError(str(exc)) from None
+    files = pick_files(docs, cfg)
+    cases = [c for d in files for c in cursors(d, cfg)]
+    if not cases:
+        raise UserError(f"no held-out files to replay in {params.data.dedup.out} (validation split "
+                        f"shards.val_frac={params.shards.val_frac} is empty or has no usable lines)")
+    bounties = derived_bounties(docs, cfg.bounties)
+
+    upgrade(db_url)  # the simulator owns its store's schema: bring it to head
+    factory = session_factory(db_url)
+    name, created = ensure_model_registered(factory, params.serve.model_dir, cfg.model_name)
+    users = [f"{SIM_USER_PREFIX}{i}" for i in range(cfg.users)]
+    with factory.begin() as s:
+        removed = reset_simulated(s) if cfg.reset else {}
+        keys = {u: store.create_key(s, u, staff=False) for u in users}
+
+    serve_cfg = params.serve.model_copy(update={"db_url": db_url, "host": "127.0.0.1"})
+    app = create_app(serve_cfg)
+    tally: dict[tuple[str, str], Counter] = defaultdict(Counter)
+    added = 0
+    with serve_in_thread(app) as url:
+        clients = {u: httpx.Client(base_url=url + "/v1", headers={"Authorization": f"Bearer {k}"}, timeout=300)
+                   for u, k in keys.items()}
+        try:
+            for i, case in enumerate(tqdm(cases, desc="simulated IDE user", unit="cursor", file=sys.stderr)):
+                user = users[i % len(users)]
+                client = clients[user]
+                r = client.post("/completions", json={
+                    "model": "auto", "prompt": case.prefix, "suffix": case.suffix, "max_tokens": cfg.max_tokens,
+                    "temperature": 0, "language": case.lang, "user": f"{user}/ide"})
+                _check(r, "completion")
+                body = r.json()
+                text = body["choices"][0]["text"]
+                ok = accepts(text, case.truth, cfg.min_common_prefix)
+                # Decision time: a deterministic stand-in for reading the suggestion (about 30 ms per character).
+                f = client.post("/feedback", json={"id": body["id"], "event": "accepted" if ok else "rejected",
+                                                   "time_to_decision_ms": 400.0 + 30.0 * len(text)})
+                _check(f, "feedback")
+                tally[(body["model"], case.lang)]["accepted" if ok else "rejected"] += 1
+            for b in bounties:
+                r = clients[users[0]].post("/bounties", json={**b.as_dict(), "source": "derived"})
+                _check(r, "bounty")
+                added += r.json()["created"]
+        finally:
+            for c in clients.values():
+                c.close()
+
+    # Run-dependent facts go to the console, not the metrics file (which must hash the same on every rerun).
+    if created:
+        say(f"[feedback simulate] registered {params.serve.model_dir} as model version {name!r}")
+    if removed:
+        say(f"[feedback simulate] replaced the previous simulated traffic: {removed}")
+    rep = write_report(factory, params.feedback.reports_dir, None, None, params, {"all": True})
+    by_lang: dict[str, Counter] = defaultdict(Counter)
+    for (_, lang), c in tally.items():
+        by_lang[lang].update(c)
+    acc = sum(c["accepted"] for c in tally.values())
+    return {
+        "files": len(files), "cursors": len(cases), "users": cfg.users,
+        "model": name,
+        **_rate(acc, len(cases)),
+        "by_language": {lang: _rate(c["accepted"], c["accepted"] + c["rejected"]) for lang, c in sorted(by_lang.items())},
+        "by_model": {m: _rate(c["accepted"], c["accepted"] + c["rejected"])
+                     for m, c in sorted(_by_model(tally).items())},
+        "bounties": {"derived": len(bounties), "added": added},
+        "ab_experiments": [{k: e.get(k) for k in ("experiment", "verdict", "p_value")} for e in rep["experiments"]],
+    }
+
+
+def _by_model(tally) -> dict[str, Counter]:
+    out: dict[str, Counter] = defaultdict(Counter)
+    for (model, _), c in tally.items():
+        out[model].update(c)
+    return out
+
+
+def _check(r, what: str) -> None:
+    if r.status_code >= 400:
+        try:
+            msg = r.json()["error"]["message"]
+        except Exception:
+            msg = r.text[:200]
+        raise UserError(f"the gateway refused a simulated {what}: HTTP {r.status_code}: {msg}")
+
+
+def main(args) -> int:
+    params = load_params(args.params)
+    db_url = args.db_url or params.serve.db_url
+    with stage_run(STAGE, params) as run:
+        summary = simulate(params, db_url)
+        run.summary(summary)
+    rate = "-" if summary["rate"] is None else f"{summary['rate']:.1%}"
+    say(f"[feedback simulate] {summary['cursors']} completions on {summary['files']} held-out files by "
+        f"{summary['users']} users: {summary['accepted']} accepted ({rate}, 95% CI "
+        f"{summary['ci95'][0]:.1%}-{summary['ci95'][1]:.1%}); {summary['bounties']['added']} bounties added "
+        f"→ {params.tracking.reports_dir}/{STAGE}.json")
+    return 0
