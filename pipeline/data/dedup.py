@@ -90,17 +90,16 @@ def compute_signatures(texts: list[str], spec: SignatureSpec, workers: int | Non
     parts = []
     try:
         if n_workers == 1:
-            results = map(_signature_chunk, bounds)
-            pool = None
+            for b in bounds:
+                parts.append(_signature_chunk(b))
+                bar.update(b[1] - b[0])
         else:
-            pool = mp.get_context("fork").Pool(n_workers)
-            results = pool.imap(_signature_chunk, bounds)  # ordered: output independent of scheduling
-        for (start, stop), part in zip(bounds, results):
-            parts.append(part)
-            bar.update(stop - start)
-        if pool is not None:
-            pool.close()
-            pool.join()
+            # Leaving the block terminates the workers, also when a chunk raises.
+            with mp.get_context("fork").Pool(n_workers) as pool:
+                # imap is ordered: the output does not depend on scheduling or the number of workers.
+                for (start, stop), part in zip(bounds, pool.imap(_signature_chunk, bounds)):
+                    parts.append(part)
+                    bar.update(stop - start)
     finally:
         bar.close()
         _TEXTS, _SPEC = [], None
@@ -212,7 +211,8 @@ def dedup_table(table: pa.Table, cfg: DedupConfig, seed: int, workers: int | Non
         "near_clusters": cluster_size_histogram(near.keep_of),
         "largest_cluster": int(max(Counter(final.tolist()).values(), default=0)),
         "lsh": {"bands": bands, "rows": rows, "candidate_pairs": near.candidate_pairs,
-                "verified_pairs": near.verified_pairs, "docs_without_shingles": int((~has_shingles).sum())},
+                "verified_pairs": near.verified_pairs,
+                "docs_without_shingles": int((~has_shingles).sum()) if cfg.near else 0},
     }
     return kept, rejected, metrics
 
