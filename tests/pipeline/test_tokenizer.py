@@ -75,7 +75,7 @@ def test_lossless_on_real_code_with_odd_unicode_and_tabs(trained):
 
     fast = load_fast(trained.tokenizer.out)
     hf = AutoTokenizer.from_pretrained(trained.tokenizer.out)
-    texts = [d["content"] for d in stdlib_docs()] + [unicode_tabs_doc(), "\t\t\n \n\r\n", "💥" * 7, "x\u0000y"]
+    texts = [d["content"] for d in stdlib_docs()] + [unicode_tabs_doc(), "\t\t\n \n\r\n", "💥" * 7, "x\u0000y", "  lead", " "]
     for text in texts:
         ids = fast.encode(text).ids
         assert fast.decode(ids) == text
