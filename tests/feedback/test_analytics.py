@@ -1,0 +1,87 @@
+"""Acceptance analytics: SQL aggregation on both databases, Wilson intervals, the A/B test and its verdict."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from feedback import store
+from feedback.analytics import needed_per_arm, report, two_proportion_test, wilson
+from feedback.db import session_factory
+from feedback.models import Completion, FeedbackKind, utcnow
+
+
+def test_wilson_matches_known_values():
+    lo, hi = wilson(8, 10)  # textbook example: 0.8 of 10 → [0.490, 0.943]
+    assert (round(lo, 3), round(hi, 3)) == (0.49, 0.943)
+    assert wilson(0, 0) == (0.0, 1.0)
+    assert wilson(0, 20)[0] == pytest.approx(0.0, abs=1e-12) and wilson(20, 20)[1] == pytest.approx(1.0)
+
+
+def test_two_proportion_test_and_sample_size():
+    t = two_proportion_test(30, 100, 45, 100)
+    assert t["diff"] == pytest.approx(0.15) and t["z"] == pytest.approx(2.1909, abs=1e-3)  # 0.15 / sqrt(.375 * .625 * 2/100)
+    assert t["p_value"] == pytest.approx(0.0285, abs=1e-3)
+    assert needed_per_arm(0.30, 0.45, 0.05, 0.8) == 163  # G*Power / standard formula: 163 per arm
+    assert needed_per_arm(0.3, 0.3, 0.05, 0.8) is None
+
+
+def _fill(s, version, user, lang, accepted, rejected, undecided=0, exp_id=None, age_days=0.0, prefix=""):
+    n = 0
+    for kind, count in ((FeedbackKind.accepted, accepted), (FeedbackKind.rejected, rejected), (None, undecided)):
+        for _ in range(count):
+            rid = f"cmpl-{prefix}{version.name}-{lang}-{user.name}-{n}"
+            n += 1
+            s.add(Completion(request_id=rid, choice_index=0, user_id=user.id, model_version_id=version.id,
+                             experiment_id=exp_id, language=lang, prompt="p", completion="c", prompt_hash="h",
+                             finish_reason="stop", prompt_tokens=1, completion_tokens=1, latency_ms=1.0,
+                             created_at=utcnow() - timedelta(days=age_days)))
+            s.flush()
+            if kind is not None:
+                store.record_feedback(s, user, [store.FeedbackInput(rid, kind)])
+
+
+def test_report_aggregates_in_the_database_with_window_and_ab_verdict(db_url):
+    f = session_factory(db_url)
+    with f.begin() as s:
+        u = store.get_or_create_user(s, "alice")
+        base = store.register_model_version(s, "base", "models/base", state="all")
+        tuned = store.register_model_version(s, "tuned", "models/tuned")
+        store.promote(s, "tuned", "ab:50")
+        exp = store.running_experiment(s)
+        _fill(s, base, u, "python", 30, 70, undecided=5, exp_id=exp.id)
+        _fill(s, tuned, u, "python", 45, 55, exp_id=exp.id)
+        _fill(s, base, u, "c", 2, 3)
+        _fill(s, base, u, "c", 9, 0, age_days=10, prefix="old")  # outside a 7-day window
+    with f() as s:
+        rep = report(s, utcnow() - timedelta(days=7), None)
+    cells = {(r["model"], r["language"]): r for r in rep["by_version_language"]}
+    assert set(cells) == {("base", "c"), ("base", "python"), ("tuned", "python")}
+    py = cells[("base", "python")]
+    assert (py["served"], py["decided"], py["accepted"], py["rejected"]) == (105, 100, 30, 70)
+    assert py["rate"] == pytest.approx(0.3) and py["ci95"] == pytest.approx(list(wilson(30, 100)))
+    assert cells[("base", "c")]["decided"] == 5  # the 10-day-old ones are outside the window
+    assert {r["model"]: r["decided"] for r in rep["by_version"]} == {"base": 105, "tuned": 100}
+    (ab,) = rep["experiments"]
+    assert [a["arm"] for a in ab["arms"]] == ["control", "treatment"]
+    assert ab["p_value"] == pytest.approx(0.0285, abs=1e-3) and ab["significant"] is True
+    assert "treatment is better" in ab["verdict"]
+    with f() as s:  # without a window: everything
+        assert {r["model"]: r["decided"] for r in report(s, None, None)["by_version"]}["base"] == 114
+
+
+def test_ab_verdict_when_not_significant(db_url):
+    f = session_factory(db_url)
+    with f.begin() as s:
+        u = store.get_or_create_user(s, "alice")
+        base = store.register_model_version(s, "base", "models/base", state="all")
+        tuned = store.register_model_version(s, "tuned", "models/tuned")
+        store.promote(s, "tuned", "ab:50")
+        exp = store.running_experiment(s)
+        _fill(s, base, u, "python", 3, 7, exp_id=exp.id)
+        _fill(s, tuned, u, "python", 5, 5, exp_id=exp.id)
+    with f() as s:
+        (ab,) = report(s, None, None)["experiments"]
+    assert ab["significant"] is False and ab["needed_per_arm"] == needed_per_arm(0.3, 0.5, 0.05, 0.8)
+    assert f"needs about {ab['needed_per_arm']} decided completions per arm (have 10)" in ab["verdict"]
