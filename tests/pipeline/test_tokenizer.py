@@ -25,6 +25,7 @@ def trained(tmp_path_factory):
     return params
 
 
+@pytest.mark.slow
 def test_same_params_give_identical_tokenizer_files(trained, tmp_path):
     """A second run in a fresh process (new hash seeds in the Rust trainer) writes the same bytes."""
     second = make_params(tmp_path, data={"dedup": {"out": trained.data.dedup.out}})
