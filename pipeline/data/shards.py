@@ -87,19 +87,20 @@ class Packer:
 
 
 # ---------------------------------------------------------------------------------------------- stage
-def filter_documents(docs: pa.Table, params: Params) -> tuple[pa.Table, dict, dict]:
-    """Apply the exclusion list, then decontamination; write the decontaminated docs to rejected."""
+def apply_exclusions(docs: pa.Table, path: str | Path) -> tuple[pa.Table, dict]:
+    """Drop exactly the documents named in the exclusion list; report the ids removed and not found."""
+    listed = set(read_exclude_ids(path))
+    present = set(docs.column("id").to_pylist())
+    drop = pc.is_in(docs.column("id"), value_set=pa.array(sorted(listed), pa.string()))
+    removed = sorted(listed & present)
+    report = {"listed": len(listed), "removed": len(removed), "ids": removed, "not_found": sorted(listed - present)}
+    return docs.filter(pc.invert(drop)), report
+
+
+def decontaminate(docs: pa.Table, cfg) -> tuple[pa.Table, dict]:
+    """Drop documents that overlap a benchmark problem into ``cfg.rejected`` (reason, problem id)."""
     from pipeline.data.decontam import build_decontaminator
 
-    listed = read_exclude_ids(params.shards.exclude_ids)
-    present = set(docs.column("id").to_pylist())
-    drop = pc.is_in(docs.column("id"), value_set=pa.array(sorted(set(listed)), pa.string()))
-    removed = sorted(set(listed) & present)
-    docs = docs.filter(pc.invert(drop))
-    excluded = {"listed": len(set(listed)), "removed": len(removed), "ids": removed,
-                "not_found": sorted(set(listed) - present)}
-
-    cfg = params.decontam
     rows, keep, closest = [], [], 0.0
     by_problem: dict[str, int] = defaultdict(int)
     if cfg.enabled:
@@ -115,9 +116,10 @@ def filter_documents(docs: pa.Table, params: Params) -> tuple[pa.Table, dict, di
                 closest = max(closest, best[1] if best else 0.0)
         docs = docs.take(pa.array(keep, pa.int64()))
     write_rejected(rows, cfg.rejected)
-    decontam = {"enabled": cfg.enabled, "documents": len(rows), "by_problem": dict(sorted(by_problem.items())),
-                "closest_kept_fraction": closest, "threshold": cfg.threshold, "ngram": cfg.ngram}
-    return docs, excluded, decontam
+    # closest_kept_fraction shows the margin: how near the most benchmark-like kept document came.
+    report = {"enabled": cfg.enabled, "documents": len(rows), "by_problem": dict(sorted(by_problem.items())),
+              "closest_kept_fraction": closest, "threshold": cfg.threshold, "ngram": cfg.ngram}
+    return docs, report
 
 
 def encoded_batches(tok, docs: pa.Table, batch_docs: int):
@@ -192,7 +194,8 @@ def run_shards(params: Params) -> tuple[dict, dict]:
     t0 = time.perf_counter()
     docs = read_docs(params.data.dedup.out)
     n_input = docs.num_rows
-    docs, excluded, decontam = filter_documents(docs, params)
+    docs, excluded = apply_exclusions(docs, params.shards.exclude_ids)
+    docs, decontam = decontaminate(docs, params.decontam)
     timings["filter_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     splits = write_shards(docs, params)
