@@ -135,8 +135,12 @@ def plot(results: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     ax.plot(docs, [r["spark"] for r in results], "o-", label="Spark local[2]")
     ax.plot(docs, [r["local"] for r in results], "s-", label="local engine")
-    base = results[0]
-    ax.plot(docs, [base["spark"] * d / base["documents"] for d in docs], "k:", label="linear from 1x (Spark)")
+    if len(results) > 1:  # time = fixed cost + per-document cost, least squares: linear growth is a line
+        import numpy as np
+
+        per_doc, fixed = np.polyfit(docs, [r["spark"] for r in results], 1)
+        ax.plot(docs, [fixed + per_doc * d for d in docs], "k:",
+                label=f"fit: {fixed:.0f}s + {per_doc * 1000:.1f}ms/doc (Spark)")
     ax.set_xlabel("documents (1x, 4x, 16x synthetic growth)")
     ax.set_ylabel("dedup wall time (s)")
     ax.set_title("Near-dedup scaling, 2 shared CPU cores")

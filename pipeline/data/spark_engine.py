@@ -228,9 +228,8 @@ def write_rejected_df(df: "DataFrame", out_dir: str | Path) -> tuple[Path, pa.Ta
             buffer.append(row.asDict())
             if len(buffer) >= REJECTED_ROW_GROUP:
                 flush()
-        if buffer or not keys:
-            if buffer:
-                flush()
+        if buffer or not keys:  # nothing rejected: one empty row group, as pq.write_table writes
+            flush()
     key_schema = pa.schema([REJECT_SCHEMA.field(c) for c in ("id", "reason", "detail")])
     return path, (pa.concat_tables(keys) if keys else key_schema.empty_table())
 
@@ -285,8 +284,9 @@ def run_clean_spark(params: Params, spark: "SparkSession | None" = None) -> dict
 FILE_HASH = "_file_hash"
 
 
-def _ingest_files(sources: dict, cfg) -> "callable":
-    """mapInArrow body over listed files: read each on the executor and run ingest.check_candidate on it."""
+def _ingest_files(sources: dict, cfg) -> tuple:
+    """``(body, schema)``: a mapInArrow body that reads each listed file on the executor and runs
+    ingest.check_candidate on it, and its output schema (documents and rejects, plus the file hash)."""
     from pipeline.data import ingest
 
     schema = union_schema(pa.schema(list(ingest.DOC_SCHEMA) + [pa.field(FILE_HASH, pa.string())]))

@@ -222,6 +222,16 @@ def test_writer_splits_a_language_by_id_range_and_readers_see_one_sorted_table(b
     assert read_docs(tmp_path / "out").to_pylist() == read_docs(local_out / "raw").to_pylist()
 
 
+def test_nothing_rejected_writes_the_same_empty_file_as_the_local_engine(spark, tmp_path):
+    from pipeline.data.records import REJECT_SCHEMA, write_rejected
+    from pipeline.data.spark_engine import spark_schema, write_rejected_df
+
+    empty = spark.createDataFrame([], spark_schema(REJECT_SCHEMA))
+    path, keys = write_rejected_df(empty, tmp_path / "spark")
+    assert keys.num_rows == 0
+    assert path.read_bytes() == write_rejected([], tmp_path / "local").read_bytes()
+
+
 def test_an_empty_dataset_is_a_clear_error(spark, tmp_path):
     from pipeline.data.spark_engine import read_docs_df
 
