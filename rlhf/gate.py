@@ -25,6 +25,8 @@ PARENT_NAME = "rlhf-parent"
 TUNED_NAME = "rlhf-tuned"
 STAGE = "rlhf_gate"
 ACCEPTANCE_METRIC = "heldout.acceptance"
+# Shown in the table and loop report even when not gated.
+INFO_METRICS = ("humaneval.pass@1", "fim.infill_exact", "fim.next_line_exact", ACCEPTANCE_METRIC)
 
 
 @dataclass
@@ -71,8 +73,8 @@ def evaluate(params: Params, name: str, model_dir: str | Path, heldout_docs: lis
         run_humaneval(params, name, str(model_dir))
     run_fim(params, name, str(model_dir), docs=docs)
     rep = replay(str(model_dir), params, docs)
-    write_json(out / "heldout.json", {"acceptance": rep["rate"], "accepted": rep["accepted"],
-                                      "cursors": rep["cursors"], "ci95": rep["ci95"]})
+    write_json(out / "heldout.json", {"acceptance": rep["rate"], "accepted": rep["accepted"], "cursors": rep["cursors"],
+                                      "ci95": rep["ci95"], "files": rep["files"]})
     return out
 
 
@@ -80,10 +82,13 @@ def compare(params: Params, parent_dir: Path, tuned_dir: Path) -> GateResult:
     """The evaluation stage's compare over the two report directories, as a gate result."""
     from pipeline.eval.compare import compare_reports
 
-    res = compare_reports(parent_dir, tuned_dir, gate_params(params).eval)
-    rows = [{"metric": r.metric, "parent": r.base, "tuned": r.candidate, "delta": r.delta,
-             "tolerance": r.tolerance, "gated": r.tolerance is not None, "ok": r.ok} for r in res.rows]
-    return GateResult(res.passed, rows, {}, {})
+    cmp = compare_reports(parent_dir, tuned_dir, gate_params(params).eval.tolerances, params.eval.lower_is_better)
+    # Gated metrics first (they decide), then the headline metrics shown for information.
+    shown = [r for r in cmp.rows if r.tolerance is not None or r.metric in INFO_METRICS]
+    rows = [{"metric": r.metric, "parent": r.base, "tuned": r.candidate, "delta": r.delta, "tolerance": r.tolerance,
+             "gated": r.tolerance is not None, "ok": r.status not in ("regressed", "missing"), "status": r.status}
+            for r in sorted(shown, key=lambda r: (r.tolerance is None, r.metric))]
+    return GateResult(not cmp.regressed, rows, {}, {})
 
 
 def run_gate(params: Params, parent: dict, tuned_dir: str | Path, heldout_docs: list[dict] | None = None) -> GateResult:

@@ -1,93 +1,86 @@
 """Held-out simulated acceptance: the simulated IDE user replayed on files the snapshot never saw.
 
-The feedback the snapshot holds comes from the training split; this replay uses the validation split
-(``pipeline.data.records.split_of``, via ``pipeline.eval.fim.heldout_docs``), so a tuned model cannot
-score by having memorised the very contexts it was tuned on. At each of a few deterministic cursors per
-file the model is served the prefix and suffix (PSM, as the gateway does) and the simulated user accepts
-when the completion agrees with the real code after the cursor for at least ``min_common_prefix``
-characters (or the whole rest of the line, when shorter) — the same rule as ``ownllm feedback simulate``.
+``ownllm feedback simulate`` replays files of the validation split to fill the store, so the gate's
+replay uses the *other* validation files: those the simulator did not pick
+(``feedback.simulate.pick_files``) and that hold none of the snapshot's text (no bounty solution, no
+accepted or rejected completion, no prompt tail appears in them). A tuned model cannot score by having
+memorised the very contexts it was tuned on.
 
-The rate comes with a 95% Wilson score interval: with a few dozen cursors the interval is wide, and
-the loop report says so instead of presenting a point estimate as a result.
+The cursors, the FIM request and the accept rule are the simulator's own (``feedback.simulate.cursors``
+and ``accepts``), with the gate's seed, so the replay measures exactly what the feedback measured. The
+rate comes with its 95% Wilson interval (``feedback.analytics.wilson``): with a few dozen cursors the
+interval is wide, and the loop report shows it rather than a bare point estimate.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import random
-from dataclasses import dataclass
+import json
+from pathlib import Path
 
 from pipeline.config import Params
 
-
-@dataclass(frozen=True)
-class Cursor:
-    doc_id: str
-    lang: str
-    prefix: str
-    suffix: str
-    truth: str  # the real text after the cursor
+PROBE_CHARS = 48  # a snapshot text this long found in a file means the snapshot saw that file
 
 
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval for a binomial rate (sound at small n and at rates near 0 or 1).
+def snapshot_probes(snapshot_dir: str | Path) -> set[str]:
+    """Distinctive pieces of every snapshot row: completions/solutions and the tail of each prompt."""
+    from rlhf.tune import PAIRS_FILE, SFT_FILE, UNPAIRED_FILE
 
-    Written out because it is four lines; statsmodels would be a large dependency for one formula.
-    """
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def accepts(completion: str, truth: str, min_common_prefix: int) -> bool:
-    """The simulated user's rule: the completion matches what the user was about to type, far enough."""
-    if not completion.strip():
-        return False
-    need = min(min_common_prefix, len(truth.split("\n", 1)[0].rstrip()) or min_common_prefix)
-    return len(os.path.commonprefix([completion, truth])) >= need
+    probes: set[str] = set()
+    for name in (SFT_FILE, PAIRS_FILE, UNPAIRED_FILE):
+        p = Path(snapshot_dir) / name
+        if not p.is_file():
+            continue
+        for line in p.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            prompt = row["prompt"].split("<fim_suffix>", 1)[0].removeprefix("<fim_prefix>")
+            for text in (prompt[-PROBE_CHARS:], row.get("completion"), row.get("chosen"), row.get("rejected")):
+                if text and len(text.strip()) >= 16:
+                    probes.add(text.strip()[:PROBE_CHARS])
+    return probes
 
 
-def cursors(docs: list[dict], params: Params) -> list[Cursor]:
-    """``gate.cursors_per_file`` cursors (line starts, after some context) in each of the first
-    ``gate.heldout_files`` held-out files: the same cursors on every run and for both models.
+def unseen_docs(docs: list[dict], params: Params) -> tuple[list[dict], dict[str, int]]:
+    """Validation files neither the simulator nor the snapshot used, in canonical order; plus counts."""
+    from feedback.simulate import pick_files
 
-    The line at the cursor is what the user is about to type: it is masked out of the suffix (as in
-    single-line FIM evaluation), so the model cannot copy it from there.
-    """
-    cfg = params.rlhf.gate
-    out = []
-    for doc in docs[: cfg.heldout_files]:
-        lines = doc["content"].split("\n")
-        starts = [i for i in range(3, len(lines)) if len(lines[i].strip()) >= 8]
-        rng = random.Random(f"{cfg.seed}:{doc['id']}")
-        for i in sorted(rng.sample(starts, min(cfg.cursors_per_file, len(starts)))):
-            prefix = "".join(line + "\n" for line in lines[:i])
-            out.append(Cursor(doc["id"], doc["lang"], prefix, "\n" + "\n".join(lines[i + 1:]),
-                              "\n".join(lines[i:])))
-    return out
+    simulated = {d["id"] for d in pick_files([dict(d) for d in docs], params.feedback.simulate)}
+    probes = snapshot_probes(params.rlhf.snapshot_dir)
+    out, seen = [], 0
+    for d in docs:
+        if d["id"] in simulated:
+            continue
+        if any(p in d["content"] for p in probes):
+            seen += 1
+            continue
+        out.append(d)
+    return out, {"val_files": len(docs), "simulated": len(simulated), "in_snapshot": seen, "replayed": 0}
 
 
 def replay(model_dir: str, params: Params, docs: list[dict]) -> dict:
-    """Acceptance of ``model_dir`` on the held-out cursors: rate, counts and Wilson interval."""
+    """Acceptance of ``model_dir`` on held-out cursors: rate, counts and 95% Wilson interval."""
+    from feedback.analytics import wilson
+    from feedback.simulate import SPECIAL_TOKENS, accepts, cursors
     from pipeline.eval.fim import ContextFitter, fim_prompt
     from pipeline.eval.generate import GenerationSettings, generate, load_model
 
-    sim = params.feedback.simulate
-    cases = cursors(docs, params)
+    gate = params.rlhf.gate
+    sim = params.feedback.simulate.model_copy(update={"seed": gate.seed, "cursors_per_file": gate.cursors_per_file})
+    files, counts = unseen_docs(docs, params)
+    files = [d for d in files if not any(t in d["content"] for t in SPECIAL_TOKENS)][: gate.heldout_files]
+    cases = [c for d in files for c in cursors(d, sim)]
     if not cases:
-        raise ValueError("no held-out files to replay (the validation split of data/dedup is empty)")
+        raise ValueError(f"no held-out files left to replay ({counts}): the validation split of "
+                         f"{params.data.dedup.out} is used up by the simulator and the snapshot")
     model, tok = load_model(model_dir, params.train.num_threads)
     max_len = getattr(model.config, "max_position_embeddings", 2048)
-    fitter = ContextFitter(tok, max_len, sim.max_tokens, params.eval.fim.max_context_chars)
+    fitter = ContextFitter(tok, max_len, sim.max_tokens, sim.max_context_chars)
     prompts = [fim_prompt(*fitter.fit(c.prefix, c.suffix, suffix_share=1 / 3)) for c in cases]
     settings = GenerationSettings(max_new_tokens=sim.max_tokens, temperature=0.0,
                                   batch_size=params.eval.fim.batch_size, seed=params.seed)
     outs = generate(model, tok, prompts, settings, desc="held-out replay")
     accepted = sum(accepts(o, c.truth, sim.min_common_prefix) for o, c in zip(outs, cases))
-    lo, hi = wilson_interval(accepted, len(cases))
-    return {"cursors": len(cases), "accepted": accepted, "rate": accepted / len(cases), "ci95": [lo, hi]}
+    lo, hi = wilson(accepted, len(cases))
+    counts["replayed"] = len(files)
+    return {"cursors": len(cases), "accepted": accepted, "rate": accepted / len(cases), "ci95": [lo, hi],
+            "files": counts}

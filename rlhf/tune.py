@@ -237,7 +237,7 @@ def run_sft(params: Params, report_to: str = "none", model_dir: Path | None = No
         dataset_num_proc=None,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
-    tokens = _epoch_tokens(trainer.train_dataset, ["input_ids"]) * _epochs_done(trainer, args, len(ds))
+    tokens = _epoch_tokens(trainer.train_dataset) * _epochs_done(trainer, args, len(ds))
     steps, loss, secs = _train(trainer)
     _save(trainer, tok, out)
     return TuneResult("sft", len(ds), steps, loss, int(tokens), secs, out)
@@ -279,9 +279,8 @@ def _run_dpo(params: Params, src: Path, out: Path, rows: list[dict], path: Path,
     ds = _dataset(rows, ["prompt", "chosen", "rejected"], path, tok, cfg.max_length)
     args = DPOConfig(**_common_args(params, "dpo", cfg.dpo_epochs, cfg.dpo_max_steps, report_to), beta=cfg.beta)
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=tok)
-    cols = [c for c in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "input_ids")
-            if c in trainer.train_dataset.column_names]
-    tokens = _epoch_tokens(trainer.train_dataset, cols) * _epochs_done(trainer, args, len(ds))
+    # The prompt is run twice per pair (with the chosen and with the rejected completion).
+    tokens = _epoch_tokens(trainer.train_dataset, prompt_twice=True) * _epochs_done(trainer, args, len(ds))
     steps, loss, secs = _train(trainer)
     _save(trainer, tok, out)
     return TuneResult("dpo", len(ds), steps, loss, int(tokens), secs, out)
@@ -300,17 +299,23 @@ def _run_kto(params: Params, src: Path, out: Path, rows: list[dict], path: Path,
     common["per_device_train_batch_size"] = max(2, cfg.batch_size)
     args = KTOConfig(**common, beta=cfg.beta)
     trainer = KTOTrainer(model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=tok)
-    cols = [c for c in ("prompt_input_ids", "completion_input_ids", "input_ids")
-            if c in trainer.train_dataset.column_names]
-    tokens = _epoch_tokens(trainer.train_dataset, cols) * _epochs_done(trainer, args, len(ds))
+    tokens = _epoch_tokens(trainer.train_dataset) * _epochs_done(trainer, args, len(ds))
     steps, loss, secs = _train(trainer)
     _save(trainer, tok, out)
     return TuneResult("kto", len(ds), steps, loss, int(tokens), secs, out)
 
 
-def _epoch_tokens(ds, columns: list[str]) -> int:
-    """Tokens one pass over the tokenized dataset feeds the model (for throughput, not for the loss)."""
-    return sum(len(x) for c in columns for x in ds[c]) if columns else 0
+def _epoch_tokens(ds, prompt_twice: bool = False) -> int:
+    """Tokens one pass over the tokenized dataset feeds the policy (for throughput, not for the loss).
+
+    Counted from TRL's tokenized columns (``input_ids``, ``prompt_ids``, ``chosen_ids``, ...): whatever
+    names this TRL version uses, every token id column is summed.
+    """
+    cols = [c for c in ds.column_names if c == "input_ids" or (c.endswith("_ids") and "type" not in c and "KL" not in c)]
+    total = sum(len(x) for c in cols for x in ds[c])
+    if prompt_twice and "prompt_ids" in cols:
+        total += sum(len(x) for x in ds["prompt_ids"])
+    return total
 
 
 def _epochs_done(trainer, args, n_examples: int) -> float:

@@ -114,3 +114,29 @@ def sample_decisions(n_contexts: int = 6) -> list[tuple[str, str, str, bool]]:
 
 def sample_bounties(n: int = 3) -> list[tuple[str, str, str]]:
     return [(f"task {i}", f"Continue this code:\n{p[-200:]}", t) for i, (p, t) in enumerate(code_chunks(n))]
+
+
+HELDOUT_FILES = ["calendar.py", "difflib.py", "pprint.py", "tokenize.py", "gettext.py", "csv.py"]
+
+
+def write_dedup_docs(out: Path) -> None:
+    """A data/dedup dataset of real stdlib files (the held-out files the gate replays on)."""
+    from pipeline.data.records import CLEAN_SCHEMA, make_doc, to_table, write_docs
+
+    docs = [{**make_doc("stdlib", n, "python", (STDLIB / n).read_text(encoding="utf-8")),
+             "pii_redactions": {"email": 0, "ip_address": 0, "key": 0}} for n in HELDOUT_FILES]
+    write_docs(to_table(docs, CLEAN_SCHEMA), out)
+
+
+def e2e_params(tmp: Path, model_dir: Path, **rlhf) -> Params:
+    """rlhf_params plus tiny evaluation settings: 2 HumanEval problems, a few FIM/replay cursors."""
+    base = rlhf_params(tmp, model_dir, **rlhf)
+    data = base.model_dump(mode="json", exclude={"source_file"})
+    data["data"]["dedup"]["out"] = str(tmp / "data/dedup")
+    data["shards"]["val_frac"] = 0.5
+    data["eval"]["out"] = str(tmp / "reports/eval")
+    data["eval"]["humaneval"].update(limit=2, max_new_tokens=24, k=[1])
+    data["eval"]["fim"].update(max_docs=4, max_new_tokens=12)
+    data["feedback"]["simulate"].update(max_tokens=12, files=1)  # the other val files stay unseen
+    data["rlhf"]["gate"].update(heldout_files=3, cursors_per_file=2)
+    return parse_params(data, "e2e-params")

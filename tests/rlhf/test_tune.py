@@ -24,7 +24,7 @@ def test_sft_then_dpo_is_deterministic_and_changes_weights(tmp_path, tiny_model_
         sft = run_sft(params)
         assert sft.method == "sft" and sft.steps == 2 and sft.tokens > 0
         pref = run_preference(params)
-        assert pref.method == "dpo" and pref.steps == 2
+        assert pref.method == "dpo" and pref.steps == 2 and pref.tokens > 0
         assert (pref.out_dir / "tokenizer.json").is_file()
         hashes.append((weights_hash(sft.out_dir), weights_hash(pref.out_dir)))
     assert hashes[0] == hashes[1], "same snapshot + same params must give identical weights"
