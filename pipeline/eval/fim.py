@@ -48,22 +48,27 @@ def normalise(line: str) -> str:
 
 @dataclass
 class Case:
+    """A masked line. The cursor sits at the end of the previous line, so the model writes "\n" + the line:
+    a prompt ending in a bare newline is a token boundary BPE rarely produces (newlines merge with the
+    indentation after them), and it would make the model stop or stumble at once."""
+
     doc_id: str
     lang: str
     line_no: int  # 0-based
-    prefix: str  # text before the cursor line, ending with a newline
-    target: str  # the cursor line, without its newline
+    prefix: str  # text before the cursor line, without the newline that ends the previous line
+    target: str  # the cursor line, without newlines
     suffix: str  # the text after the line, starting with its newline
 
 
 def cursor_case(doc: dict, seed: int, min_line_chars: int) -> Case | None:
     """One deterministic cursor line per document: same seed and document, same line, on every machine."""
     lines = doc["content"].split("\n")
-    candidates = [i for i, line in enumerate(lines) if len(line.strip()) >= min_line_chars]
+    # Line 0 has no previous line to put the cursor at.
+    candidates = [i for i, line in enumerate(lines) if i > 0 and len(line.strip()) >= min_line_chars]
     if not candidates:
         return None
     i = random.Random(f"{seed}:{doc['id']}").choice(candidates)
-    return Case(doc_id=doc["id"], lang=doc["lang"], line_no=i, prefix="".join(line + "\n" for line in lines[:i]),
+    return Case(doc_id=doc["id"], lang=doc["lang"], line_no=i, prefix="\n".join(lines[:i]),
                 target=lines[i], suffix="\n" + "\n".join(lines[i + 1:]))
 
 
@@ -107,8 +112,15 @@ class ContextFitter:
         return prefix, suffix
 
 
-def first_line(text: str) -> str:
-    return text.split("\n", 1)[0]
+def generated_line(text: str) -> str | None:
+    """The line the model wrote after the newline ending the previous line; None if it continued that line."""
+    if not text.startswith("\n"):
+        return None
+    return text[1:].split("\n", 1)[0]
+
+
+def exact(generated: str | None, target: str) -> bool:
+    return generated is not None and normalise(generated) == normalise(target)
 
 
 def evaluate_cases(model, tok, cases: list[Case], params: Params) -> list[dict]:
@@ -123,16 +135,15 @@ def evaluate_cases(model, tok, cases: list[Case], params: Params) -> list[dict]:
         infill_prompts.append(fim_prompt(prefix, suffix))
         next_prompts.append(fitter.fit(c.prefix, "", suffix_share=0.0)[0])
     settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, temperature=0.0, batch_size=cfg.batch_size,
-                                  seed=params.seed, stop=("\n",))
+                                  seed=params.seed, stop=("\n",), leading="\n")
     infills = generate(model, tok, infill_prompts, settings, desc="fim infill")
     nexts = generate(model, tok, next_prompts, settings, desc="fim next-line")
     results = []
     for c, infill, nxt in zip(cases, infills, nexts):
-        infill, nxt = first_line(infill), first_line(nxt)
         results.append({"doc_id": c.doc_id, "lang": c.lang, "line_no": c.line_no, "target": c.target,
-                        "infill": infill, "next_line": nxt,
-                        "infill_exact": normalise(infill) == normalise(c.target),
-                        "next_line_exact": normalise(nxt) == normalise(c.target)})
+                        "infill": infill, "next_line": nxt,  # as generated, cut at the end of the line
+                        "infill_exact": exact(generated_line(infill), c.target),
+                        "next_line_exact": exact(generated_line(nxt), c.target)})
     return results
 
 

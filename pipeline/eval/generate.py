@@ -23,6 +23,10 @@ class GenerationSettings:
     batch_size: int = 16
     seed: int = 0
     stop: tuple[str, ...] = ()
+    # Text the completion may start with before stop strings apply: "\n" for line tasks, whose prompt ends
+    # at the end of the previous line (a bare trailing "\n" in the prompt is a token boundary the model
+    # rarely saw, since BPE merges newlines with the indentation after them).
+    leading: str = ""
     use_cache: bool = True
 
 
@@ -56,9 +60,25 @@ def load_model(model_dir: str | Path, num_threads: int | None = None):
     return model, tok
 
 
-def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
-    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
-    return text[:cut]
+def truncate_at_stop(text: str, stop: Sequence[str], leading: str = "") -> str:
+    """Cut at the first stop string, not counting an optional ``leading`` text."""
+    head = leading if leading and text.startswith(leading) else ""
+    rest = text[len(head):]
+    cut = min((i for i in (rest.find(s) for s in stop) if i >= 0), default=len(rest))
+    return head + rest[:cut]
+
+
+def _stop_criteria(tok, prompt_len: int, stop: Sequence[str], leading: str):
+    """Per-row stop on strings (transformers' ``stop_strings`` has no notion of ``leading``)."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopOnStrings(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            texts = tok.batch_decode(input_ids[:, prompt_len:], skip_special_tokens=True)
+            return torch.tensor([truncate_at_stop(t, stop, leading) != t for t in texts], dtype=torch.bool)
+
+    return StoppingCriteriaList([StopOnStrings()])
 
 
 def generate(model, tok, prompts: Sequence[str], settings: GenerationSettings, desc: str = "generate",
@@ -80,7 +100,8 @@ def generate(model, tok, prompts: Sequence[str], settings: GenerationSettings, d
         kwargs = dict(max_new_tokens=settings.max_new_tokens, use_cache=settings.use_cache,
                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         if settings.stop:
-            kwargs.update(stop_strings=list(settings.stop), tokenizer=tok)
+            kwargs.update(stopping_criteria=_stop_criteria(tok, enc["input_ids"].shape[1], settings.stop,
+                                                           settings.leading))
         if settings.temperature > 0:
             kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
         else:
@@ -94,7 +115,7 @@ def generate(model, tok, prompts: Sequence[str], settings: GenerationSettings, d
             if stats is not None:
                 stats.new_tokens += sum(1 for t in ids if t != tok.pad_token_id)
             text = tok.decode(ids, skip_special_tokens=True)
-            out[i] = truncate_at_stop(text, settings.stop)
+            out[i] = truncate_at_stop(text, settings.stop, settings.leading)
     if stats is not None:
         stats.prompts += len(prompts)
         stats.seconds += time.perf_counter() - start

@@ -9,8 +9,8 @@ import pytest
 
 from pipeline.config import parse_params
 from pipeline.data.records import make_doc, split_of, to_table, write_docs, CLEAN_SCHEMA, DOC_SCHEMA
-from pipeline.eval.fim import (ContextFitter, cursor_case, fim_prompt, heldout_docs, normalise, run_fim,
-                               select_cases)
+from pipeline.eval.fim import (ContextFitter, cursor_case, exact, fim_prompt, generated_line, heldout_docs, normalise,
+                               run_fim, select_cases)
 from tests.conftest import stdlib_files
 
 PY_FILES = ["textwrap.py", "shlex.py", "fnmatch.py", "glob.py", "bisect.py", "heapq.py", "colorsys.py", "keyword.py",
@@ -52,7 +52,8 @@ def test_cursor_choice_is_deterministic_and_exact(params):
     doc = heldout_docs(params)[0]
     a, b = cursor_case(doc, 7, 4), cursor_case(doc, 7, 4)
     assert a == b
-    assert a.prefix + a.target + a.suffix == doc["content"]
+    assert a.line_no > 0 and a.prefix + "\n" + a.target + a.suffix == doc["content"]
+    assert not a.prefix.endswith("\n")  # the cursor is at the end of the previous line
     assert len(a.target.strip()) >= 4
     lines = {cursor_case(doc, seed, 4).line_no for seed in range(20)}
     assert len(lines) > 1  # the seed matters
@@ -69,9 +70,12 @@ def test_cases_per_language_and_skips_are_counted(params):
     assert sum(c.lang == "python" for c in capped) == 2
 
 
-def test_normalise_whitespace():
+def test_normalise_whitespace_and_line_extraction():
     assert normalise("    return  a +\tb  ") == normalise("return a + b")
     assert normalise("return a+b") != normalise("return a + b")
+    assert exact(generated_line("\n    return  x"), "    return x")
+    assert not exact(generated_line("    return x"), "    return x")  # continued the previous line: no match
+    assert generated_line("\n") == ""
 
 
 def test_context_fits_the_model_window(tiny_model_dir):
@@ -95,7 +99,7 @@ def test_run_fim_reports_per_language_and_is_byte_identical(params, tiny_model_d
     for key in ("infill_exact", "next_line_exact"):
         assert 0.0 <= summary[key] <= 1.0
     rows = [json.loads(line) for line in open(out + "/fim_results.jsonl")]
-    assert len(rows) == summary["cases"] and all("\n" not in r["infill"] for r in rows)
+    assert len(rows) == summary["cases"] and all("\n" not in r["infill"].lstrip("\n") for r in rows)
     assert sum(r["infill_exact"] for r in rows) == round(summary["infill_exact"] * len(rows))
     shutil.rmtree(out)
     run_fim(params, "tiny", str(tiny_model_dir))
