@@ -117,3 +117,36 @@ def test_metrics_and_health(gateway):
     assert "ownllm_completion_latency_seconds_bucket" in text
     h = httpx.get(gateway.url + "/healthz").json()
     assert h["status"] == "ok" and h["db_revision"]
+
+
+def test_upstream_backend_forwards_to_an_openai_compatible_server(gateway, tmp_path, monkeypatch):
+    """A second gateway with backend=openai in front of the first: same text, its own log, streaming too."""
+    from feedback import store
+    from feedback.app import create_app
+    from feedback.db import session_factory, upgrade
+    from gateway_fixtures import live_server
+    from pipeline.config import ServeConfig
+
+    url = f"sqlite:///{tmp_path / 'front.db'}"
+    upgrade(url)
+    with session_factory(url).begin() as s:
+        store.register_model_version(s, "tiny", "unused-by-upstream", state="all")
+        key = store.create_key(s, "dave")
+    monkeypatch.setenv("OWNLLM_TEST_UPSTREAM_KEY", gateway.keys["bob"])
+    front = create_app(ServeConfig(db_url=url, backend="openai", upstream_url=gateway.url + "/v1",
+                                   upstream_api_key_env="OWNLLM_TEST_UPSTREAM_KEY"))
+    body = {"model": "auto", "prompt": "import re\n", "suffix": "\nprint(1)\n", "max_tokens": 6, "temperature": 0}
+    direct = post(gateway, "bob", "/v1/completions", body).json()
+    with live_server(front) as front_url:
+        via = httpx.post(front_url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"},
+                         timeout=60).json()
+        with httpx.stream("POST", front_url + "/v1/completions", json={**body, "stream": True},
+                          headers={"Authorization": f"Bearer {key}"}, timeout=60) as r:
+            lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+    assert via["choices"][0]["text"] == direct["choices"][0]["text"] and via["model"] == "tiny"
+    assert via["usage"]["prompt_tokens"] == direct["usage"]["prompt_tokens"]
+    assert lines[-1] == "data: [DONE]"
+    streamed = "".join(json.loads(ln[6:])["choices"][0]["text"] for ln in lines[:-1])
+    assert streamed == direct["choices"][0]["text"]
+    with session_factory(url)() as s:
+        assert store.counts(s)["completions"] == 2  # the front gateway logged what it served

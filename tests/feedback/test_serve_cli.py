@@ -1,0 +1,52 @@
+"""`ownllm serve` as a real process: refuses an unmigrated store, registers the model dir, serves HTTP."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from feedback import store
+from feedback.db import session_factory, upgrade
+from gateway_fixtures import free_port
+
+
+@pytest.mark.slow
+def test_ownllm_serve_process(tmp_path, tiny_model_dir):
+    url = f"sqlite:///{tmp_path / 'serve.db'}"
+    # The installed console script (``python -m pipeline.cli`` would load a second copy of pipeline.cli).
+    cmd = [str(Path(sys.executable).parent / "ownllm"), "serve", "--db-url", url, "--model-dir", str(tiny_model_dir)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    refused = subprocess.run(cmd + ["--port", str(free_port())], capture_output=True, text=True, timeout=120, env=env)
+    assert refused.returncode == 2 and "never been migrated" in refused.stderr
+    upgrade(url)
+    with session_factory(url).begin() as s:
+        key = store.create_key(s, "erin")
+    port = free_port()
+    proc = subprocess.Popen(cmd + ["--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(base + "/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "ownllm serve did not come up"
+            time.sleep(0.3)
+        r = httpx.post(base + "/v1/completions", json={"model": "auto", "prompt": "import os\n", "max_tokens": 4},
+                       headers={"Authorization": f"Bearer {key}"}, timeout=60)
+        assert r.status_code == 200 and r.json()["model"] == tiny_model_dir.name
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    with session_factory(url)() as s:
+        (v,) = store.list_versions(s)
+        assert v.rollout_state.value == "all" and v.model_hash and store.counts(s)["completions"] == 1
