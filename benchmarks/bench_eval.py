@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import load_params  # noqa: E402
 from pipeline.eval.humaneval import STOP_SEQUENCES, load_problems, program_for, score  # noqa: E402
-from pipeline.eval.sandbox import Sandbox, python_argv, sandbox_from_config  # noqa: E402
+from pipeline.eval.sandbox import python_argv, sandbox_from_config  # noqa: E402
 
 SPECIAL = ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"]
 

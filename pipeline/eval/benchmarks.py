@@ -26,7 +26,7 @@ import yaml
 
 from pipeline.config import Params
 from pipeline.eval.passk import mean_pass_at_k
-from pipeline.eval.sandbox import PYTHON_NO_NETWORK, Job, Limits, Sandbox, python_argv, sandbox_from_config
+from pipeline.eval.sandbox import PYTHON_NO_NETWORK, Job, Sandbox, python_argv, sandbox_from_config
 
 PLACEHOLDER = re.compile(r"\{(prompt|completion|tests|entry_point)\}")
 REQUIRED_FIELDS = ("task_id", "language", "prompt", "tests")

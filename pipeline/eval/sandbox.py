@@ -198,7 +198,9 @@ class Sandbox:
                     os.chown(p, uid, uid)
             with open(out_path, "wb") as out, open(err_path, "wb") as err:
                 execution = self._execute(self._command(job.argv, limits, uid), workdir, limits, out, err, uid)
-            execution.stdout, execution.stderr, execution.uid = _tail(out_path), _tail(err_path), uid
+            # The run dir's random name would make reports differ between identical runs.
+            execution.stdout, execution.stderr = (_tail(p).replace(str(workdir), ".") for p in (out_path, err_path))
+            execution.uid = uid
             return execution
         finally:
             if uid is not None and ((execution is None or execution.status == "timeout") or not self.isolation.namespaces):

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from pipeline.config import parse_params
-from pipeline.data.records import make_doc, split_of, to_table, write_docs, CLEAN_SCHEMA, DOC_SCHEMA
+from pipeline.data.records import DOC_SCHEMA, make_doc, split_of, to_table, write_docs
 from pipeline.eval.fim import (ContextFitter, cursor_case, exact, fim_prompt, generated_line, heldout_docs, normalise,
                                run_fim, select_cases)
 from tests.conftest import stdlib_files
