@@ -28,7 +28,7 @@ from pipeline.config import DedupConfig, Params
 from pipeline.data import minhash
 from pipeline.data.dedup import EXACT, NEAR, STAGE, SignatureSpec, cluster_size_histogram
 from pipeline.data.records import CLEAN_SCHEMA, DOC_COLUMNS, REJECT_SCHEMA
-from pipeline.data.spark_engine import (read_docs_df, rejected_summary, spark_session, spread, write_docs_df,
+from pipeline.data.spark_engine import (read_docs_df, spark_session, spread, write_docs_df,
                                         write_rejected_df)
 
 if TYPE_CHECKING:

@@ -330,7 +330,7 @@ def run_ingest_spark(params: Params, spark: "SparkSession | None" = None) -> dic
     the manifest come out as run_ingest writes them.
     """
     from pipeline.data import ingest
-    from pipeline.data.records import DOC_SCHEMA, to_table, write_rejected
+    from pipeline.data.records import DOC_SCHEMA, to_table
     from pipeline.tracking import write_json
 
     cfg = params.data.ingest
