@@ -110,7 +110,8 @@ def candidate_edges(sigs: "DataFrame", cfg: DedupConfig) -> tuple["DataFrame", "
     buckets = (exploded.groupBy("band", "key")
                .agg(F.collect_list(F.struct("lang", "id")).alias("members"))
                .where(F.size("members") > 1).select("members"))
-    pairs = buckets.mapInArrow(_bucket_pairs(cfg.max_bucket), "src string, dst string").distinct()
+    # Checkpointed: counted for the metrics and verified, without recomputing the bucket shuffle.
+    pairs = buckets.mapInArrow(_bucket_pairs(cfg.max_bucket), "src string, dst string").distinct().localCheckpoint()
     if not cfg.verify:
         return pairs, pairs
     s = sigs.select("id", "sig")
@@ -224,7 +225,7 @@ def dedup_metrics(docs: "DataFrame", decided: "DataFrame", lsh: dict) -> dict:
     from pyspark.sql import functions as F
 
     info = docs.select("id", "lang", "source", "size_bytes")
-    d = decided.join(info, "id")
+    d = decided.join(info, "id").persist()  # small columns only; read by every aggregation below
     totals = d.agg(F.count("*").alias("n"), F.sum("size_bytes").alias("b"),
                    F.sum(F.when(F.col("reason") == "", F.col("size_bytes"))).alias("b_out"),
                    F.sum((F.col("reason") == "").cast("long")).alias("n_out"),
