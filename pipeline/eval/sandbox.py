@@ -234,29 +234,38 @@ class Sandbox:
         proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                 start_new_session=True, close_fds=True,
                                 preexec_fn=None if self.isolation.prlimit else _preexec_limits(limits))
-        status = None
+        # A timer kills at the deadline while this thread blocks in waitpid: Popen.wait(timeout=...) polls
+        # with sleeps of up to 50 ms, which was most of the sandbox's overhead on short programs.
+        timed_out = threading.Event()
+        timer = threading.Timer(limits.timeout_s, self._kill_tree, args=(proc, uid, timed_out))
+        timer.daemon = True
+        timer.start()
         try:
-            proc.wait(timeout=limits.timeout_s)
-        except subprocess.TimeoutExpired:
-            status = "timeout"
-            if uid is not None:
-                # Kill the program's processes first and let `unshare` reap its namespace's init: killing
-                # `unshare` first would orphan that init to a PID 1 that may never reap it (a zombie).
-                _kill_uid(uid)
-                try:
-                    proc.wait(timeout=2)
-                except subprocess.TimeoutExpired:
-                    pass
-        finally:
-            # The group leader is not reaped yet (or just was), so its pgid still names this tree only.
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
             proc.wait()
+        finally:
+            timer.cancel()
+            if timer.is_alive():
+                timer.join()
+        if not self.isolation.namespaces:
+            # Without a PID namespace, children left in the group would outlive the run.
+            _killpg(proc.pid)
         rc = proc.returncode
-        return Execution(status=status or ("passed" if rc == 0 else "failed"), returncode=rc,
+        status = "timeout" if timed_out.is_set() else ("passed" if rc == 0 else "failed")
+        return Execution(status=status, returncode=rc,
                          duration_s=time.monotonic() - start)
+
+    @staticmethod
+    def _kill_tree(proc: subprocess.Popen, uid: int | None, timed_out: threading.Event) -> None:
+        timed_out.set()
+        if uid is not None:
+            # Kill the program's processes first and let `unshare` reap its namespace's init: killing
+            # `unshare` first would orphan that init to a PID 1 that may never reap it (a zombie).
+            _kill_uid(uid)
+            deadline = time.monotonic() + 2
+            while proc.returncode is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+        if proc.returncode is None:  # not reaped yet, so the pgid still names this tree only
+            _killpg(proc.pid)
 
     def _take_uid(self) -> int:
         lo, hi = self.isolation.uid_pool
@@ -287,6 +296,13 @@ def _tail(path: Path) -> str:
             return f.read().decode("utf-8", "replace")
     except OSError:
         return ""
+
+
+def _killpg(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _kill_uid(uid: int, wait_s: float = 5.0) -> None:
