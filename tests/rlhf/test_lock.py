@@ -39,12 +39,12 @@ def test_second_holder_is_refused_while_first_runs_then_allowed(tmp_path):
         pass
 
 
-def test_refresh_refuses_at_once_when_locked(tmp_path, tiny_model_dir):
+def test_refresh_refuses_at_once_when_locked(tmp_path):
     from rlhf_fixtures import rlhf_params
 
     from rlhf.refresh import refresh
 
-    params = rlhf_params(tmp_path, tiny_model_dir)
+    params = rlhf_params(tmp_path, tmp_path / "no-model")
     with RefreshLock(params.rlhf.lock_file):
         t0 = time.monotonic()
         with pytest.raises(LockBusy):
