@@ -68,9 +68,9 @@ def build_model(out: Path) -> Path:
     return out
 
 
-def start_server(db_url: str, model_dir: Path, port: int) -> subprocess.Popen:
+def start_server(db_url: str, model_dir: Path, port: int, threads: int) -> subprocess.Popen:
     cmd = [str(Path(sys.executable).parent / "ownllm"), "serve", "--db-url", db_url, "--model-dir", str(model_dir),
-           "--port", str(port), "--params", str(REPO / "params.yaml")]
+           "--port", str(port), "--params", str(REPO / "params.yaml"), "--num-threads", str(threads)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -99,7 +99,7 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
-def bench_latency(model_dir: Path, n: int, max_tokens: int) -> None:
+def bench_latency(model_dir: Path, n: int, max_tokens: int, threads: int) -> None:
     import torch
 
     from feedback.backends import GenRequest, LocalBackend
@@ -110,8 +110,8 @@ def bench_latency(model_dir: Path, n: int, max_tokens: int) -> None:
     with session_factory(db).begin() as s:
         key = store.create_key(s, "bench")
     port = free_port()
-    server = start_server(db, model_dir, port)
-    backend = LocalBackend(model_dir)
+    server = start_server(db, model_dir, port, threads)
+    backend = LocalBackend(model_dir, num_threads=threads)  # same threads as the server: a like-for-like baseline
     req = GenRequest(prompt=PROMPT, max_tokens=max_tokens, temperature=0)
     body = {"model": "auto", "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "language": "python"}
     direct, gateway, toks_d, toks_g = [], [], [], []
@@ -136,7 +136,7 @@ def bench_latency(model_dir: Path, n: int, max_tokens: int) -> None:
         server.terminate()
         server.wait(30)
     d50, d95, g50, g95 = pct(direct, .5), pct(direct, .95), pct(gateway, .5), pct(gateway, .95)
-    print(f"model: {model_dir}  requests: {n}  tokens/completion: direct {statistics.mean(toks_d):.1f}, "
+    print(f"model: {model_dir}  torch threads: {threads}  requests: {n}  tokens/completion: direct {statistics.mean(toks_d):.1f}, "
           f"gateway {statistics.mean(toks_g):.1f}")
     print(f"direct generate   p50 {d50 * 1000:8.1f} ms   p95 {d95 * 1000:8.1f} ms")
     print(f"gateway (HTTP)    p50 {g50 * 1000:8.1f} ms   p95 {g95 * 1000:8.1f} ms")
@@ -144,7 +144,7 @@ def bench_latency(model_dir: Path, n: int, max_tokens: int) -> None:
           f"(ratio p50 {g50 / d50:.3f})  target <= +10%")
 
 
-def bench_ingest(pg_url: str, model_dir: Path, singles: int, batches: int, clients: int) -> None:
+def bench_ingest(pg_url: str, model_dir: Path, singles: int, batches: int, clients: int, threads: int) -> None:
     """Feedback events/s over HTTP into PostgreSQL, through a gateway process."""
     from sqlalchemy import insert, text
 
@@ -170,7 +170,7 @@ def bench_ingest(pg_url: str, model_dir: Path, singles: int, batches: int, clien
                                             completion_tokens=1, latency_ms=1.0, created_at=now)
                                        for i in range(total)])
     port = free_port()
-    server = start_server(pg_url, model_dir, port)
+    server = start_server(pg_url, model_dir, port, threads)
     base, headers = f"http://127.0.0.1:{port}/v1", {"Authorization": f"Bearer {key}"}
     try:
         def send_singles(chunk: range) -> None:
@@ -218,15 +218,17 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=100)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--skip-latency", action="store_true")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads, server and baseline alike (1: stable on a shared machine)")
     args = ap.parse_args()
     model_dir = Path(args.model_dir)
     if not (model_dir / "config.json").is_file():
         model_dir = build_model(Path(tempfile.mkdtemp(prefix="bench-model-")))
         print(f"{args.model_dir} not found: using a random-weight model of params.yaml's shape in {model_dir}")
     if not args.skip_latency:
-        bench_latency(model_dir, args.requests, args.max_tokens)
+        bench_latency(model_dir, args.requests, args.max_tokens, args.threads)
     if args.pg_url:
-        bench_ingest(args.pg_url, model_dir, args.singles, args.batches, args.clients)
+        bench_ingest(args.pg_url, model_dir, args.singles, args.batches, args.clients, args.threads)
     else:
         print("feedback ingest: skipped (no --pg-url / $OWNLLM_TEST_PG_URL)")
 

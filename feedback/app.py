@@ -149,7 +149,7 @@ class BackendPool:
 
     def create(self, version: ModelVersion) -> Backend:
         if self.cfg.backend == "local":
-            return LocalBackend(version.path, device=self.cfg.device)
+            return LocalBackend(version.path, device=self.cfg.device, num_threads=self.cfg.num_threads)
         if not self.cfg.upstream_url:
             raise BackendError("serve.backend is 'openai' but serve.upstream_url is not set")
         return UpstreamBackend(self.cfg.upstream_url, version.name, os.environ.get(self.cfg.upstream_api_key_env))

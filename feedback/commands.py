@@ -71,7 +71,8 @@ def serve(args) -> int:
     params, url = _setup(args)
     overrides = {k: v for k, v in (("db_url", url), ("host", args.host), ("port", args.port),
                                    ("backend", args.backend), ("model_dir", args.model_dir),
-                                   ("upstream_url", args.upstream_url)) if v is not None}
+                                   ("upstream_url", args.upstream_url), ("num_threads", args.num_threads))
+                 if v is not None}
     cfg = params.serve.model_copy(update=overrides)
     factory = _factory(cfg.db_url)
     if cfg.backend == "local" and (Path(cfg.model_dir) / "config.json").is_file():

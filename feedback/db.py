@@ -14,8 +14,8 @@ from typing import Iterator
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.pool import NullPool
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[1] / "migrations"
 SQLITE_BUSY_TIMEOUT_S = 10.0
@@ -29,15 +29,16 @@ def make_engine(url: str, sqlite_busy_timeout_s: float = SQLITE_BUSY_TIMEOUT_S, 
     """An engine for ``url``; creates the parent directory of a SQLite file.
 
     SQLite gets WAL (readers never block the writer), enforced foreign keys, and a busy timeout so
-    concurrent writers wait instead of failing. It uses no pool: a connection per session is cheap
-    for SQLite, and it means a database file that disappears is noticed at once (→ 503) instead of
-    being written through a stale open handle.
+    concurrent writers wait instead of failing. Connections are pooled: closing the last connection
+    to a WAL database checkpoints and deletes the WAL, which cost ~20 ms per request when measured
+    with a connection per session. A checkout first checks that the file is still there, so a database
+    that disappears is noticed at once (→ 503) instead of being written through a stale open handle.
     """
     u = make_url(url)
     if u.get_backend_name() == "sqlite":
-        if u.database and u.database != ":memory:":
-            Path(u.database).parent.mkdir(parents=True, exist_ok=True)
-        kwargs.setdefault("poolclass", NullPool)
+        path = Path(u.database) if u.database and u.database != ":memory:" else None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
         connect_args = kwargs.pop("connect_args", {})
         connect_args.setdefault("timeout", sqlite_busy_timeout_s)
         connect_args.setdefault("check_same_thread", False)
@@ -50,6 +51,12 @@ def make_engine(url: str, sqlite_busy_timeout_s: float = SQLITE_BUSY_TIMEOUT_S, 
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
+
+        if path is not None:
+            @event.listens_for(engine, "checkout")
+            def _file_still_there(_dbapi_conn, _record, _proxy):
+                if not path.exists():  # the pool then reconnects, and connecting fails: OperationalError
+                    raise DisconnectionError(f"SQLite database {path} has disappeared")
 
         return engine
     if "poolclass" not in kwargs:

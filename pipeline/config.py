@@ -393,6 +393,7 @@ class ServeConfig(Section):
     upstream_url: str | None = None  # e.g. http://vllm:8000/v1
     upstream_api_key_env: str = "OWNLLM_UPSTREAM_API_KEY"  # name of the env var holding the upstream key
     device: str = "cpu"
+    num_threads: int | None = Field(None, ge=1)  # torch threads of the local backend; None = torch default
     max_prompt_chars: int = Field(32_000, ge=1)
     max_tokens_limit: int = Field(512, ge=1)
     max_n: int = Field(8, ge=1)
