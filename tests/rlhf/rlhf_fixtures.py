@@ -140,3 +140,11 @@ def e2e_params(tmp: Path, model_dir: Path, **rlhf) -> Params:
     data["feedback"]["simulate"].update(max_tokens=12, files=1)  # the other val files stay unseen
     data["rlhf"]["gate"].update(heldout_files=3, cursors_per_file=2)
     return parse_params(data, "e2e-params")
+
+
+def params_file(params: Params, path: Path) -> Path:
+    """Write params as a YAML file the CLI's --params accepts."""
+    import yaml
+
+    path.write_text(yaml.safe_dump(params.model_dump(mode="json", exclude={"source_file"})), encoding="utf-8")
+    return path

@@ -10,7 +10,7 @@ from rlhf.lineage import check, describe, render
 from rlhf.register import register_tuned
 from rlhf.snapshot import take_snapshot, write_snapshot
 from rlhf.tune import run_preference, run_sft, weights_hash
-from rlhf_fixtures import make_store, rlhf_params, sample_bounties, sample_decisions
+from rlhf_fixtures import make_store, params_file, rlhf_params, sample_bounties, sample_decisions
 
 
 def _versions(url):
@@ -28,7 +28,7 @@ def _fake_gate(params, passed: bool, tuned_dir):
                                              {"model_dir": str(tuned_dir), "weights_sha256": weights_hash(tuned_dir)}).to_json())
 
 
-def test_failing_gate_registers_nothing(tmp_path, tiny_model_dir):
+def test_failing_gate_registers_nothing(tmp_path, tiny_model_dir, capsys):
     params = rlhf_params(tmp_path, tiny_model_dir, tuned_out=str(tiny_model_dir))
     url = make_store(tmp_path, tiny_model_dir, sample_decisions(2))
     _fake_gate(params, False, tiny_model_dir)
@@ -36,6 +36,17 @@ def test_failing_gate_registers_nothing(tmp_path, tiny_model_dir):
     assert not res.registered and res.reason == "gate failed"
     assert _versions(url) == ["base"]
     assert not (tmp_path / "models/registry").exists()
+
+    # The command: exit 1 with the comparison table; `--on-fail record` (the DVC stage) exits 0.
+    from pipeline.cli import main
+
+    pfile = params_file(params, tmp_path / "params.yaml")
+    assert main(["rlhf", "register", "--params", str(pfile), "--db-url", url]) == 1
+    out = capsys.readouterr().out
+    assert "heldout.acceptance" in out and "REGRESSED" in out and "gate: FAILED" in out
+    assert main(["rlhf", "register", "--params", str(pfile), "--db-url", url, "--on-fail", "record"]) == 0
+    assert _versions(url) == ["base"]
+    assert main(["lineage", "nope", "--params", str(pfile), "--db-url", url]) == 2
 
 
 @pytest.mark.slow
@@ -61,5 +72,9 @@ def test_registered_version_lineage_reproduces_weights(tmp_path, tiny_model_dir)
     run_preference(again)
     ok, msg = check(info, again.rlhf.tuned_out)
     assert ok, msg
+    from pipeline.cli import main
+
+    pfile = params_file(params, tmp_path / "params.yaml")
+    assert main(["lineage", res.version, "--params", str(pfile), "--db-url", url, "--check", again.rlhf.tuned_out]) == 0
     ok, _ = check(info, tiny_model_dir)
     assert not ok
