@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
+from datetime import UTC
 from typing import Annotated, Any, Iterator, Literal
 
 from fastapi import Depends, FastAPI, Request
@@ -240,7 +241,7 @@ def create_app(cfg: ServeConfig, backends: BackendPool | None = None, check_sche
         with factory() as s:
             rows = visible_versions(s, user)
         data = [{"id": "auto", "object": "model", "created": 0, "owned_by": "ownllm"}]
-        data += [{"id": v.name, "object": "model", "created": int(v.created_at.timestamp()), "owned_by": "ownllm",
+        data += [{"id": v.name, "object": "model", "created": int(v.created_at.replace(tzinfo=UTC).timestamp()), "owned_by": "ownllm",
                   "rollout_state": v.rollout_state.value, "parent": None} for v in rows]
         return {"object": "list", "data": data}
 

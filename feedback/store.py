@@ -125,6 +125,10 @@ def promote(s: Session, name: str, target: str) -> ModelVersion:
     """
     state, pct = parse_target(target)
     mv = get_version(s, name)
+    if mv.rollout_state == RolloutState.all and state != RolloutState.all:
+        # Demoting the version that serves everyone would leave users with no model (404s): roll forward
+        # (promote another version --to all, which moves this one back to staff) instead.
+        raise StoreError(f"{name!r} is the version serving everyone; promote another version --to all first")
     if state == RolloutState.ab:
         control = current_all(s)
         if control is None:

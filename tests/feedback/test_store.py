@@ -60,6 +60,8 @@ def test_rollout_staff_ab_all_retire(db_url):
         assert 0.18 < share < 0.32
         assert {v.name for v in visible_versions(s, users[0])} >= {"base"}
     with f.begin() as s:
+        with pytest.raises(store.StoreError, match="serving everyone"):
+            store.promote(s, "base", "staff")  # would leave users without a model
         store.promote(s, "tuned", "all")
         assert store.get_version(s, "base").rollout_state == RolloutState.staff  # one command to roll back
         assert store.running_experiment(s) is None
