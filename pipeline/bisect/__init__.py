@@ -1,0 +1,1 @@
+"""Loss-spike bisecting: replay the exact batches, name the documents, exclude them."""
