@@ -40,6 +40,9 @@ def make_engine(url: str, sqlite_busy_timeout_s: float = SQLITE_BUSY_TIMEOUT_S, 
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
         connect_args = kwargs.pop("connect_args", {})
+        if "poolclass" not in kwargs:  # room for every request thread uvicorn runs at once (40 by default)
+            kwargs.setdefault("pool_size", 8)
+            kwargs.setdefault("max_overflow", 40)
         connect_args.setdefault("timeout", sqlite_busy_timeout_s)
         connect_args.setdefault("check_same_thread", False)
         engine = create_engine(u, connect_args=connect_args, **kwargs)

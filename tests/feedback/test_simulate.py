@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from feedback.simulate import Cursor, accepts, cursors, pick_files
+from feedback.simulate import accepts, cursors, pick_files
 from pipeline.cli import main as ownllm
 from pipeline.config import SimulateConfig
 from pipeline.data.records import DOC_SCHEMA, make_doc, split_of, to_table, write_docs
