@@ -160,12 +160,32 @@ def test_planted_spike_is_found_excluded_and_gone(planted_run, capsys):
     assert read_exclude_ids(params.shards.exclude_ids) == named
     assert f"step {SPIKE_STEP}" in Path(params.shards.exclude_ids).read_text()
 
+    window = range(report["window"]["start"], SPIKE_STEP + 1)
+    assert [ev["losses_with_all"][str(s)] for s in window] == [before[s] for s in window]  # replay == run
+
     # `dvc repro` in miniature: shards without the named documents, then the same run again.
+    old = train_samples(params)
     shards, _ = run_shards(params)
     assert shards["excluded"]["ids"] == sorted(named)
+    new = train_samples(params)
+    first = next(i for i, spans in enumerate(old) if any(sp[0] in named for sp in spans[1]))
+    assert new[:first] == old[:first]  # packing of everything before the planted document is unchanged
+    assert not any(sp[0] in named for _, spans in new for sp in spans)
     train(params)
     after = losses(root / "reports/train")
-    start = report["window"]["start"]
-    assert after[:start] == before[:start]  # every step before the window: bit for bit
     assert after[SPIKE_STEP] < report["threshold"]
-    assert json.loads((root / "reports/train/spikes.json").read_text()) == []
+    assert json.loads((root / "reports/train/spikes.json").read_text()) == []  # the run is calm now
+    # Not asserted: identical losses before the window. streaming's py1e shuffle permutes the whole epoch
+    # as a function of the sample count, so dropping any sample reorders every step (see docs/BISECT.md).
+    assert after[0] != before[0] or len(new) == len(old)
+
+
+def train_samples(params) -> list[tuple[bytes, list]]:
+    """Every train sample of the shards, in index order: (token bytes, doc spans)."""
+    from pipeline.train import data as tdata
+
+    ds = tdata.make_dataset(params, "train", 1)
+    try:
+        return [(ds[i]["tokens"].tobytes(), ds[i]["doc_spans"]) for i in range(ds.size)]
+    finally:
+        tdata.release(ds)
