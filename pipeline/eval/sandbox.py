@@ -305,16 +305,30 @@ def _killpg(pgid: int) -> None:
         pass
 
 
-def _kill_uid(uid: int, wait_s: float = 5.0) -> None:
-    """SIGKILL every process of ``uid`` until none is left.
+def live_pids(uid: int) -> list[int]:
+    """Processes of ``uid`` that are not zombies (a zombie holds no memory or CPU, only a pid entry)."""
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+        except OSError:  # exited while we looked
+            continue
+        if fields.get("Uid", "").split()[:1] == [str(uid)] and not fields.get("State", "").strip().startswith("Z"):
+            found.append(int(status.parent.name))
+    return found
 
-    ``kill -9 -1`` run as that uid reaches exactly its own processes and fails once there are none
-    (zombies still count, so this also waits until they are reaped).
+
+def _kill_uid(uid: int, wait_s: float = 5.0) -> None:
+    """SIGKILL every process of ``uid`` until none is left alive.
+
+    ``kill -9 -- -1`` run as that uid reaches exactly its own processes; its exit status is not a reliable
+    "nothing left" signal, so /proc is checked instead.
     """
     deadline = time.monotonic() + wait_s
-    while _run_quiet(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--", "kill", "-9", "-1"]):
-        if time.monotonic() > deadline:
-            break
+    while True:
+        _run_quiet(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--", "kill", "-9", "--", "-1"])
+        if not live_pids(uid) or time.monotonic() > deadline:
+            return
         time.sleep(0.01)
 
 
