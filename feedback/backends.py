@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Protocol
 
-FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE, FIM_PAD = "<fim_prefix>", "<fim_suffix>", "<fim_middle>", "<fim_pad>"
-EOS = "<|endoftext|>"
+# The one definition of the FIM format lives with the evaluation (pipeline/eval/fim.py); serving, evaluation
+# and RLHF must build the very same prompts.
+from pipeline.eval.fim import EOS, FIM_MIDDLE, FIM_PAD, FIM_PREFIX, FIM_SUFFIX, fim_prompt  # noqa: F401
 
 
 class BackendError(RuntimeError):
@@ -114,11 +115,6 @@ class StopScanner:
 
 
 # ------------------------------------------------------------------------------------------ local model
-def fim_prompt(prefix: str, suffix: str) -> str:
-    """PSM fill-in-the-middle prompt, as the model was trained on."""
-    return f"{FIM_PREFIX}{prefix}{FIM_SUFFIX}{suffix}{FIM_MIDDLE}"
-
-
 class LocalBackend:
     """A Hugging Face causal LM in this process. One generation at a time (a lock): on CPU, parallel
     generate calls only fight over the same cores and make every request slower."""
@@ -147,7 +143,9 @@ class LocalBackend:
 
     # -- prompt ------------------------------------------------------------------------------------
     def _encode(self, text: str) -> list[int]:
-        return self.tok(text, add_special_tokens=False)["input_ids"] if text else []
+        # split_special_tokens: text a user typed (a file about tokenizers, say) is never read as a control
+        # token, so a prompt cannot end the document or forge a FIM boundary.
+        return self.tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] if text else []
 
     def prompt_ids(self, req: GenRequest) -> list[int]:
         """Token ids of the prompt, truncated to fit the context: prefix keeps its end, suffix its start."""
@@ -162,6 +160,7 @@ class LocalBackend:
             return start + prefix[-keep:] if keep > 0 else start
         if any(v is None for v in self.fim_ids.values()):
             raise BadGenerationRequest("this model has no FIM tokens, so `suffix` cannot be used")
+        # fim_prompt's PSM layout, built in token space so truncation never splits a token.
         suffix = self._encode(req.suffix)
         room = budget - 3
         suffix_room = min(len(suffix), max(room // 3, room - len(prefix)))
