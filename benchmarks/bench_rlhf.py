@@ -82,6 +82,27 @@ def fill_store(url: str, model_dir: Path, contexts: int) -> None:
         record_feedback(s, user, events)
 
 
+def plain_loop_tokens_per_s(model_dir: Path, rows: list[dict], batch: int, steps: int, max_length: int) -> float:
+    """Baseline: the same model and SFT text through a hand-written training loop (no TRL, no Trainer)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-5)
+    texts = [r["prompt"] + r["completion"] for r in rows]
+    tokens, t0 = 0, time.perf_counter()
+    for step in range(steps):
+        chunk = [texts[(step * batch + i) % len(texts)] for i in range(batch)]
+        enc = tok(chunk, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+        loss = model(**enc, labels=enc["input_ids"]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        tokens += int(enc["attention_mask"].sum())
+    return tokens / (time.perf_counter() - t0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model")
@@ -124,6 +145,10 @@ def main() -> None:
         rows.append((name, wall, res))
         print(f"{name}: {wall:.1f}s wall ({res.seconds:.1f}s in trainer.train), {res.steps} steps x batch "
               f"{rl.batch_size}, {res.tokens} tokens → {res.tokens_per_s:.0f} tokens/s")
+    base_tps = plain_loop_tokens_per_s(model, snap.sft, rl.batch_size, args.steps, rl.max_length)
+    print(f"baseline: plain PyTorch fwd+bwd+AdamW loop on the same SFT rows: {base_tps:.0f} tokens/s")
+    for name, _, res in rows[1:]:
+        print(f"{name}: {res.tokens_per_s / base_tps:.2f}x the plain loop's tokens/s")
     print("stage     wall_s  train_s  tokens/s")
     for name, wall, res in rows:
         print(f"{name:<9} {wall:6.1f}  {res.seconds if res else 0:7.1f}  {res.tokens_per_s if res else 0:8.0f}")

@@ -29,7 +29,11 @@ class RegisterResult:
     lineage: dict
 
     def to_json(self) -> dict:
-        return {"registered": self.registered, "version": self.version, "reason": self.reason, "lineage": self.lineage}
+        """The stage's metrics file. The git revision and dvc.lock hash stay out of it (they are in the
+        store): dvc.lock records this file's hash, and a file holding dvc.lock's own hash would make
+        dvc.lock differ on every reproduction."""
+        stable = {k: self.lineage.get(k) for k in ("snapshot_hash", "model_hash", "parent")}
+        return {"registered": self.registered, "version": self.version, "reason": self.reason, "lineage": stable}
 
 
 def version_name(model_hash: str) -> str:
