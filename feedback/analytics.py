@@ -159,12 +159,12 @@ def plot(rep: dict[str, Any], path) -> None:
         ax.bar(range(len(rows)), rates, yerr=err, capsize=4, color="#4c72b0")
         ax.set_xticks(range(len(rows)), labels, fontsize=8)
         for i, r in enumerate(rows):
-            ax.text(i, 0.02, f"n={r['decided']}", ha="center", fontsize=7, color="white")
+            ax.text(i, min(r["ci95"][1] + 0.02, 0.95), f"n={r['decided']}", ha="center", fontsize=7)
     else:
         ax.text(0.5, 0.5, "no feedback in the window", ha="center", va="center", transform=ax.transAxes)
     ax.set_ylim(0, 1)
     ax.set_ylabel("acceptance rate (95% CI)")
-    ax.set_title("Completion acceptance by model version and language")
+    ax.set_title("Acceptance by model version and language", fontsize=10)
     fig.tight_layout()
     # No Software/date metadata, so the same numbers give the same bytes.
     fig.savefig(path, dpi=100, metadata={"Software": None})
