@@ -72,6 +72,7 @@ class StepRecorder(Callback):
         self.fim_docs = 0
         self.docs = 0
         self._pending: dict[str, Any] | None = None
+        self.last_eval_step = -1
 
     def state_dict(self) -> dict[str, Any]:
         return {"fim_docs": self.fim_docs, "docs": self.docs}
@@ -111,10 +112,11 @@ class StepRecorder(Callback):
                                                          int(rec["skipped"])])
 
     def eval_end(self, state: State, logger: Logger) -> None:
-        if dist.get_global_rank() != 0:
-            return
         metric = state.eval_metrics.get("eval", {}).get("LanguageCrossEntropy")
-        if metric is None:
+        if metric is None or step_of(state) == self.last_eval_step:
+            return
+        self.last_eval_step = step_of(state)
+        if dist.get_global_rank() != 0:
             return
         with (self.out / "val_loss.csv").open("a", newline="") as f:
             csv.writer(f, lineterminator="\n").writerow([step_of(state), repr(float(metric.compute()))])

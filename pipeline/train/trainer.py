@@ -175,7 +175,9 @@ def build_trainer(params: Params, device: str, precision: str):
 
 def final_metrics(trainer) -> dict[str, float]:
     """Validation loss and perplexity over the configured validation batches, with the final weights."""
-    trainer.eval()
+    recorder = next(c for c in trainer.state.callbacks if type(c).__name__ == "StepRecorder")
+    if recorder.last_eval_step != int(trainer.state.timestamp.batch.value):  # not evaluated at the last step
+        trainer.eval()
     metrics = trainer.state.eval_metrics["eval"]
     return {"val_loss": float(metrics["LanguageCrossEntropy"].compute()),
             "val_perplexity": float(metrics["LanguagePerplexity"].compute())}
@@ -220,9 +222,14 @@ def train(params: Params) -> dict[str, Any]:
     started = time.perf_counter()
     trainer, tokenizer, skip = build_trainer(params, device, precision)
     resumed_from = int(trainer.state.timestamp.batch.value)
-    trainer.fit()
+    max_duration = trainer.state.max_duration
+    if trainer.state.timestamp.get(max_duration.unit) < max_duration:
+        trainer.fit()
+    # else: autoresume found the run already complete; only the outputs are written again.
     fit_seconds = time.perf_counter() - started
     final = final_metrics(trainer)
+    # Every rank takes part: streaming datasets synchronise their processes when they open.
+    baseline = unigram_baseline(params, len(tokenizer))
     state = trainer.state
     tokens = int(state.timestamp.token.value)
     steps = int(state.timestamp.batch.value)
@@ -244,7 +251,7 @@ def train(params: Params) -> dict[str, Any]:
             "params": n_params(model),
             "final_train_loss": float(np.mean(last)),
             **final,
-            **unigram_baseline(params, len(tokenizer)),
+            **baseline,
             "objectives": {"fim_rate": params.train.fim_rate, "fim_spm_rate": params.train.fim_spm_rate,
                            "span_corruption_rate": params.train.span_corruption_rate,
                            "next_token_rate": 1 - params.train.fim_rate,
