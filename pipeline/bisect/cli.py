@@ -60,6 +60,20 @@ def pick_spike(params: Params, step: int | None, spikes_file: str | None) -> dic
 
 
 # ------------------------------------------------------------------------------------------- search
+def raise_open_file_limit() -> None:
+    """Lift the soft open-files limit to the hard one: each replay leaves ~200 descriptors open.
+
+    mosaicml-streaming 0.13 keeps its shared-memory segments (/dev/shm/*_resume, *_locals, ...) open for
+    the life of the process, and a bisect opens the training data once per replay; with a 1024 soft
+    limit a few replays would exhaust it.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else max(soft, 65536), hard))
+
+
 def bisect_spike(params: Params, spike: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
     """Replay, confirm and narrow down one spike; returns (report, timings)."""
     from pipeline.bisect.ddmin import ddmin
@@ -68,6 +82,7 @@ def bisect_spike(params: Params, spike: dict[str, Any]) -> tuple[dict[str, Any],
     from pipeline.train.data import load_tokenizer
 
     cfg, step = params.bisect, int(spike["step"])
+    raise_open_file_limit()
     threshold = params.train.spike.k * float(spike["running_mean"])
     started = time.perf_counter()
     tokenizer = load_tokenizer(params)

@@ -72,6 +72,18 @@ def test_append_exclusions_is_idempotent(tmp_path):
     assert path.read_text().count("spike at step 7") == 1
 
 
+def test_bisect_without_a_spike_is_a_clear_user_error(tmp_path, capsys):
+    from pipeline.cli import main
+
+    params = write_params(tmp_path / "params.yaml", tiny_params(tmp_path, tmp_path / "shards", tmp_path / "tok"))
+    (tmp_path / "reports/train").mkdir(parents=True)
+    (tmp_path / "reports/train/spikes.json").write_text("[]\n")
+    assert main(["bisect", "--params", str(params)]) == 2
+    assert "no spike recorded in" in capsys.readouterr().err
+    assert main(["bisect", "--params", str(params), "--step", "5"]) == 2  # and no loss curve to judge it by
+    assert "no loss curve" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------- the planted spike
 def poison_content(nonce: int) -> str:
     """60 random CJK characters: byte tokens that never occur in the stdlib code, so every one is a surprise."""
