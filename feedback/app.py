@@ -241,8 +241,8 @@ def create_app(cfg: ServeConfig, backends: BackendPool | None = None, check_sche
         with factory() as s:
             rows = visible_versions(s, user)
         data = [{"id": "auto", "object": "model", "created": 0, "owned_by": "ownllm"}]
-        data += [{"id": v.name, "object": "model", "created": int(v.created_at.replace(tzinfo=UTC).timestamp()), "owned_by": "ownllm",
-                  "rollout_state": v.rollout_state.value, "parent": None} for v in rows]
+        data += [{"id": v.name, "object": "model", "created": int(v.created_at.replace(tzinfo=UTC).timestamp()),
+                  "owned_by": "ownllm", "rollout_state": v.rollout_state.value} for v in rows]
         return {"object": "list", "data": data}
 
     @app.post("/v1/completions", response_model=None)
