@@ -10,6 +10,7 @@ reports; it never stops training.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +47,8 @@ class SpikeTracker:
                     self.reported = len(self.run)
             else:
                 self.run, self.reported = [], 0
-        self.losses.append(loss)
+        if math.isfinite(loss):  # a NaN/inf in the window would make every later step an outlier
+            self.losses.append(loss)
         if len(self.losses) > self.window:
             self.losses.popleft()
         return flagged

@@ -87,7 +87,7 @@ def _check_shapes(params: Params) -> None:
                          f"{params.model.max_seq_len}: the model cannot attend over a whole sample")
 
 
-def build_trainer(params: Params, device: str, precision: str):
+def build_trainer(params: Params, device: str, precision: str, extra_callbacks: list | None = None):
     from composer import Evaluator, Trainer
     from composer.algorithms import GradientClipping
     from composer.callbacks import LRMonitor, MemoryMonitor, RuntimeEstimator, SpeedMonitor
@@ -132,6 +132,7 @@ def build_trainer(params: Params, device: str, precision: str):
                  StepRecorder(out, skip), LossSpikeDetector(t.spike, out, skip)]
     if device == "gpu":
         callbacks.append(MemoryMonitor())
+    callbacks += extra_callbacks or []
     loggers = []
     mode = wandb_mode(params)
     if mode != "disabled":

@@ -52,12 +52,14 @@ def pack_docs(docs: list[tuple[str, list[int]]], seq_len: int, eos: int) -> list
     return samples  # the ragged tail is dropped, as a packer with drop-last would
 
 
-def write_shards(out: Path, texts: dict[str, str], tokenizer_dir: Path, seq_len: int = SEQ_LEN) -> list[dict]:
+def write_shards(out: Path, texts: dict[str, str | list[int]], tokenizer_dir: Path, seq_len: int = SEQ_LEN) -> list[dict]:
+    """Pack and write; a document given as a list of ids is taken as tokens (its id hashes their repr)."""
     from streaming import MDSWriter
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    docs = [(doc_id(t), tok(t, add_special_tokens=False)["input_ids"]) for t in texts.values()]
+    docs = [(doc_id(t), tok(t, add_special_tokens=False)["input_ids"]) if isinstance(t, str) else (doc_id(repr(t)), t)
+            for t in texts.values()]
     samples = pack_docs(docs, seq_len, tok.eos_token_id)
     if out.exists():
         shutil.rmtree(out)
