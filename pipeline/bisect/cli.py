@@ -3,7 +3,8 @@
 1. Pick the spike (``--step``, else the first one in ``reports/train/spikes.json``) and the last
    checkpoint before it; the window is the steps from that checkpoint to the spike.
 2. Replay the window unchanged: does the spike reproduce? (PaLM found some do not; that is an answer.)
-3. Delta-debug over the window's documents: keep halves, replay, keep the half that still spikes.
+3. Delta-debug over the window's documents: drop halves, replay, keep narrowing down the half whose
+   removal alone calms the run (ddmin, so documents that only matter together are found too).
 4. Report to ``reports/bisect/<run>-<step>.json`` and a table; ``--exclude`` appends the named ids to
    ``shards.exclude_ids`` so ``dvc repro`` rebuilds shards and model without them.
 """
@@ -100,20 +101,21 @@ def bisect_spike(params: Params, spike: dict[str, Any]) -> tuple[dict[str, Any],
     named: list[str] = []
     dd = None
     if reproduces:
-        def still_spikes(kept: list[str]) -> bool:
-            kept_set = set(kept)
-            replays.append(replay(params, window, ckpt, {d for d in docs if d not in kept_set}))
-            return spikes(replays[-1])
+        def calm_without(removed: list[str]) -> bool:
+            # The question the exclusion list answers: does the run stay calm without these documents?
+            # Everything else stays in, so the model each test replays stays close to the real one.
+            replays.append(replay(params, window, ckpt, set(removed)))
+            return not spikes(replays[-1])
 
         budget = max(0.0, cfg.max_seconds - (time.perf_counter() - started))
-        dd = ddmin(docs, still_spikes, min_candidates=cfg.min_candidates, max_tests=max(0, cfg.max_replays - 2),
+        dd = ddmin(docs, calm_without, min_candidates=cfg.min_candidates, max_tests=max(0, cfg.max_replays - 1),
                    max_seconds=budget)
         named = dd.candidates
     by_drop = {tuple(r.dropped): r for r in replays}
-    without = by_drop.get(tuple(sorted(named))) or (replay(params, window, ckpt, set(named)) if named else base)
-    if without is not base and without not in replays:
+    without = by_drop.get(tuple(sorted(named))) or base
+    if named and tuple(sorted(named)) not in by_drop:  # the search stopped before testing its own answer
+        without = replay(params, window, ckpt, set(named))
         replays.append(without)
-    only = by_drop.get(tuple(sorted(set(docs) - set(named))), base)
 
     rows = document_table(params, window, named, base.doc_losses, float(spike["running_mean"]), tokenizer) if named else []
     sample_docs = {idx: sorted({sp[0] for sp in window.spans[idx]}) for idx in base.sample_losses}
@@ -131,7 +133,6 @@ def bisect_spike(params: Params, spike: dict[str, Any]) -> tuple[dict[str, Any],
                                for idx, loss in base.sample_losses.items()],
         "documents": rows,
         "evidence": {"with_all": base.spike_loss, "without_named": without.spike_loss,
-                     "only_named": only.spike_loss if named else base.spike_loss,
                      "losses_with_all": {str(k): v for k, v in base.losses.items()},
                      "losses_without_named": {str(k): v for k, v in without.losses.items()}},
         "search": {"replays": len(replays), "naive_replays": len(docs) + 1,

@@ -1,9 +1,10 @@
 """Delta debugging (Zeller & Hildebrandt, "Simplifying and Isolating Failure-Inducing Input", 2002).
 
 ``ddmin`` shrinks a list of candidates to a small subset for which ``still_fails(subset)`` holds, here:
-"the run still spikes when only these candidate documents stay in the window". It tries each chunk
-alone (keep a half), then each complement (drop a chunk), and refines the granularity when neither
-holds, so two documents that only spike together are still found. Written here because it is twenty
+"the run no longer spikes when these documents are dropped from the window" (the question the
+exclusion list answers, asked while everything else stays in, so each replayed model stays close to the
+real one). It tries each chunk alone, then each complement, and refines the granularity when neither
+holds, so two documents that each spike the run on their own are both found. Written here because it is twenty
 lines and the known packages wrap it around their own test runners, not around a callable.
 
 Every test result is cached by subset, the order of candidates is kept everywhere, and the budget
@@ -22,7 +23,7 @@ from typing import Callable, Sequence
 class DDResult:
     candidates: list[str]
     tests: int  # calls of still_fails that ran (cache hits excluded)
-    history: list[dict] = field(default_factory=list)  # each test: kept subset size, outcome
+    history: list[dict] = field(default_factory=list)  # each test: subset size, whether it held
     stopped: str = "minimal"  # minimal | min_candidates | max_tests | max_seconds
 
 
@@ -56,7 +57,7 @@ def ddmin(candidates: Sequence[str], still_fails: Callable[[list[str]], bool], *
             return None
         res.tests += 1
         cache[key] = bool(still_fails(list(subset)))
-        res.history.append({"kept": len(subset), "spikes": cache[key]})
+        res.history.append({"size": len(subset), "holds": cache[key]})
         return cache[key]
 
     n = 2

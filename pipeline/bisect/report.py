@@ -149,5 +149,4 @@ def render(report: dict[str, Any], file=None) -> None:
                       d["snippet"][:80])
     console.print(table)
     console.print(f"loss at step {report['step']}: {fmt(ev['with_all'])} with everything, "
-                  f"{fmt(ev['without_named'])} without these documents, "
-                  f"{fmt(ev['only_named'])} with only these (of the window's documents)")
+                  f"{fmt(ev['without_named'])} without these documents")
