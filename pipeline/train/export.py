@@ -1,15 +1,13 @@
 """`ownllm export`: the trained model plus its tokenizer as a Hugging Face model directory (models/base/).
 
 The default input is the deterministic final model that `ownllm train` writes (``train.final_model``);
-``--checkpoint`` exports any Composer checkpoint instead (e.g. one from before a spike), using
-Composer's own converter. The export is checked before it is declared done: it must load with
+``--checkpoint`` exports any Composer checkpoint instead (e.g. one from before a spike). The export is checked before it is declared done: it must load with
 ``AutoModelForCausalLM`` and greedily complete both a plain and a FIM prompt.
 """
 
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
 from pipeline.config import Params
@@ -32,16 +30,14 @@ def export(params: Params, checkpoint: str | None = None) -> dict:
 
     out = Path(params.export.out)
     tokenizer = load_tokenizer(params)
-    with tempfile.TemporaryDirectory() as tmp:
+    if checkpoint:
+        model = model_from_checkpoint(params, checkpoint, tokenizer)
+    else:
         src = Path(params.train.final_model)
-        if checkpoint:
-            from composer.models import write_huggingface_pretrained_from_composer_checkpoint
-
-            write_huggingface_pretrained_from_composer_checkpoint(checkpoint, tmp)
-            src = Path(tmp)
         if not (src / "config.json").is_file():
             raise FileNotFoundError(f"no trained model at {src}: run `ownllm train` first (or pass --checkpoint)")
-        model = AutoModelForCausalLM.from_pretrained(src, torch_dtype=getattr(torch, params.export.dtype))
+        model = AutoModelForCausalLM.from_pretrained(src)
+    model = model.to(getattr(torch, params.export.dtype))
     if out.exists():
         shutil.rmtree(out)
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
@@ -50,6 +46,30 @@ def export(params: Params, checkpoint: str | None = None) -> dict:
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return smoke_test(out)
+
+
+def model_from_checkpoint(params: Params, checkpoint: str, tokenizer):
+    """The HF model inside a Composer checkpoint (weights under ``state.model`` as ``model.<hf name>``).
+
+    Composer's own converter needs the optional ``peft`` package; rebuilding the model from params and
+    loading the weights needs nothing else.
+    """
+    import torch
+
+    from pipeline.train.model import build_model
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"no Composer checkpoint at {path}")
+    state = torch.load(path, map_location="cpu", weights_only=False)["state"]["model"]
+    weights = {k.removeprefix("model."): v for k, v in state.items()}
+    model = build_model(params.model, tokenizer, params.seed)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if not (model.config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not match params.model: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    return model
 
 
 def complete(model, tokenizer, prompt: str, max_new_tokens: int = 24) -> str:
@@ -80,7 +100,7 @@ def main(args) -> int:
     params = load_params(args.params)
     try:
         result = export(params, getattr(args, "checkpoint", None))
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:
         from pipeline.cli import UserError
 
         raise UserError(str(exc)) from None
