@@ -89,11 +89,23 @@ def bisect_spike(params: Params, spike: dict[str, Any]) -> tuple[dict[str, Any],
     tokenizer = load_tokenizer(params)
     ckpt, start = checkpoint_before(params, step)
     window = load_window(params, start, step, tokenizer)
-    docs = window.documents()
+    docs = window.by_recency()
+
+    history = read_losses(params)
+
+    def threshold_of(result) -> float:
+        """The detector's threshold on the replayed curve: k x the mean of the ``window`` losses before the spike.
+
+        Judging each replay by its own curve matters: a replay without many documents trains less, so all of
+        its losses sit higher, and the original run's threshold would call that a spike (or hide one).
+        """
+        curve = {**{s: v for s, v in history.items() if s < start}, **result.losses}
+        before = [curve[s] for s in sorted(curve) if s < step and curve[s] is not None][-params.train.spike.window:]
+        return params.train.spike.k * sum(before) / len(before) if before else threshold
 
     def spikes(result) -> bool:
         # A spike step with nothing left in it cannot spike. NaN/inf count as a spike, as in the detector.
-        return result.spike_loss is not None and not result.spike_loss < threshold
+        return result.spike_loss is not None and not result.spike_loss < threshold_of(result)
 
     replays = [replay(params, window, ckpt)]
     base = replays[0]
@@ -133,6 +145,7 @@ def bisect_spike(params: Params, spike: dict[str, Any]) -> tuple[dict[str, Any],
                                for idx, loss in base.sample_losses.items()],
         "documents": rows,
         "evidence": {"with_all": base.spike_loss, "without_named": without.spike_loss,
+                     "threshold_with_all": threshold_of(base), "threshold_without_named": threshold_of(without),
                      "losses_with_all": {str(k): v for k, v in base.losses.items()},
                      "losses_without_named": {str(k): v for k, v in without.losses.items()}},
         "search": {"replays": len(replays), "naive_replays": len(docs) + 1,

@@ -60,13 +60,28 @@ class Window:
     spans: dict[int, list[list]]  # sample index -> [[doc_id, doc_start, sample_start, n], ...]
 
     def documents(self) -> list[str]:
-        """Every document of the window, in order of first appearance (the order bisecting splits)."""
+        """Every document of the window, in order of first appearance."""
         seen: dict[str, None] = {}
         for step in sorted(self.samples):
             for idx in self.samples[step]:
                 for span in self.spans[idx]:
                     seen.setdefault(span[0], None)
         return list(seen)
+
+    def by_recency(self) -> list[str]:
+        """Documents read closest to the spike first (ties: first appearance), the order bisecting splits.
+
+        Dropping a document read early in a long window removes training before the spike, and a less
+        trained model may not spike at all; trying the most recent documents first keeps the early
+        tests closest to the real run and tries the spike step's own documents in the first test.
+        """
+        last: dict[str, int] = {}
+        for step in sorted(self.samples):
+            for idx in self.samples[step]:
+                for span in self.spans[idx]:
+                    last[span[0]] = step
+        order = self.documents()
+        return sorted(order, key=lambda d: (-last[d], order.index(d)))
 
     def steps_of(self, doc_id: str) -> list[int]:
         return [s for s in sorted(self.samples) if any(sp[0] == doc_id for i in self.samples[s] for sp in self.spans[i])]
@@ -132,8 +147,8 @@ def _drop_callback_class():
         def batch_end(self, state: State, logger: Logger) -> None:
             step = step_of(state) - 1
             labels = state.batch["labels"]
-            if step == self.window.spike and not bool((labels[:, 1:] != IGNORE_INDEX).any()):
-                self.losses[step] = None  # nothing of the spike step is left to measure
+            if not bool((labels[:, 1:] != IGNORE_INDEX).any()):
+                self.losses[step] = None  # nothing of this step is left: no loss (and no update)
             else:
                 self.losses[step] = float(state.total_loss_dict.get("loss/train/total", float("nan")))
             if step == self.window.spike:
