@@ -136,10 +136,22 @@ def build_trainer(params: Params, device: str, precision: str, extra_callbacks: 
     loggers = []
     mode = wandb_mode(params)
     if mode != "disabled":
+        import wandb
         from composer.loggers import WandBLogger
 
+        # Composer 0.32's WandBLogger calls Run.get_url(), which wandb 0.31 removed (it is the `url`
+        # property now); restore the old spelling rather than pin an older wandb.
+        if not hasattr(wandb.sdk.wandb_run.Run, "get_url"):
+            wandb.sdk.wandb_run.Run.get_url = lambda run: run.url
+        class LocalCheckpointsWandBLogger(WandBLogger):
+            """Checkpoints stay in save_folder (log_artifacts is off): autoresume must not ask W&B for them,
+            which needs an API key even in offline mode."""
+
+            def download_file(self, *args, **kwargs):
+                raise NotImplementedError("checkpoints are not stored in W&B")
+
         Path(params.tracking.wandb_dir).mkdir(parents=True, exist_ok=True)
-        loggers.append(WandBLogger(project=params.tracking.project, name=t.run_name, init_kwargs={
+        loggers.append(LocalCheckpointsWandBLogger(project=params.tracking.project, name=t.run_name, init_kwargs={
             "mode": mode, "dir": params.tracking.wandb_dir, "job_type": "train",
             "config": params.model_dump(mode="json")}))
 

@@ -169,3 +169,16 @@ def test_two_process_gloo_keeps_the_global_batch(trained_run, tmp_path, shards_d
     ref = [float(r["train_loss"]) for r in curve(trained_run["dir"])[:6]]
     got = [float(r["train_loss"]) for r in curve(tmp_path)]
     assert got == pytest.approx(ref, rel=2e-2)
+
+
+def test_wandb_offline_run_directory(tmp_path, shards_dir, tiny_model_dir, monkeypatch):
+    from pipeline.train.trainer import train
+
+    monkeypatch.setenv("OWNLLM_WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_API_KEY", "")
+    data = tiny_params(tmp_path, shards_dir, tiny_model_dir, max_duration="3ba", eval_interval="1000ba")
+    train(parse_params(data))
+    runs = list((tmp_path / "wandb").rglob("offline-run-*"))
+    assert runs and any(p.suffix == ".wandb" for p in runs[0].iterdir())
+    # A second invocation finds the run complete through autoresume, without asking W&B for checkpoints.
+    train(parse_params(data))
