@@ -246,6 +246,7 @@ class ShardsConfig(Section):
     exclude_ids: str = "data/exclude_ids.txt"
     encode_batch_docs: int = Field(256, gt=0)
     size_limit: str = "64mb"
+    cache_dir: str = "var/cache/shards"  # decompressed copies that training reads (pipeline/train/data.py)
 
 
 # ---------------------------------------------------------------------------------------- training

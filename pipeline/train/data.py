@@ -43,11 +43,61 @@ def split_dir(params: Params, split: str) -> Path:
     return path
 
 
+def readable_copy(shards: Path, cache_root: Path) -> Path:
+    """A directory of the split's shards that streaming can read without writing next to them.
+
+    ``data/shards`` is a DVC output of zstd-compressed MDS. Given ``local=`` alone, streaming decompresses
+    each shard *into* that directory, which changes the output DVC hashed; given ``remote=`` and ``local=``,
+    it refuses a second dataset over the same ``local`` in one process (bisect and the trainer open several).
+    So the shards are decompressed once into a cache (an uncompressed MDS copy) keyed by the index and the compressed files' sizes and
+    mtimes (a new ``dvc checkout`` or rebuild gets a new key), and every dataset reads that copy ``local=``
+    only. Uncompressed shards are read in place. The copy is safe to delete; it is rebuilt on demand.
+    """
+    import hashlib
+    import os
+    import tempfile
+
+    from filelock import FileLock
+    from streaming.base.compression import decompress
+
+    index_bytes = (shards / "index.json").read_bytes()
+    infos = json.loads(index_bytes)["shards"]
+    if not any(info.get("compression") for info in infos):
+        return shards
+    key = hashlib.blake2b(index_bytes, digest_size=10)
+    for info in infos:
+        st = (shards / info["zip_data"]["basename"]).stat()
+        key.update(f"{info['zip_data']['basename']}:{st.st_size}:{st.st_mtime_ns}".encode())
+    dest = Path(cache_root) / f"{shards.name}-{key.hexdigest()}"
+    if (dest / "index.json").is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(dest) + ".lock"):  # ranks of one node share the copy; the first one makes it
+        if (dest / "index.json").is_file():
+            return dest
+        tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
+        for info in infos:
+            raw, zipped = info["raw_data"], info["zip_data"]
+            data = decompress(info["compression"], (shards / zipped["basename"]).read_bytes())
+            if len(data) != raw["bytes"]:
+                raise ValueError(f"{shards / zipped['basename']}: decompresses to {len(data)} bytes, "
+                                 f"index.json says {raw['bytes']}; the shards are corrupt, rebuild them")
+            (tmp / raw["basename"]).write_bytes(data)
+        # An uncompressed dataset as far as streaming can tell (it would evict raw files without their zips).
+        index = json.loads(index_bytes)
+        for info in index["shards"]:
+            info["compression"], info["zip_data"] = None, None
+        (tmp / "index.json").write_text(json.dumps(index, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, dest)
+    return dest
+
+
 def make_dataset(params: Params, split: str, device_batch_size: int):
     """The StreamingDataset of one split. Train is shuffled by params; val is read in order."""
     cls = _streaming_dataset_class()
     train = split == "train"
-    return cls(local=str(split_dir(params, split)), shuffle=train, shuffle_seed=params.train.shuffle_seed,
+    local = readable_copy(split_dir(params, split), Path(params.shards.cache_dir))
+    return cls(local=str(local), shuffle=train, shuffle_seed=params.train.shuffle_seed,
                shuffle_algo=SHUFFLE_ALGO, num_canonical_nodes=params.train.num_canonical_nodes,
                batch_size=device_batch_size)
 

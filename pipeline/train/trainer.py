@@ -102,6 +102,12 @@ def build_trainer(params: Params, device: str, precision: str, extra_callbacks: 
 
     t = params.train
     world = dist.get_world_size()
+    if world > 1:
+        # Join the process group before the datasets exist. Otherwise each StreamingDataset brings up (and
+        # tears down) a group of its own on the same MASTER_PORT, racing Composer's: a rank can reach the
+        # dying store and fail ("failed to recv") or wait for workers forever. llm-foundry's train script
+        # initialises dist first for the same reason; the Trainer then finds it initialised.
+        dist.initialize_dist(device, timeout=300.0)
     if t.global_batch_size % world:
         raise ValueError(f"train.global_batch_size={t.global_batch_size} is not divisible by the {world} processes")
     device_batch = t.global_batch_size // world

@@ -52,6 +52,15 @@ def test_training_learns_and_reports(trained_run):
     assert [int(r["step"]) for r in val] == [6, 12]
 
 
+def test_training_reads_the_shards_without_writing_into_them(trained_run, shards_dir):
+    # data/shards is a DVC output: streaming must decompress into the cache, never next to the .zstd files.
+    for split in ("train", "val"):
+        names = sorted(p.name for p in (shards_dir / split).iterdir())
+        assert names[0] == "index.json" and all(n.endswith(".mds.zstd") for n in names[1:]), names
+    copies = sorted(p.name for p in (trained_run["dir"] / "shard-cache").iterdir() if p.is_dir())
+    assert [c.split("-")[0] for c in copies] == ["train", "val"]
+
+
 def test_two_runs_are_bit_identical(trained_run, tmp_path, shards_dir, tiny_model_dir):
     from pipeline.train.trainer import train
 

@@ -92,7 +92,7 @@ def tiny_params(tmp: Path, shards: Path, tokenizer: Path, **train_overrides) -> 
         "data": {"sources": [{"name": "stdlib", "kind": "dir", "path": "{stdlib}"}]},
         "tracking": {"wandb_mode": "disabled", "reports_dir": str(tmp / "reports"), "wandb_dir": str(tmp / "wandb")},
         "tokenizer": {"out": str(tokenizer)},
-        "shards": {"out": str(shards), "max_seq_len": SEQ_LEN},
+        "shards": {"out": str(shards), "max_seq_len": SEQ_LEN, "cache_dir": str(tmp / "shard-cache")},
         "model": {"n_layers": 2, "d_model": 32, "n_heads": 2, "n_kv_heads": 2, "max_seq_len": SEQ_LEN},
         "train": train,
         "export": {"out": str(tmp / "models/base")},
