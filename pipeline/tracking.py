@@ -13,7 +13,7 @@ import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from pipeline.config import Params
 
@@ -30,6 +30,16 @@ def write_json(path: str | Path, payload: Any) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_jsonable) + "\n", encoding="utf-8")
+    return p
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
+    """Deterministic JSON lines: one record per line, sorted keys."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with open(p, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, sort_keys=True, default=_jsonable) + "\n")
     return p
 
 

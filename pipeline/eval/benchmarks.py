@@ -188,7 +188,7 @@ def generate_completions(params: Params, bench: Benchmark, runtimes: dict[str, R
 
 def run_benchmark(params: Params, name: str, model_dir: str, benchmark: str, runtimes_file: str | None = None,
                   samples_path: str | None = None, canonical: bool = False) -> dict:
-    from pipeline.tracking import write_json
+    from pipeline.tracking import write_json, write_jsonl
 
     runtimes = load_runtimes(runtimes_file)
     bench = load_benchmark(benchmark, runtimes)
@@ -211,9 +211,7 @@ def run_benchmark(params: Params, name: str, model_dir: str, benchmark: str, run
     summary["skipped_samples"] = dict(sorted(skipped.items()))
     out_dir = Path(params.eval.out) / name
     write_json(out_dir / f"{bench.name}.json", summary)
-    with open(out_dir / f"{bench.name}_results.jsonl", "w", encoding="utf-8") as f:
-        for r in results:
-            f.write(json.dumps(r, sort_keys=True) + "\n")
+    write_jsonl(out_dir / f"{bench.name}_results.jsonl", results)
     return summary
 
 

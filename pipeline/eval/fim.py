@@ -15,7 +15,6 @@ Both are exact match after whitespace normalisation, reported per language and o
 
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -167,7 +166,7 @@ def summarise(results: list[dict]) -> dict:
 
 def run_fim(params: Params, name: str, model_dir: str, docs: list[dict] | None = None) -> dict:
     from pipeline.eval.generate import load_model
-    from pipeline.tracking import write_json
+    from pipeline.tracking import write_json, write_jsonl
 
     cfg = params.eval.fim
     docs = heldout_docs(params) if docs is None else docs
@@ -180,9 +179,7 @@ def run_fim(params: Params, name: str, model_dir: str, docs: list[dict] | None =
     summary = {**summarise(results), "docs_skipped": dict(sorted(skipped.items()))}
     out_dir = Path(params.eval.out) / name
     write_json(out_dir / "fim.json", summary)
-    with open(out_dir / "fim_results.jsonl", "w", encoding="utf-8") as f:
-        for r in results:
-            f.write(json.dumps(r, sort_keys=True) + "\n")
+    write_jsonl(out_dir / "fim_results.jsonl", results)
     return summary
 
 

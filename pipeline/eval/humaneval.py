@@ -148,12 +148,10 @@ def run_humaneval(params: Params, name: str, model_dir: str, samples_path: str |
     summary, per_sample = score(samples, problems, sandbox, cfg.k)
     summary["skipped_samples"] = dict(sorted(skipped.items()))
     summary["sandbox"] = sandbox.isolation.describe()
-    from pipeline.tracking import write_json
+    from pipeline.tracking import write_json, write_jsonl
 
     write_json(out_dir / "humaneval.json", summary)
-    with open(out_dir / "humaneval_results.jsonl", "w", encoding="utf-8") as f:
-        for r in per_sample:
-            f.write(json.dumps(r, sort_keys=True) + "\n")
+    write_jsonl(out_dir / "humaneval_results.jsonl", per_sample)
     return {**summary, **{f"gen_{k}": v for k, v in timing.items()}}
 
 
