@@ -244,6 +244,9 @@ class ShardsConfig(Section):
     max_seq_len: int = Field(256, ge=8)
     val_frac: float = Field(0.05, gt=0, lt=1)
     exclude_ids: str = "data/exclude_ids.txt"
+    # mask: excluded documents keep their positions as <fim_pad> (no loss), every other step stays bit-identical;
+    # drop: they are removed before packing (the whole shuffled epoch reorders). See pipeline/data/shards.py.
+    exclude_mode: Literal["mask", "drop"] = "mask"
     encode_batch_docs: int = Field(256, gt=0)
     size_limit: str = "64mb"
     cache_dir: str = "var/cache/shards"  # decompressed copies that training reads (pipeline/train/data.py)

@@ -107,6 +107,8 @@ class StepRecorder(Callback):
         with (self.out / "batches.jsonl").open("a") as f:
             f.write(json.dumps(rec, sort_keys=True) + "\n")
         loss = state.total_loss_dict.get("loss/train/total", float("nan"))
+        if self.skip is not None and rec["step"] in self.skip.empty:
+            loss = float("nan")  # no label left in the batch: there is no loss (the model logs a zero)
         with (self.out / "loss.csv").open("a", newline="") as f:
             csv.writer(f, lineterminator="\n").writerow([rec["step"], repr(float(loss)), repr(self._lr),
                                                          int(rec["skipped"])])
@@ -128,15 +130,32 @@ class SkipSteps(Callback):
     The batch is still drawn (so the data position and everything after it stay exactly where they would
     be) and the step counter and LR schedule advance; only the optimizer update is withheld. Composer has
     no skip hook, so the optimizer consults this callback (see ``trainer.SkippableAdamW``).
+
+    A step whose whole global batch has no label left (every position ``<fim_pad>``, e.g. samples of a
+    document excluded with ``shards.exclude_mode: mask``) is skipped the same way, and listed in ``empty``:
+    a mean over no tokens is not a loss, and an update from it would only be momentum and weight decay.
     """
 
     def __init__(self, ranges: list[tuple[int, int]]):
         self.ranges = [tuple(r) for r in ranges]
         self.now = False
         self.skipped: list[int] = []
+        self.empty: set[int] = set()
 
     def contains(self, step: int) -> bool:
-        return any(a <= step < b for a, b in self.ranges)
+        return step in self.empty or any(a <= step < b for a, b in self.ranges)
+
+    def after_dataloader(self, state: State, logger: Logger) -> None:
+        from pipeline.train.fim import IGNORE_INDEX
+
+        labels = state.batch["labels"] if isinstance(state.batch, dict) and "labels" in state.batch else None
+        if labels is None:
+            return
+        learns = bool((labels[:, 1:] != IGNORE_INDEX).any())  # position 0 is never predicted
+        if dist.get_world_size() > 1:
+            learns = any(dist.all_gather_object(learns))
+        if not learns:
+            self.empty.add(step_of(state))
 
     def batch_start(self, state: State, logger: Logger) -> None:
         self.now = self.contains(step_of(state))

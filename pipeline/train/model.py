@@ -61,6 +61,14 @@ def composer_model(model, tokenizer):
     from composer.models import HuggingFaceModel
 
     class CausalLM(HuggingFaceModel):
+        def loss(self, outputs, batch):
+            # A microbatch with no label left (all <fim_pad>: masked, excluded documents) has no mean loss;
+            # Hugging Face's would be NaN and poison the whole step's gradients. It contributes nothing instead.
+            labels = batch.get("labels") if isinstance(batch, dict) else None
+            if labels is not None and not bool((labels[:, 1:] != -100).any()):
+                return outputs["logits"].sum() * 0.0
+            return super().loss(outputs, batch)
+
         def flops_per_batch(self, batch: dict[str, Any]) -> int:
             bs, seq = batch["input_ids"].shape
             return flops_per_token(self.model, seq) * bs * seq

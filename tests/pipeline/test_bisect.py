@@ -5,11 +5,10 @@ go through the real shards stage; a tiny run with a high learning rate spikes on
 `ownllm bisect` confirms the spike and names the planted document; `--exclude` plus rebuilding shards and
 retraining makes the spike go away while every step before the window keeps its loss bit for bit.
 
-Why the steps before the window stay identical: the planted document's id sorts last in canonical
-(lang, id) order, so it is packed into the last samples and excluding it changes no earlier sample;
-streaming's py1e shuffle draws one random offset per sample in order, so dropping the last samples
-keeps the relative order of all others. Steps before the first step that read a planted sample read
-exactly the same samples in both runs.
+Why the steps before the window stay identical: ``shards.exclude_mode: mask`` (the default) keeps the
+excluded document's positions as ``<fim_pad>`` (no loss) and removes only its spans, so the sample count,
+every other sample's bytes and the shard layout are unchanged, and so is streaming's shuffle order. Every
+step before the first one that reads a planted sample reads exactly the same samples in both runs.
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 from train_helpers import STDLIB, tiny_params, write_params
 
@@ -84,6 +84,27 @@ def test_bisect_without_a_spike_is_a_clear_user_error(tmp_path, capsys):
     assert "no loss curve" in capsys.readouterr().err
 
 
+def test_a_batch_with_no_label_left_trains_nothing(tiny_model_dir):
+    """Masked excluded documents can fill whole samples: no NaN loss, and no update from them."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from pipeline.config import ModelConfig
+    from pipeline.train.model import build_model, composer_model
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = composer_model(build_model(ModelConfig(n_layers=1, d_model=32, n_heads=2, n_kv_heads=2, max_seq_len=16),
+                                       tok, 0), tok)
+    pad = tok.convert_tokens_to_ids("<fim_pad>")
+    batch = {"input_ids": torch.full((2, 16), pad), "labels": torch.full((2, 16), -100)}
+    loss = model.loss(model(batch), batch)
+    loss.backward()
+    assert float(loss) == 0.0 and all(not p.grad.any() for p in model.parameters() if p.grad is not None)
+    batch["input_ids"][1, :8] = torch.arange(10, 18)
+    batch["labels"][1, :8] = torch.arange(10, 18)
+    assert torch.isfinite(model.loss(model(batch), batch)) and float(model.loss(model(batch), batch)) > 0
+
+
 # ------------------------------------------------------------------------------- the planted spike
 def poison_content(nonce: int) -> str:
     """60 random CJK characters: byte tokens that never occur in the stdlib code, so every one is a surprise."""
@@ -123,6 +144,11 @@ def losses(reports_dir: Path) -> list[float]:
         return [float(r["train_loss"]) for r in csv.DictReader(f)]
 
 
+def skipped(reports_dir: Path) -> list[bool]:
+    with (reports_dir / "loss.csv").open(newline="") as f:
+        return [r["skipped"] == "1" for r in csv.DictReader(f)]
+
+
 @pytest.fixture(scope="module")
 def planted_run(tmp_path_factory, tiny_model_dir):
     """Real stdlib documents + the planted one → real shards stage → a tiny high-LR run that spikes."""
@@ -145,6 +171,7 @@ def planted_run(tmp_path_factory, tiny_model_dir):
 def test_planted_spike_is_found_excluded_and_gone(planted_run, capsys):
     from pipeline.cli import main
     from pipeline.data.shards import read_exclude_ids, run_shards
+    from pipeline.tokenizer import FIM_PAD, load_fast
     from pipeline.train.trainer import train
 
     root, params, poison = planted_run["root"], planted_run["params"], planted_run["poison"]
@@ -174,21 +201,32 @@ def test_planted_spike_is_found_excluded_and_gone(planted_run, capsys):
     window = range(report["window"]["start"], SPIKE_STEP + 1)
     assert [ev["losses_with_all"][str(s)] for s in window] == [before[s] for s in window]  # replay == run
 
-    # `dvc repro` in miniature: shards without the named documents, then the same run again.
+    # `dvc repro` in miniature: shards without the named documents (masked), then the same run again.
     old = train_samples(params)
+    old_batches = [json.loads(ln) for ln in (root / "reports/train/batches.jsonl").read_text().splitlines()]
     shards, _ = run_shards(params)
-    assert shards["excluded"]["ids"] == sorted(named)
+    assert shards["excluded"]["ids"] == sorted(named) and shards["excluded"]["mode"] == "mask"
     new = train_samples(params)
-    first = next(i for i, spans in enumerate(old) if any(sp[0] in named for sp in spans[1]))
-    assert new[:first] == old[:first]  # packing of everything before the planted document is unchanged
-    assert not any(sp[0] in named for _, spans in new for sp in spans)
+    assert len(new) == len(old)  # same sample count, so streaming's shuffle order is the same
+    touched = {i for i, (_, spans) in enumerate(old) if any(sp[0] in named for sp in spans)}
+    assert touched and not any(sp[0] in named for _, spans in new for sp in spans)
+    untouched = [i for i in range(len(old)) if i not in touched]
+    assert [new[i] for i in untouched] == [old[i] for i in untouched]  # byte-identical, same spans
+    assert shards["excluded"]["masked_tokens"] >= sum(sp[3] for i in touched for sp in old[i][1] if sp[0] in named)
+    pad = load_fast(params.tokenizer.out).token_to_id(FIM_PAD)
+    for i in touched:  # the named documents' positions now hold <fim_pad> (label -100)
+        tokens = np.frombuffer(new[i][0], np.int32)
+        assert all((tokens[sp[2]:sp[2] + sp[3]] == pad).all() for sp in old[i][1] if sp[0] in named)
     train(params)
     after = losses(root / "reports/train")
-    assert after[SPIKE_STEP] < report["threshold"]
+    # Every step before the first one that reads a masked sample is the same step, loss for loss.
+    first = min(b["step"] for b in old_batches if touched & set(b["samples"]))
+    assert report["window"]["start"] <= first <= SPIKE_STEP
+    assert after[:first] == before[:first]  # exact float equality (loss.csv holds repr()s)
+    assert len(after) == len(before) and after != before
+    # The spike is gone: its step now has nothing left to learn from (skipped) or a calm loss.
+    assert skipped(root / "reports/train")[SPIKE_STEP] or after[SPIKE_STEP] < report["threshold"]
     assert json.loads((root / "reports/train/spikes.json").read_text()) == []  # the run is calm now
-    # Not asserted: identical losses before the window. streaming's py1e shuffle permutes the whole epoch
-    # as a function of the sample count, so dropping any sample reorders every step (see docs/BISECT.md).
-    assert after[0] != before[0] or len(new) == len(old)
 
 
 def train_samples(params) -> list[tuple[bytes, list]]:

@@ -14,8 +14,8 @@ from shards_helpers import STDLIB, make_params, stdlib_docs, write_corpus
 from pipeline.cli import main as ownllm
 from pipeline.data.decontam import humaneval_file, read_problems
 from pipeline.data.records import read_docs, split_of
-from pipeline.data.shards import read_exclude_ids, read_sample_docs, reconstruct
-from pipeline.tokenizer import EOS, load_fast
+from pipeline.data.shards import read_exclude_ids, read_sample_docs, reconstruct, run_shards, write_shards
+from pipeline.tokenizer import EOS, FIM_PAD, load_fast
 
 
 def planted_doc() -> tuple[str, str, str]:
@@ -41,6 +41,20 @@ def read_split(out: str | Path, split: str) -> list[dict]:
 
     ds = StreamingDataset(local=str(Path(out) / split), shuffle=False, batch_size=1)
     return [ds[i] for i in range(ds.num_samples)]
+
+
+def variant(params, root: Path, exclude: list[str] | None = None, **shards):
+    """The same corpus and tokenizer, shards (and rejects) under ``root``, another exclusion list / shards keys."""
+    root.mkdir(parents=True, exist_ok=True)
+    ex = root / "exclude_ids.txt"
+    ex.write_text("".join(f"{i}\n" for i in exclude or []), encoding="utf-8")
+    return params.model_copy(update={
+        "shards": params.shards.model_copy(update={"out": str(root / "shards"), "exclude_ids": str(ex), **shards}),
+        "decontam": params.decontam.model_copy(update={"rejected": str(root / "rejected")})})
+
+
+def shard_counts(out: str | Path, split: str) -> list[int]:
+    return [s["samples"] for s in json.loads((Path(out) / split / "index.json").read_text())["shards"]]
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +84,10 @@ def test_streaming_reads_fixed_length_int32_samples(built):
 def test_doc_spans_reproduce_tokens_from_dedup(built):
     params = built["params"]
     tok = load_fast(params.tokenizer.out)
-    eos = tok.token_to_id(EOS)
+    eos, pad = tok.token_to_id(EOS), tok.token_to_id(FIM_PAD)
     table = read_docs(params.data.dedup.out)
     cache: dict[str, list[int]] = {}
+    n_masked = 0
     first = built["samples"]["train"][0]
     from_dir = read_sample_docs(first["doc_spans"], params.data.dedup.out)
     assert [(d["id"], d["n_tokens"]) for d in from_dir] == [(sp[0], sp[3]) for sp in first["doc_spans"]]
@@ -82,12 +97,17 @@ def test_doc_spans_reproduce_tokens_from_dedup(built):
             docs = read_sample_docs(s["doc_spans"], table)
             contents = {d["id"]: d["content"] for d in docs}
             rebuilt = reconstruct(s["doc_spans"], contents, tok, params.shards.max_seq_len, cache)
-            np.testing.assert_array_equal(rebuilt, s["tokens"])
+            masked = s["tokens"] == pad  # positions of a masked (excluded) document
+            np.testing.assert_array_equal(rebuilt[~masked], s["tokens"][~masked])
             covered = np.zeros(len(s["tokens"]), bool)
             for _, _, start, n in s["doc_spans"]:
                 assert not covered[start:start + n].any()  # spans never overlap
                 covered[start:start + n] = True
-            assert (s["tokens"][~covered] == eos).all()  # everything else is a document separator
+            assert not (covered & masked).any()
+            # Everything else is a document separator or a masked document's position.
+            assert np.isin(s["tokens"][~covered], [eos, pad]).all()
+            n_masked += int(masked.sum())
+    assert n_masked  # built masks two documents
 
 
 def test_every_document_is_packed_whole_and_in_order(built):
@@ -124,8 +144,13 @@ def test_split_is_leak_free_and_by_id_hash(built):
 def test_exclusion_list_removes_exactly_the_named_documents(built, corpus_ids):
     params = built["params"]
     report = json.loads((Path(params.tracking.reports_dir) / "shards.json").read_text())
-    assert report["excluded"] == {"listed": 3, "removed": 2, "ids": sorted(built["excluded"]),
-                                  "not_found": ["0123456789abcdef"]}
+    tok = load_fast(params.tokenizer.out)
+    docs = read_docs(params.data.dedup.out, columns=["id", "content"]).to_pylist()
+    # mask (the default): every position the documents took, their separators included.
+    masked = sum(len(tok.encode(d["content"]).ids) + 1 for d in docs if d["id"] in built["excluded"])
+    assert report["excluded"] == {"mode": "mask", "listed": 3, "removed": 2, "ids": sorted(built["excluded"]),
+                                  "not_found": ["0123456789abcdef"], "masked_tokens": masked}
+    assert sum(v["masked_documents"] for v in report["splits"].values()) == 2
     in_shards = {span[0] for samples in built["samples"].values() for s in samples for span in s["doc_spans"]}
     planted = corpus_ids["leaky/colorsys_plus.py"]
     tails = {split: v["tail_tokens_dropped"] for split, v in report["splits"].items()}
@@ -156,7 +181,7 @@ def test_report_counts_tokens_per_split_and_language(built):
         assert st["samples"] == len(samples)
         assert st["tokens"] == sum(st["tokens_by_lang"].values())
         assert st["sample_tokens"] == len(samples) * params.shards.max_seq_len
-        assert st["tokens"] + st["eos_tokens"] == st["sample_tokens"] + st["tail_tokens_dropped"]
+        assert st["tokens"] + st["eos_tokens"] + st["masked_tokens"] == st["sample_tokens"] + st["tail_tokens_dropped"]
         assert st["padding_tokens"] == 0
     assert "python" in report["splits"]["train"]["tokens_by_lang"]
 
@@ -176,6 +201,92 @@ def test_same_params_give_identical_shard_bytes(built, tmp_path):
         (Path(again.decontam.rejected) / "rejected.parquet").read_bytes()
     assert (Path(params.tracking.reports_dir) / "shards.json").read_bytes() == \
         (Path(again.tracking.reports_dir) / "shards.json").read_bytes()
+
+
+def test_masking_keeps_every_other_sample_and_the_shard_layout(built, corpus_ids, tmp_path):
+    """mask: same sample count, byte-identical samples without the document, its positions <fim_pad>, no span."""
+    params = built["params"]
+    tok = load_fast(params.tokenizer.out)
+    pad = tok.token_to_id(FIM_PAD)
+    docs = read_docs(params.data.dedup.out)
+    gone = corpus_ids["heapq.py"]
+    n_gone = len(tok.encode(next(d["content"] for d in docs.to_pylist() if d["id"] == gone)).ids)
+    # Small shards: with this corpus, the masked samples' shorter doc_spans would move a shard boundary at
+    # 5kb and 11kb if MDSWriter decided by the written sizes (they must not: the shuffle depends on them).
+    for limit in ("3kb", "5kb", "11kb"):
+        base = variant(params, tmp_path / f"base-{limit}", size_limit=limit)
+        mask = variant(params, tmp_path / f"mask-{limit}", size_limit=limit)
+        stats = write_shards(docs, base), write_shards(docs, mask, {gone})
+        split = split_of(gone, params.shards.val_frac)
+        assert stats[0][split]["samples"] == stats[1][split]["samples"]
+        assert stats[1][split]["masked_documents"] == 1
+        assert stats[1][split]["documents"] == stats[0][split]["documents"] - 1
+        for s in ("train", "val"):
+            assert shard_counts(base.shards.out, s) == shard_counts(mask.shards.out, s)
+        before, after = read_split(base.shards.out, split), read_split(mask.shards.out, split)
+        assert len(before) == len(after) and len(shard_counts(base.shards.out, split)) > 1
+        touched, separator_next = 0, False
+        for b, a in zip(before, after):
+            expect = b["tokens"].copy()
+            if separator_next:  # the document ended exactly at the previous sample's end
+                expect[0], separator_next = pad, False
+            for _, doc_start, start, n in (sp for sp in b["doc_spans"] if sp[0] == gone):
+                expect[start:start + n] = pad
+                if doc_start + n == n_gone:  # its separator is masked too
+                    if start + n < len(expect):
+                        expect[start + n] = pad
+                    else:
+                        separator_next = True
+            assert a["doc_spans"] == [sp for sp in b["doc_spans"] if sp[0] != gone]
+            np.testing.assert_array_equal(a["tokens"], expect)
+            if (expect == b["tokens"]).all():
+                assert a["tokens"].tobytes() == b["tokens"].tobytes() and a["doc_spans"] == b["doc_spans"]
+            else:
+                touched += 1
+        assert touched
+
+
+def test_drop_mode_removes_the_documents_before_packing(built, corpus_ids, tmp_path):
+    """drop: the old behaviour, the listed documents are not packed at all (and nothing is <fim_pad>)."""
+    params = variant(built["params"], tmp_path, built["excluded"] + ["0123456789abcdef"], exclude_mode="drop")
+    report, _ = run_shards(params)
+    assert report["excluded"] == {"mode": "drop", "listed": 3, "removed": 2, "ids": sorted(built["excluded"]),
+                                  "not_found": ["0123456789abcdef"], "masked_tokens": 0}
+    tok = load_fast(params.tokenizer.out)
+    eos, pad = tok.token_to_id(EOS), tok.token_to_id(FIM_PAD)
+    masked = json.loads((Path(built["params"].tracking.reports_dir) / "shards.json").read_text())
+    for split in ("train", "val"):
+        samples = read_split(params.shards.out, split)
+        st = report["splits"][split]
+        assert st["masked_documents"] == st["masked_tokens"] == 0 and st["samples"] == len(samples)
+        assert st["documents"] == masked["splits"][split]["documents"]
+        assert st["samples"] <= masked["splits"][split]["samples"]
+        for s in samples:
+            covered = np.zeros(len(s["tokens"]), bool)
+            for doc, _, start, n in s["doc_spans"]:
+                assert doc not in built["excluded"]
+                covered[start:start + n] = True
+            assert (s["tokens"][~covered] == eos).all() and not (s["tokens"] == pad).any()
+    assert sum(report["splits"][s]["samples"] for s in ("train", "val")) < \
+        sum(masked["splits"][s]["samples"] for s in ("train", "val"))
+
+
+def test_excluding_a_contaminated_document_changes_no_shard(built, corpus_ids, tmp_path):
+    """mask: excluded documents are decontaminated like the rest, so the shards equal those without the list."""
+    params = built["params"]
+    leaky = corpus_ids["leaky/colorsys_plus.py"]
+    reports = {}
+    for name, exclude in (("none", []), ("leaky", [leaky])):
+        reports[name], _ = run_shards(variant(params, tmp_path / name, exclude))
+    assert reports["leaky"]["decontaminated"] == reports["none"]["decontaminated"]
+    assert reports["leaky"]["decontaminated"]["by_problem"] == {"HumanEval/23": 1}
+    assert reports["leaky"]["excluded"]["removed"] == 1 and reports["leaky"]["excluded"]["masked_tokens"] == 0
+    assert reports["leaky"]["splits"] == reports["none"]["splits"]
+    for split in ("train", "val"):
+        a, b = tmp_path / "none/shards" / split, tmp_path / "leaky/shards" / split
+        files = sorted(p.name for p in a.iterdir())
+        assert files == sorted(p.name for p in b.iterdir())
+        assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
 
 
 def test_exclusion_list_format(tmp_path):
