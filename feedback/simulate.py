@@ -2,12 +2,18 @@
 
 It replays held-out files (the validation split, ``pipeline.data.records.split_of``) through the HTTP
 API exactly as an editor plugin would: at deterministic cursor lines it sends the text before the
-cursor as ``prompt`` and the text after the cursor line as ``suffix`` (FIM), then accepts when the
-completion matches what the file really says next — the first line equal after whitespace
-normalisation, or a common prefix of at least ``min_common_prefix`` characters — and rejects otherwise.
+cursor as ``prompt`` and the text after the cursor line as ``suffix`` (FIM) and asks for ``choices``
+suggestions (``n``, sampled at ``temperature`` / ``top_p``; one greedy suggestion when ``choices`` is 1),
+the way an IDE lets its user cycle through several. The user accepts the suggestion closest to what the
+file really says next (:func:`closeness`) if it passes :func:`accepts` — the first line equal after
+whitespace normalisation, or at least ``min_common_prefix`` characters in common once the leading
+indentation is stripped (so whitespace alone never counts) — and rejects every other suggestion; if none
+passes, all are rejected. One feedback event per choice (the API's ``index``), so a cursor with an
+accepted and a rejected suggestion is a preference pair for ``ownllm rlhf snapshot``.
 It also posts demo bounties derived from held-out documented functions (``source = "derived"``).
 
-Deterministic given params: files, cursors and users come from seeded choices; decoding is greedy;
+Deterministic given params: files, cursors and users come from seeded choices; each request carries a
+``seed`` derived from ``seed`` and the cursor index (:func:`cursor_seed`; the local backend honours it);
 the previous simulated traffic is replaced (``reset``), so a rerun leaves the same store and reports.
 """
 
@@ -45,14 +51,43 @@ def normalise(line: str) -> str:
     return " ".join(line.split())
 
 
+def common_prefix(completion: str, truth: str) -> int:
+    """Non-whitespace characters in the common prefix, leading indentation stripped from both: editors
+    re-indent, and matching whitespace is no evidence that the suggestion is right."""
+    same = os.path.commonprefix([completion.lstrip(" \t"), truth.lstrip(" \t")])
+    return sum(not ch.isspace() for ch in same)
+
+
+def first_line_equal(completion: str, truth: str) -> bool:
+    first, want = normalise(completion.split("\n", 1)[0]), normalise(truth.split("\n", 1)[0])
+    return bool(want) and first == want
+
+
 def accepts(completion: str, truth: str, min_common_prefix: int) -> bool:
     """The simulated user's decision: does the completion say what the file says next?"""
     if not completion.strip():
         return False
-    first, want = normalise(completion.split("\n", 1)[0]), normalise(truth.split("\n", 1)[0])
-    if want and first == want:
-        return True
-    return len(os.path.commonprefix([completion, truth])) >= min_common_prefix
+    return first_line_equal(completion, truth) or common_prefix(completion, truth) >= min_common_prefix
+
+
+def closeness(completion: str, truth: str) -> tuple[int, bool]:
+    """How close a suggestion is to the truth, for ranking the choices: common prefix, then first line."""
+    return common_prefix(completion, truth), first_line_equal(completion, truth)
+
+
+def decide(texts: list[str], truth: str, min_common_prefix: int) -> list[str | None]:
+    """The user's event per choice: the closest suggestion (lowest index on ties) is accepted if it passes
+    :func:`accepts`, every other one rejected. A duplicate of the accepted text gets no event (an IDE shows
+    identical suggestions once), so the same text is never both accepted and rejected."""
+    best = max(range(len(texts)), key=lambda i: (closeness(texts[i], truth), -i))
+    if not accepts(texts[best], truth, min_common_prefix):
+        return ["rejected"] * len(texts)
+    return ["accepted" if i == best else None if t == texts[best] else "rejected" for i, t in enumerate(texts)]
+
+
+def cursor_seed(seed: int, index: int) -> int:
+    """The sampling seed of the ``index``-th cursor's request: reruns draw the same suggestions."""
+    return (seed * 1_000_003 + index) % 2**31
 
 
 def pick_files(docs: list[dict], cfg: SimulateConfig) -> list[dict]:
@@ -151,6 +186,8 @@ def simulate(params: Params, db_url: str) -> dict:
     serve_cfg = params.serve.model_copy(update={"db_url": db_url, "host": "127.0.0.1"})
     app = create_app(serve_cfg)
     tally: dict[tuple[str, str], Counter] = defaultdict(Counter)
+    events: Counter = Counter()
+    sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.choices > 1 else {"temperature": 0}
     added = 0
     with serve_in_thread(app) as url:
         clients = {u: httpx.Client(base_url=url + "/v1", headers={"Authorization": f"Bearer {k}"}, timeout=300)
@@ -161,16 +198,19 @@ def simulate(params: Params, db_url: str) -> dict:
                 client = clients[user]
                 r = client.post("/completions", json={
                     "model": "auto", "prompt": case.prefix, "suffix": case.suffix, "max_tokens": cfg.max_tokens,
-                    "temperature": 0, "language": case.lang, "user": f"{user}/ide"})
+                    "n": cfg.choices, **sampling, "seed": cursor_seed(cfg.seed, i), "language": case.lang,
+                    "user": f"{user}/ide"})
                 _check(r, "completion")
                 body = r.json()
-                text = body["choices"][0]["text"]
-                ok = accepts(text, case.truth, cfg.min_common_prefix)
-                # Decision time: a deterministic stand-in for reading the suggestion (about 30 ms per character).
-                f = client.post("/feedback", json={"id": body["id"], "event": "accepted" if ok else "rejected",
-                                                   "time_to_decision_ms": 400.0 + 30.0 * len(text)})
+                texts = [c["text"] for c in sorted(body["choices"], key=lambda c: c["index"])]
+                decisions = decide(texts, case.truth, cfg.min_common_prefix)
+                # Decision time: a deterministic stand-in for reading the suggestions (about 30 ms per character).
+                f = client.post("/feedback", json={"events": [
+                    {"id": body["id"], "index": k, "event": ev, "time_to_decision_ms": 400.0 + 30.0 * len(texts[k])}
+                    for k, ev in enumerate(decisions) if ev is not None]})
                 _check(f, "feedback")
-                tally[(body["model"], case.lang)]["accepted" if ok else "rejected"] += 1
+                events.update(ev for ev in decisions if ev is not None)
+                tally[(body["model"], case.lang)]["accepted" if "accepted" in decisions else "rejected"] += 1
             for b in bounties:
                 r = clients[users[0]].post("/bounties", json={**b.as_dict(), "source": "derived"})
                 _check(r, "bounty")
@@ -190,8 +230,10 @@ def simulate(params: Params, db_url: str) -> dict:
         by_lang[lang].update(c)
     acc = sum(c["accepted"] for c in tally.values())
     return {
-        "files": len(files), "cursors": len(cases), "users": cfg.users,
+        "files": len(files), "cursors": len(cases), "users": cfg.users, "choices": cfg.choices,
         "model": name,
+        # Per choice: one accepted choice and its rejected alternatives at a cursor make preference pairs.
+        "choice_events": {"accepted": events["accepted"], "rejected": events["rejected"]},
         **_rate(acc, len(cases)),
         "by_language": {lang: _rate(c["accepted"], c["accepted"] + c["rejected"]) for lang, c in sorted(by_lang.items())},
         "by_model": {m: _rate(c["accepted"], c["accepted"] + c["rejected"])
@@ -224,8 +266,10 @@ def main(args) -> int:
         summary = simulate(params, db_url)
         run.summary(summary)
     rate = "-" if summary["rate"] is None else f"{summary['rate']:.1%}"
-    say(f"[feedback simulate] {summary['cursors']} completions on {summary['files']} held-out files by "
-        f"{summary['users']} users: {summary['accepted']} accepted ({rate}, 95% CI "
+    ev = summary["choice_events"]
+    say(f"[feedback simulate] {summary['cursors']} cursors x {summary['choices']} suggestions on {summary['files']} "
+        f"held-out files by {summary['users']} users: {ev['accepted']} suggestions accepted, {ev['rejected']} "
+        f"rejected; {summary['accepted']} cursors accepted one ({rate}, 95% CI "
         f"{summary['ci95'][0]:.1%}-{summary['ci95'][1]:.1%}); {summary['bounties']['added']} bounties added "
         f"→ {params.tracking.reports_dir}/{STAGE}.json")
     return 0

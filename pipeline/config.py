@@ -413,7 +413,13 @@ class SimulateConfig(Section):
     files: int = Field(24, ge=1)  # held-out files replayed, spread round-robin over languages
     cursors_per_file: int = Field(2, ge=1)
     min_line_chars: int = Field(8, ge=1)  # a cursor line has at least this much non-blank text
-    min_common_prefix: int = Field(12, ge=1)
+    min_common_prefix: int = Field(12, ge=1)  # non-blank characters in common, indentation stripped
+    # Suggestions per cursor (the gateway's `n`), as an IDE that lets its user cycle through several: the
+    # closest one is accepted if it passes the accept rule, the others rejected (preference pairs).
+    # 1 = one greedy suggestion.
+    choices: int = Field(2, ge=1)
+    temperature: float = Field(0.8, gt=0, le=2)  # sampling when choices > 1 (seeded per cursor)
+    top_p: float = Field(0.95, gt=0, le=1)
     max_tokens: int = Field(32, ge=1)
     max_context_chars: int = Field(2000, ge=16)  # prefix/suffix characters sent, as an editor plugin would
     bounties: int = Field(16, ge=0)  # demo bounties derived from held-out functions with docstrings

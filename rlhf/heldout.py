@@ -7,7 +7,9 @@ accepted or rejected completion, no prompt tail appears in them). A tuned model 
 memorised the very contexts it was tuned on.
 
 The cursors, the FIM request and the accept rule are the simulator's own (``feedback.simulate.cursors``
-and ``accepts``), with the gate's seed, so the replay measures exactly what the feedback measured. The
+and ``accepts``), with the gate's seed, so the replay measures what the feedback measured. It stays one
+greedy suggestion per cursor (not the simulator's ``choices`` sampled ones): the gate compares two models'
+best guess, deterministically, without sampling noise. The
 rate comes with its 95% Wilson interval (``feedback.analytics.wilson``): with a few dozen cursors the
 interval is wide, and the loop report shows it rather than a bare point estimate.
 """
