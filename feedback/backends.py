@@ -178,9 +178,16 @@ class LocalBackend:
             kw.update(do_sample=True, temperature=req.temperature, top_p=req.top_p)
         else:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if req.seed is not None:
-            torch.manual_seed(req.seed)
         return kw
+
+    @staticmethod
+    def _seed(req: GenRequest, index: int = 0) -> None:
+        """Seed torch's (process-wide) generator for a seeded request; call it holding ``self.lock``, so a
+        concurrent request cannot draw from the generator between the seeding and this generation."""
+        import torch
+
+        if req.seed is not None:
+            torch.manual_seed(req.seed + index)
 
     def _finish(self, new_ids: list[int], req: GenRequest) -> Choice:
         ended = False
@@ -200,6 +207,7 @@ class LocalBackend:
         if req.stop:
             kw.update(stop_strings=list(req.stop), tokenizer=self.tok)  # stop early; the cut is exact below
         with self.lock, torch.inference_mode():
+            self._seed(req)
             if req.n > 1 and req.temperature == 0:  # greedy choices are identical: decode once
                 out = self.model.generate(**kw)
                 rows = [out[0]] * req.n
@@ -237,6 +245,7 @@ class LocalBackend:
 
         def run():
             with self.lock, torch.inference_mode():
+                self._seed(req, index)  # streamed choices are separate generations: each its own seed
                 try:
                     self.model.generate(**kw)
                 except BaseException as exc:  # surfaced to the consumer below

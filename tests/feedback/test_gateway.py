@@ -41,6 +41,22 @@ def test_greedy_is_deterministic_and_fim_uses_the_suffix(gateway):
     assert a != plain or a == ""  # a FIM prompt is a different prompt
 
 
+def test_seeded_sampling_is_reproducible_under_concurrent_requests(gateway):
+    from concurrent.futures import ThreadPoolExecutor
+
+    seeded = {"model": "auto", "prompt": "def parse(line):\n", "max_tokens": 12, "temperature": 1.0, "n": 3,
+              "seed": 42}
+    alone = [c["text"] for c in post(gateway, "alice", "/v1/completions", seeded).json()["choices"]]
+    unseeded = {**seeded, "seed": None, "prompt": "for x in "}
+    with ThreadPoolExecutor(4) as pool:  # unseeded sampling draws from torch's generator at the same time
+        futures = [pool.submit(post, gateway, "bob", "/v1/completions", unseeded if i % 2 else seeded)
+                   for i in range(8)]
+        replies = [f.result() for f in futures]
+    assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
+    for r in replies[::2]:
+        assert [c["text"] for c in r.json()["choices"]] == alone
+
+
 def test_stop_sequence_is_cut_and_not_returned(gateway):
     base = {"model": "auto", "prompt": "class Queue:\n    def ", "max_tokens": 24, "temperature": 0}
     full = post(gateway, "alice", "/v1/completions", base).json()["choices"][0]["text"]
