@@ -122,7 +122,16 @@ def production_parent(session: Session, base_model: str) -> dict:
     mv = current_all(session)
     if mv is None:
         return {"version": None, "model_dir": base_model}
-    return {"version": mv.name, "model_dir": mv.path}
+    return {"version": mv.name, "model_dir": portable_path(mv.path)}
+
+
+def portable_path(path: str) -> str:
+    """The registry stores absolute paths; a path inside the working directory (the repo, where DVC runs the
+    stages) is written relative to it, so another clone reproduces the snapshot byte for byte."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 # ---------------------------------------------------------------------------------------- rendering

@@ -88,3 +88,13 @@ def test_humaneval_solutions_are_decontaminated(tmp_path, tiny_model_dir):
     assert snap.pairs == [] and snap.unpaired == []
     assert snap.stats["rejected"] == {"decontamination": 2}
     assert set(snap.rejected.column("detail").to_pylist()) == {he["task_id"]}
+
+
+def test_registry_paths_inside_the_repo_are_written_relative(tmp_path, monkeypatch):
+    # parent.json is a DVC output: an absolute path would make every clone's snapshot hash differ.
+    from rlhf.snapshot import portable_path
+
+    (tmp_path / "models/base").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert portable_path(str(tmp_path / "models/base")) == "models/base"
+    assert portable_path("/opt/elsewhere/model") == "/opt/elsewhere/model"
