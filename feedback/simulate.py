@@ -24,6 +24,7 @@ import random
 import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -224,7 +225,9 @@ def simulate(params: Params, db_url: str) -> dict:
         say(f"[feedback simulate] registered {params.serve.model_dir} as model version {name!r}")
     if removed:
         say(f"[feedback simulate] replaced the previous simulated traffic: {removed}")
-    rep = write_report(factory, params.feedback.reports_dir, None, None, params, {"all": True})
+    # A folder of its own: `ownllm feedback report` (a rolling window, run by operators) writes the parent
+    # folder and must not overwrite this stage's DVC-tracked report of the whole simulated traffic.
+    rep = write_report(factory, Path(params.feedback.reports_dir) / "simulated", None, None, params, {"all": True})
     by_lang: dict[str, Counter] = defaultdict(Counter)
     for (_, lang), c in tally.items():
         by_lang[lang].update(c)

@@ -18,6 +18,11 @@ REPO = Path(__file__).resolve().parents[2]
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
 
+def report_files(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (the simulate stage writes a subfolder), by relative path."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def stdlib_files(names: list[str]) -> dict[str, str]:
     return {n: (STDLIB / n).read_text(encoding="utf-8") for n in names}
 
@@ -117,16 +122,17 @@ def test_simulate_fills_the_store_and_reruns_identically(sim_params, capsys):
     path, tmp = sim_params
     assert ownllm(["feedback", "simulate", "--params", str(path)]) == 0
     summary = json.loads((tmp / "reports" / "feedback" / "simulate.json").read_text())
-    first = {p.name: p.read_bytes() for p in (tmp / "reports" / "feedback").iterdir()}
+    reports = tmp / "reports" / "feedback"
+    first = report_files(reports)
     assert summary["cursors"] == 8 and summary["files"] == 4 and summary["model"] == "base"
     assert summary["choices"] == 1 and sum(summary["choice_events"].values()) == 8
     assert 0 <= summary["accepted"] <= 8 and summary["bounties"]["derived"] == 3
     assert summary["bounties"]["added"] == 3
-    acceptance = json.loads(first["acceptance.json"])
+    acceptance = json.loads(first["simulated/acceptance.json"])
     cell = acceptance["by_version_language"][0]
     assert (cell["model"], cell["language"], cell["served"], cell["decided"]) == ("base", "python", 8, 8)
     assert cell["accepted"] == summary["accepted"] and 0 <= cell["ci95"][0] <= cell["ci95"][1] <= 1
-    assert first["acceptance.png"].startswith(b"\x89PNG")
+    assert first["simulated/acceptance.png"].startswith(b"\x89PNG")
 
     from feedback import store
     from feedback.db import session_factory
@@ -137,7 +143,7 @@ def test_simulate_fills_the_store_and_reruns_identically(sim_params, capsys):
 
     # A rerun replaces the simulated traffic: same store counts, byte-identical reports.
     assert ownllm(["feedback", "simulate", "--params", str(path)]) == 0
-    again = {p.name: p.read_bytes() for p in (tmp / "reports" / "feedback").iterdir()}
+    again = report_files(reports)
     assert again == first
     with session_factory(f"sqlite:///{tmp / 'fb.db'}")() as s:
         assert store.counts(s)["completions"] == 8
@@ -163,7 +169,7 @@ def test_several_choices_make_preference_pairs_deterministically(tmp_path, tiny_
     db_url = f"sqlite:///{tmp_path / 'fb.db'}"
     assert ownllm(["feedback", "simulate", "--params", str(path)]) == 0
     summary = json.loads((tmp_path / "reports" / "feedback" / "simulate.json").read_text())
-    reports = {p.name: p.read_bytes() for p in (tmp_path / "reports" / "feedback").iterdir()}
+    reports = report_files(tmp_path / "reports" / "feedback")
     rows = store_rows(db_url)
     assert len(rows) == 16 * 8 and summary["cursors"] == 16 and summary["choices"] == 8
 
@@ -196,4 +202,4 @@ def test_several_choices_make_preference_pairs_deterministically(tmp_path, tiny_
     # Seeded sampling: a rerun serves the same suggestions and records the same decisions.
     assert ownllm(["feedback", "simulate", "--params", str(path)]) == 0
     assert [r[:-1] for r in store_rows(db_url)] == [r[:-1] for r in rows]
-    assert {p.name: p.read_bytes() for p in (tmp_path / "reports" / "feedback").iterdir()} == reports
+    assert report_files(tmp_path / "reports" / "feedback") == reports
