@@ -108,7 +108,7 @@ def _drop_callback_class():
     from composer.loggers import Logger
 
     from pipeline.train.batchlog import step_of
-    from pipeline.train.fim import IGNORE_INDEX
+    from pipeline.train.fim import IGNORE_INDEX, has_targets
 
     class DropDocuments(Callback):
         """Takes documents out of each batch, records every step's loss and the spike step's token losses."""
@@ -129,7 +129,7 @@ def _drop_callback_class():
                     if doc in self.drop:
                         batch["input_ids"][row, start:start + n] = self.pad_id
                         batch["labels"][row, start:start + n] = IGNORE_INDEX
-            if not bool((batch["labels"][:, 1:] != IGNORE_INDEX).any()):
+            if not has_targets(batch["labels"]):
                 self.skip.ranges.append((step, step + 1))  # nothing left to learn from at this step
 
         def after_forward(self, state: State, logger: Logger) -> None:
@@ -147,7 +147,7 @@ def _drop_callback_class():
         def batch_end(self, state: State, logger: Logger) -> None:
             step = step_of(state) - 1
             labels = state.batch["labels"]
-            if not bool((labels[:, 1:] != IGNORE_INDEX).any()):
+            if not has_targets(labels):
                 self.losses[step] = None  # nothing of this step is left: no loss (and no update)
             else:
                 self.losses[step] = float(state.total_loss_dict.get("loss/train/total", float("nan")))

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
@@ -146,14 +147,16 @@ class SkipSteps(Callback):
         return step in self.empty or any(a <= step < b for a, b in self.ranges)
 
     def after_dataloader(self, state: State, logger: Logger) -> None:
-        from pipeline.train.fim import IGNORE_INDEX
+        from pipeline.train.fim import has_targets
 
         labels = state.batch["labels"] if isinstance(state.batch, dict) and "labels" in state.batch else None
         if labels is None:
             return
-        learns = bool((labels[:, 1:] != IGNORE_INDEX).any())  # position 0 is never predicted
-        if dist.get_world_size() > 1:
-            learns = any(dist.all_gather_object(learns))
+        learns = has_targets(labels)
+        if dist.get_world_size() > 1:  # every step: one small tensor all-reduce, not a pickled gather
+            flag = state.device.tensor_to_device(torch.tensor([int(learns)]))
+            dist.all_reduce(flag, reduce_operation="MAX")
+            learns = bool(flag.item())
         if not learns:
             self.empty.add(step_of(state))
 

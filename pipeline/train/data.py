@@ -49,9 +49,9 @@ def readable_copy(shards: Path, cache_root: Path) -> Path:
     ``data/shards`` is a DVC output of zstd-compressed MDS. Given ``local=`` alone, streaming decompresses
     each shard *into* that directory, which changes the output DVC hashed; given ``remote=`` and ``local=``,
     it refuses a second dataset over the same ``local`` in one process (bisect and the trainer open several).
-    So the shards are decompressed once into a cache (an uncompressed MDS copy) keyed by the index and the compressed files' sizes and
-    mtimes (a new ``dvc checkout`` or rebuild gets a new key), and every dataset reads that copy ``local=``
-    only. Uncompressed shards are read in place. The copy is safe to delete; it is rebuilt on demand.
+    So the shards are decompressed once into a cache (an uncompressed MDS copy) keyed by the index and the
+    compressed files' sizes and mtimes (a new ``dvc checkout`` or rebuild gets a new key), and every dataset
+    reads that copy ``local=`` only. Uncompressed shards are read in place. The copy is safe to delete; it is rebuilt on demand.
     """
     import hashlib
     import os
@@ -61,7 +61,8 @@ def readable_copy(shards: Path, cache_root: Path) -> Path:
     from streaming.base.compression import decompress
 
     index_bytes = (shards / "index.json").read_bytes()
-    infos = json.loads(index_bytes)["shards"]
+    index = json.loads(index_bytes)
+    infos = index["shards"]
     if not any(info.get("compression") for info in infos):
         return shards
     key = hashlib.blake2b(index_bytes, digest_size=10)
@@ -84,8 +85,7 @@ def readable_copy(shards: Path, cache_root: Path) -> Path:
                                  f"index.json says {raw['bytes']}; the shards are corrupt, rebuild them")
             (tmp / raw["basename"]).write_bytes(data)
         # An uncompressed dataset as far as streaming can tell (it would evict raw files without their zips).
-        index = json.loads(index_bytes)
-        for info in index["shards"]:
+        for info in infos:
             info["compression"], info["zip_data"] = None, None
         (tmp / "index.json").write_text(json.dumps(index, sort_keys=True), encoding="utf-8")
         os.replace(tmp, dest)

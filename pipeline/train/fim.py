@@ -26,6 +26,12 @@ FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, FIM_PAD = "<fim_prefix>", "<fim_middle>", "<
 IGNORE_INDEX = -100  # labels the loss skips (Hugging Face convention)
 
 
+def has_targets(labels) -> bool:
+    """Whether a (batch, seq) label tensor leaves anything to predict: position 0 never is (the model
+    shifts labels by one), and ``IGNORE_INDEX`` positions (FIM padding, masked documents) are skipped."""
+    return bool((labels[:, 1:] != IGNORE_INDEX).any())
+
+
 @dataclass(frozen=True)
 class FimTokens:
     prefix: int

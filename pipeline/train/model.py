@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from pipeline.config import ModelConfig
+from pipeline.train.fim import has_targets
 
 
 def intermediate_size(cfg: ModelConfig) -> int:
@@ -65,7 +66,7 @@ def composer_model(model, tokenizer):
             # A microbatch with no label left (all <fim_pad>: masked, excluded documents) has no mean loss;
             # Hugging Face's would be NaN and poison the whole step's gradients. It contributes nothing instead.
             labels = batch.get("labels") if isinstance(batch, dict) else None
-            if labels is not None and not bool((labels[:, 1:] != -100).any()):
+            if labels is not None and not has_targets(labels):
                 return outputs["logits"].sum() * 0.0
             return super().loss(outputs, batch)
 
