@@ -13,7 +13,7 @@ from pipeline.train.trainer import train
 root = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="default_train_"))
 base = load_params("params.yaml").model_dump(mode="json", exclude={"source_file"})
 if not (root / "shards/train/index.json").exists():
-    tok, shards = build_stdlib_data(root, 256, 8192)
+    tok, shards = build_stdlib_data(root, base["shards"]["max_seq_len"], base["tokenizer"]["vocab_size"])
 base["tokenizer"]["out"], base["shards"]["out"] = str(root / "tokenizer"), str(root / "shards")
 base["tracking"].update(wandb_mode="disabled", reports_dir=str(root / "reports"))
 base["train"].update(save_folder=str(root / "ckpt"), reports_dir=str(root / "reports/train"), final_model=str(root / "final"))

@@ -369,6 +369,29 @@ class FimEvalConfig(Section):
     seed: int = 7
 
 
+class IdiomsEvalConfig(Section):
+    # Common stdlib idioms, each cut at a token boundary; see pipeline/eval/idioms.py for the check.
+    prompts: list[str] = ["import os\nimport", "from collections import", "if __name__ ==", "def main():",
+                          "def __init__(self", "def __repr__(self):", "class Error(", "@property\ndef",
+                          "for i in range(", "for key, value in", "while True:", "with open(path) as f:",
+                          "if not isinstance(", "raise ValueError(", "try:\n    import json\nexcept",
+                          "super().__init__("]
+    max_new_tokens: int = Field(24, ge=1)
+
+    @field_validator("prompts")
+    @classmethod
+    def _token_boundaries(cls, prompts: list[str]) -> list[str]:
+        if not prompts:
+            raise ValueError("at least one prompt is needed")
+        for p in prompts:
+            if not p.strip():
+                raise ValueError("an empty prompt")
+            if p != p.rstrip():  # byte-level BPE merges a space or newline with the text after it
+                raise ValueError(f"{p!r} ends in whitespace; cut prompts at a token boundary (e.g. 'import', "
+                                 "not 'import ')")
+        return prompts
+
+
 class EvalConfig(Section):
     out: str = "reports/eval"
     model: str = "models/base"
@@ -379,6 +402,7 @@ class EvalConfig(Section):
     sandbox: SandboxConfig = SandboxConfig()
     humaneval: HumanEvalConfig = HumanEvalConfig()
     fim: FimEvalConfig = FimEvalConfig()
+    idioms: IdiomsEvalConfig = IdiomsEvalConfig()
     # Gate: the candidate may be at most this much worse (absolute) than the base, per metric
     # (`<report>.<metric>`, fnmatch patterns allowed). Metrics without a tolerance are shown, not gated.
     tolerances: dict[str, float] = {"humaneval.pass@1": 0.0, "fim.infill_exact": 0.02, "fim.next_line_exact": 0.02}

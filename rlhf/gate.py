@@ -2,7 +2,8 @@
 
 Both models are evaluated the same way into ``reports/eval/<name>/`` (``rlhf-parent`` and ``rlhf-tuned``):
 HumanEval pass@k in the sandbox (``pipeline.eval.humaneval``), single-line FIM and next-line accuracy
-(``pipeline.eval.fim``) and the held-out simulated acceptance rate (``rlhf.heldout``, written as
+(``pipeline.eval.fim``), stdlib-idiom plausibility (``pipeline.eval.idioms``, shown, not gated by default)
+and the held-out simulated acceptance rate (``rlhf.heldout``, written as
 ``heldout.json`` so the compare sees it as ``heldout.acceptance``). ``pipeline.eval.compare`` then applies
 ``eval.tolerances`` plus ``rlhf.gate.acceptance_tolerance``: the tuned model passes when no gated metric
 is worse than its parent's by more than its tolerance.
@@ -26,7 +27,7 @@ TUNED_NAME = "rlhf-tuned"
 STAGE = "rlhf_gate"
 ACCEPTANCE_METRIC = "heldout.acceptance"
 # Shown in the table and loop report even when not gated.
-INFO_METRICS = ("humaneval.pass@1", "fim.infill_exact", "fim.next_line_exact", ACCEPTANCE_METRIC)
+INFO_METRICS = ("humaneval.pass@1", "fim.infill_exact", "fim.next_line_exact", "idioms.plausible_rate", ACCEPTANCE_METRIC)
 
 
 @dataclass
@@ -63,6 +64,7 @@ def evaluate(params: Params, name: str, model_dir: str | Path, heldout_docs: lis
     """Every gate metric of one model into ``reports/eval/<name>/``; returns that directory."""
     from pipeline.eval.fim import heldout_docs as load_heldout
     from pipeline.eval.fim import run_fim
+    from pipeline.eval.idioms import run_idioms
     from rlhf.heldout import replay
 
     docs = load_heldout(params) if heldout_docs is None else heldout_docs
@@ -72,6 +74,7 @@ def evaluate(params: Params, name: str, model_dir: str | Path, heldout_docs: lis
 
         run_humaneval(params, name, str(model_dir))
     run_fim(params, name, str(model_dir), docs=docs)
+    run_idioms(params, name, str(model_dir))
     rep = replay(str(model_dir), params, docs)
     write_json(out / "heldout.json", {"acceptance": rep["rate"], "accepted": rep["accepted"], "cursors": rep["cursors"],
                                       "ci95": rep["ci95"], "files": rep["files"]})

@@ -26,6 +26,11 @@ def register(sub) -> None:
     _model_args(p)
     p.set_defaults(func=lazy("pipeline.eval.fim:main"))
 
+    p = cmds.add_parser("idioms", help="greedy completions of common stdlib idioms: do they parse?")
+    add_params_arg(p)
+    _model_args(p)
+    p.set_defaults(func=lazy("pipeline.eval.idioms:main"))
+
     p = cmds.add_parser("run", help="run a pluggable benchmark (problems JSONL + per-language runtimes)")
     add_params_arg(p)
     _model_args(p)
