@@ -300,11 +300,14 @@ class TrainConfig(Section):
     warmup: str = Field("30ba", pattern=r"^\d+(ba|tok|ep|dur)$")
     lr_min_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to lr * lr_min_ratio
     grad_clip_norm: float = Field(1.0, gt=0)
-    # Objective mix, per document inside a sample: FIM with fim_rate, else next-token prediction.
+    # Objective mix, per document inside a sample: FIM with fim_rate, UL2-style span corruption with
+    # span_corruption_rate, else next-token prediction (pipeline/train/fim.py, span_corruption.py).
     fim_rate: float = Field(0.5, ge=0, le=1)
     fim_spm_rate: float = Field(0.5, ge=0, le=1)
-    fim_min_tokens: int = Field(8, ge=4)  # shorter document slices stay next-token
-    span_corruption_rate: float = Field(0.0, ge=0, le=0)  # UL2-style third objective: not implemented yet
+    fim_min_tokens: int = Field(8, ge=4)  # shorter document slices stay next-token (both objectives)
+    span_corruption_rate: float = Field(0.0, ge=0, le=1)
+    span_mean_length: float = Field(3.0, ge=1)  # tokens per masked span (UL2 R-denoiser: 3)
+    span_noise_density: float = Field(0.15, gt=0, lt=1)  # share of a document's tokens masked
     shuffle_seed: int = 17
     num_canonical_nodes: int = Field(1, ge=1)
     num_workers: int = Field(0, ge=0)  # dataloader worker processes
@@ -332,6 +335,13 @@ class TrainConfig(Section):
             if not 0 <= start < end:
                 raise ValueError(f"skip range [{start}, {end}) must satisfy 0 <= start < end")
         return sorted(ranges)
+
+    @model_validator(mode="after")
+    def _objective_mix(self) -> "TrainConfig":
+        if self.fim_rate + self.span_corruption_rate > 1:
+            raise ValueError(f"fim_rate + span_corruption_rate = {self.fim_rate + self.span_corruption_rate:g} "
+                             "exceeds 1: they are shares of the documents (the rest is next-token prediction)")
+        return self
 
 
 class ExportConfig(Section):

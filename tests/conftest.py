@@ -16,7 +16,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
-SPECIAL_TOKENS = ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"]
+# The production layout (pipeline.tokenizer.special_tokens): EOS, the FIM tokens, 16 reserved (span corruption).
+SPECIAL_TOKENS = ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"] + \
+    [f"<|reserved_{i}|>" for i in range(16)]
 
 
 def stdlib_files(names: list[str]) -> dict[str, str]:

@@ -27,14 +27,16 @@ def sample_digests(input_ids) -> list[str]:
 
 
 def global_batch(state: State, with_digests: bool = False) -> tuple:
-    """(sample indices, document ids per sample, FIM documents[, digests]) of the whole step, from every rank."""
+    """(sample indices, document ids per sample, (FIM documents, span-corrupted documents)[, digests]) of the
+    whole step, from every rank."""
     batch = state.batch
-    local = (batch["sample_idx"].tolist(), batch["doc_ids"], int(batch["fim_docs"].sum()),
+    local = (batch["sample_idx"].tolist(), batch["doc_ids"],
+             (int(batch["fim_docs"].sum()), int(batch["span_docs"].sum())),
              sample_digests(batch["input_ids"]) if with_digests else [])
     parts = dist.all_gather_object(local) if dist.get_world_size() > 1 else [local]
     samples = [s for p in parts for s in p[0]]
     docs = [d for p in parts for d in p[1]]
-    out = (samples, docs, sum(p[2] for p in parts))
+    out = (samples, docs, (sum(p[2][0] for p in parts), sum(p[2][1] for p in parts)))
     return out + ([h for p in parts for h in p[3]],) if with_digests else out
 
 
@@ -71,15 +73,17 @@ class StepRecorder(Callback):
         self.out = Path(out_dir)
         self.skip = skip
         self.fim_docs = 0
+        self.span_docs = 0
         self.docs = 0
         self._pending: dict[str, Any] | None = None
         self.last_eval_step = -1
 
     def state_dict(self) -> dict[str, Any]:
-        return {"fim_docs": self.fim_docs, "docs": self.docs}
+        return {"fim_docs": self.fim_docs, "span_docs": self.span_docs, "docs": self.docs}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.fim_docs, self.docs = int(state["fim_docs"]), int(state["docs"])
+        self.span_docs = int(state.get("span_docs", 0))  # checkpoints from before span corruption lack it
 
     def fit_start(self, state: State, logger: Logger) -> None:
         if dist.get_global_rank() != 0:
@@ -92,12 +96,14 @@ class StepRecorder(Callback):
 
     def after_dataloader(self, state: State, logger: Logger) -> None:
         step = step_of(state)
-        samples, docs, fim_docs, digests = global_batch(state, with_digests=True)
+        samples, docs, (fim_docs, span_docs), digests = global_batch(state, with_digests=True)
         self.fim_docs += fim_docs
+        self.span_docs += span_docs
         self.docs += sum(len(d) for d in docs)
         skipped = bool(self.skip and self.skip.contains(step))
         lr = state.optimizers[0].param_groups[0]["lr"] if state.optimizers else float("nan")
-        self._pending = {"step": step, "samples": samples, "doc_ids": docs, "fim_docs": fim_docs, "skipped": skipped,
+        self._pending = {"step": step, "samples": samples, "doc_ids": docs, "fim_docs": fim_docs, "span_docs": span_docs,
+                         "skipped": skipped,
                          "input_sha": digests}
         self._lr = float(lr)
 

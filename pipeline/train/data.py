@@ -18,6 +18,7 @@ import torch
 
 from pipeline.config import Params
 from pipeline.train.fim import IGNORE_INDEX, Codec, FimTokens, permute
+from pipeline.train.span_corruption import SpanTokens, corrupt
 
 SHUFFLE_ALGO = "py1e"  # streaming's default; pinned because the order depends on it
 
@@ -104,11 +105,15 @@ def make_dataset(params: Params, split: str, device_batch_size: int):
 
 @dataclass
 class Collator:
-    """Turns MDS samples into a model batch, applying FIM per document with a per-sample seeded RNG.
+    """Turns MDS samples into a model batch, applying FIM or span corruption per document with a per-sample
+    seeded RNG.
 
-    Labels are the input ids with ``<fim_pad>`` positions set to -100 (the model shifts them itself).
-    Besides the model inputs the batch carries ``sample_idx`` and ``doc_ids`` (for the batch log and the
-    spike detector) and per-sample objective counts; the Hugging Face wrapper drops the extra keys.
+    One uniform draw per document picks its objective: FIM below ``fim_rate``, span corruption below
+    ``fim_rate + span_rate``, next-token otherwise (so a zero ``span_rate`` leaves every FIM decision, and
+    every earlier run, exactly as it was). Labels are the input ids with ``<fim_pad>`` positions set to -100
+    (the model shifts them itself). Besides the model inputs the batch carries ``sample_idx`` and
+    ``doc_ids`` (for the batch log and the spike detector) and per-sample objective counts; the Hugging
+    Face wrapper drops the extra keys.
     """
 
     tokenizer: Any
@@ -116,38 +121,54 @@ class Collator:
     fim_rate: float
     spm_rate: float
     min_tokens: int
+    span_rate: float = 0.0
+    span_mean: float = 3.0
+    span_density: float = 0.15
     fim: FimTokens = field(init=False)
     codec: Codec = field(init=False)
+    spans: SpanTokens | None = field(init=False)
 
     def __post_init__(self):
         self.fim = FimTokens.from_tokenizer(self.tokenizer)
         self.codec = Codec(self.tokenizer)
+        self.spans = SpanTokens.from_tokenizer(self.tokenizer) if self.span_rate > 0 else None
 
     @classmethod
     def from_params(cls, params: Params, tokenizer) -> "Collator":
         t = params.train
-        return cls(tokenizer, params.seed, t.fim_rate, t.fim_spm_rate, t.fim_min_tokens)
+        return cls(tokenizer, params.seed, t.fim_rate, t.fim_spm_rate, t.fim_min_tokens,
+                   t.span_corruption_rate, t.span_mean_length, t.span_noise_density)
 
-    def transform(self, tokens: np.ndarray, spans: list, sample_idx: int) -> tuple[np.ndarray, int, int]:
-        """One sample → (ids, documents FIM-transformed, documents seen). Deterministic in (seed, sample_idx)."""
+    def transform(self, tokens: np.ndarray, spans: list, sample_idx: int) -> tuple[np.ndarray, int, int, int]:
+        """One sample → (ids, documents FIM-transformed, documents span-corrupted, documents seen).
+
+        Deterministic in (seed, sample_idx)."""
         rng = np.random.default_rng([self.seed, int(sample_idx)])
         out = np.asarray(tokens, dtype=np.int64).copy()
-        n_fim = 0
+        n_fim = n_span = 0
         for _doc, _doc_start, start, n in spans:
-            if rng.random() >= self.fim_rate or n < self.min_tokens:
+            u = rng.random()
+            if u >= self.fim_rate + self.span_rate or n < self.min_tokens:
                 continue
-            res = permute(self.codec.decode(tokens[start:start + n]), self.codec, self.fim, n, rng, self.spm_rate)
-            if res is not None:
-                out[start:start + n] = res.tokens
-                n_fim += 1
-        return out, n_fim, len(spans)
+            if u < self.fim_rate:
+                res = permute(self.codec.decode(tokens[start:start + n]), self.codec, self.fim, n, rng, self.spm_rate)
+                if res is not None:
+                    out[start:start + n] = res.tokens
+                    n_fim += 1
+            else:
+                sc = corrupt(tokens[start:start + n], self.spans, rng, self.span_density, self.span_mean)
+                if sc is not None:
+                    out[start:start + n] = sc.tokens
+                    n_span += 1
+        return out, n_fim, n_span, len(spans)
 
     def __call__(self, samples: list[dict]) -> dict[str, Any]:
-        ids, fims, docs = [], [], []
+        ids, fims, span_docs, docs = [], [], [], []
         for s in samples:
-            x, n_fim, n_docs = self.transform(s["tokens"], s["doc_spans"], s["sample_idx"])
+            x, n_fim, n_span, n_docs = self.transform(s["tokens"], s["doc_spans"], s["sample_idx"])
             ids.append(x)
             fims.append(n_fim)
+            span_docs.append(n_span)
             docs.append(n_docs)
         input_ids = torch.from_numpy(np.stack(ids))
         labels = input_ids.clone()
@@ -157,6 +178,7 @@ class Collator:
             "labels": labels,
             "sample_idx": torch.tensor([s["sample_idx"] for s in samples], dtype=torch.long),
             "fim_docs": torch.tensor(fims, dtype=torch.long),
+            "span_docs": torch.tensor(span_docs, dtype=torch.long),
             "n_docs": torch.tensor(docs, dtype=torch.long),
             "doc_ids": [[span[0] for span in s["doc_spans"]] for s in samples],
         }

@@ -31,3 +31,20 @@ def trained_run(tmp_path_factory, shards_dir, tiny_model_dir):
     params = parse_params(data, str(tmp / "params.yaml"))
     summary = train(params)
     return {"dir": tmp, "params": params, "data": data, "summary": summary}
+
+
+@pytest.fixture(scope="session")
+def tok(tiny_model_dir):
+    """The tiny model's tokenizer, loaded once."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def stdlib_docs(tok):
+    """Four real stdlib modules as token arrays (the FIM and span-corruption transforms' test input)."""
+    import numpy as np
+
+    texts = read(["textwrap.py", "shlex.py", "heapq.py", "colorsys.py"])
+    return [np.asarray(tok(t, add_special_tokens=False)["input_ids"]) for t in texts.values()]

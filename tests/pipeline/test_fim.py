@@ -4,30 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from train_helpers import SEQ_LEN, read
+from train_helpers import SEQ_LEN, TWO_DOC_SPANS, collated_windows
 
 from pipeline.train.data import Collator
 from pipeline.train.fim import IGNORE_INDEX, Codec, FimTokens, parse_fim, permute
 
 
-@pytest.fixture(scope="module")
-def tok(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def docs(tok):
-    texts = read(["textwrap.py", "shlex.py", "heapq.py", "colorsys.py"])
-    return [np.asarray(tok(t, add_special_tokens=False)["input_ids"]) for t in texts.values()]
-
-
-def test_round_trip_reconstructs_every_slice(tok, docs):
+def test_round_trip_reconstructs_every_slice(tok, stdlib_docs):
     codec, fim = Codec(tok), FimTokens.from_tokenizer(tok)
     rng = np.random.default_rng(0)
     checked = refused = 0
-    for doc in docs:
+    for doc in stdlib_docs:
         for start in range(0, len(doc) - 200, 97):
             ids = doc[start:start + 200]
             text = codec.decode(ids)
@@ -80,20 +67,15 @@ def test_too_long_truncates_suffix_or_refuses(tok):
     assert permute(text, codec, fim, 2, np.random.default_rng(0), 0.0) is None
 
 
-def test_rates_within_tolerance_and_pads_masked(tok, docs):
+def test_rates_within_tolerance_and_pads_masked(tok, stdlib_docs):
     collate = Collator(tok, seed=5, fim_rate=0.5, spm_rate=0.25, min_tokens=8)
     fim = collate.fim
     n_docs = n_fim = n_spm = 0
-    stream = np.concatenate(docs)
-    for i in range(400):
-        start = (i * 131) % (len(stream) - SEQ_LEN)
-        tokens = stream[start:start + SEQ_LEN].astype(np.int32)
-        spans = [["a", 0, 0, 30], ["b", 0, 30, SEQ_LEN - 30]]
-        batch = collate([{"tokens": tokens, "doc_spans": spans, "sample_idx": i}])
+    for _tokens, batch in collated_windows(collate, stdlib_docs):
         ids = batch["input_ids"][0]
         assert ids.shape == (SEQ_LEN,)
         assert ((ids == fim.pad) == (batch["labels"][0] == IGNORE_INDEX)).all()
-        for _, _, s0, n in spans:
+        for _, _, s0, n in TWO_DOC_SPANS:
             n_docs += 1
             part = ids[s0:s0 + n].tolist()
             if part[0] == fim.prefix:
@@ -103,8 +85,8 @@ def test_rates_within_tolerance_and_pads_masked(tok, docs):
     assert abs(n_spm / n_fim - 0.25) < 0.07
 
 
-def test_fim_is_a_pure_function_of_seed_and_sample_index(tok, docs):
-    tokens = docs[0][:SEQ_LEN].astype(np.int32)
+def test_fim_is_a_pure_function_of_seed_and_sample_index(tok, stdlib_docs):
+    tokens = stdlib_docs[0][:SEQ_LEN].astype(np.int32)
     spans = [["a", 0, 0, SEQ_LEN]]
     a = Collator(tok, seed=1, fim_rate=1.0, spm_rate=0.5, min_tokens=8)
     b = Collator(tok, seed=1, fim_rate=1.0, spm_rate=0.5, min_tokens=8)

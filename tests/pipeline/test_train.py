@@ -92,6 +92,27 @@ def test_recovered_batches_equal_what_training_saw(trained_run):
     assert len({tuple(x["samples"]) for x in log}) == len(log)  # and steps really differ
 
 
+def test_three_objective_mix_is_trained_logged_and_recoverable(tmp_path, shards_dir, tiny_model_dir):
+    """Span corruption as the third objective: the real trainer runs it, the run's metrics record the mix,
+    and a step's batch recovered from params alone is the one training saw."""
+    from pipeline.train.batchlog import sample_digests
+    from pipeline.train.data import batches_for_steps
+    from pipeline.train.trainer import train
+
+    data = tiny_params(tmp_path, shards_dir, tiny_model_dir, max_duration="6ba", fim_rate=0.3,
+                       span_corruption_rate=0.4, eval_interval="6ba")
+    params = parse_params(data)
+    train(params)
+    obj = json.loads((tmp_path / "reports/train.json").read_text())["objectives"]
+    log = batch_log(tmp_path)
+    assert obj["span_corruption_rate"] == 0.4 and abs(obj["next_token_rate"] - 0.3) < 1e-9
+    assert obj["span_docs_seen"] == sum(r["span_docs"] for r in log) > 0
+    assert obj["fim_docs_seen"] == sum(r["fim_docs"] for r in log) > 0
+    assert 0.15 < obj["span_fraction_seen"] < 0.65 and 0.05 < obj["fim_fraction_seen"] < 0.55
+    for rec in batches_for_steps(params, [0, 4]):
+        assert sample_digests(rec.batch["input_ids"]) == log[rec.step]["input_sha"]
+
+
 def test_skip_steps_withhold_updates_but_keep_data_position(trained_run, tmp_path, shards_dir, tiny_model_dir):
     import torch
 

@@ -104,3 +104,15 @@ def write_params(path: Path, data: dict) -> Path:
 
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return path
+
+
+TWO_DOC_SPANS = [["a", 0, 0, 30], ["b", 0, 30, SEQ_LEN - 30]]  # a 30-token document, then the rest of the sample
+
+
+def collated_windows(collate, docs: list[np.ndarray], n: int = 400):
+    """``n`` two-document samples cut from the concatenated ``docs``, each through ``collate``: (tokens, batch)."""
+    stream = np.concatenate(docs)
+    for i in range(n):
+        start = (i * 131) % (len(stream) - SEQ_LEN)
+        tokens = stream[start:start + SEQ_LEN].astype(np.int32)
+        yield tokens, collate([{"tokens": tokens, "doc_spans": TWO_DOC_SPANS, "sample_idx": i}])
