@@ -84,6 +84,25 @@ def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+def _completion_stop_criteria(tok, n_prompt: int, stops: tuple[str, ...]):
+    """Generation criteria: a row is done once its *completion* text holds a stop sequence.
+
+    Not transformers' ``stop_strings``: that matches the end of the whole sequence, prompt included, so a
+    prompt ending in a space plus a first generated space "contains" the stop ``"  "`` and generation ends
+    before the completion holds it (OpenAI stop sequences apply to the completion only).
+    """
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class _StopInCompletion(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kw):
+            texts = tok.batch_decode(input_ids[:, n_prompt:], skip_special_tokens=True)
+            return torch.tensor([any(s in t for s in stops if s) for t in texts], dtype=torch.bool,
+                                device=input_ids.device)
+
+    return StoppingCriteriaList([_StopInCompletion()])
+
+
 class StopScanner:
     """Streams text while holding back just enough to never emit the start of a stop sequence.
 
@@ -204,8 +223,8 @@ class LocalBackend:
 
         ids = self.prompt_ids(req)
         kw = self._gen_kwargs(req, ids)
-        if req.stop:
-            kw.update(stop_strings=list(req.stop), tokenizer=self.tok)  # stop early; the cut is exact below
+        if req.stop:  # stop early; the cut is exact below
+            kw.update(stopping_criteria=_completion_stop_criteria(self.tok, len(ids), req.stop))
         with self.lock, torch.inference_mode():
             self._seed(req)
             if req.n > 1 and req.temperature == 0:  # greedy choices are identical: decode once

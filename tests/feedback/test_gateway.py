@@ -66,6 +66,21 @@ def test_stop_sequence_is_cut_and_not_returned(gateway):
     assert cut["text"] == full[:full.find(stop)] and cut["finish_reason"] == "stop"
 
 
+def test_a_stop_sequence_counts_only_inside_the_completion(tiny_backend):
+    """A prompt ending in a space, a completion starting with one: the stop "  " spans the boundary, which
+    must not end generation (transformers' stop_strings would); it ends once the completion holds it."""
+    import torch
+
+    from feedback.backends import _completion_stop_criteria
+
+    tok = tiny_backend.tok
+    prompt = tok("def f(x): ", add_special_tokens=False)["input_ids"]
+    space, word = (tok(t, add_special_tokens=False)["input_ids"] for t in (" ", "x"))
+    crit = _completion_stop_criteria(tok, len(prompt), ("  ",))
+    rows = torch.tensor([prompt + space + word, prompt + space + space])  # " x" and "  " generated
+    assert crit(rows, None).tolist() == [False, True]
+
+
 def test_sse_stream_matches_the_plain_completion(gateway):
     body = {"model": "auto", "prompt": "for i in range(", "max_tokens": 10, "temperature": 0, "stream": True}
     plain = post(gateway, "alice", "/v1/completions", {**body, "stream": False}).json()["choices"][0]["text"]
