@@ -216,19 +216,11 @@ def run_benchmark(params: Params, name: str, model_dir: str, benchmark: str, run
 
 
 def main(args) -> int:
-    from pipeline.cli import UserError
-    from pipeline.config import load_params
-    from pipeline.tracking import say, stage_run
+    from pipeline.eval.cli import run_eval
+    from pipeline.tracking import say
 
-    params = load_params(args.params)
-    name = args.name or params.eval.name
-    with stage_run("eval run", params, write_metrics=False) as run:
-        try:
-            summary = run_benchmark(params, name, args.model or params.eval.model, args.benchmark, args.runtimes,
-                                    args.samples, args.canonical)
-        except (FileNotFoundError, ValueError) as exc:
-            raise UserError(str(exc)) from None
-        run.summary(summary)
+    name, summary = run_eval(args, "run", lambda params, name, model: run_benchmark(
+        params, name, model, args.benchmark, args.runtimes, args.samples, args.canonical))
     langs = ", ".join(f"{lang} {v.get('pass@1', 0):.2f} (n={v['problems']})" for lang, v in summary["per_language"].items())
     say(f"[eval run] {summary['benchmark']} for {name}: pass@1 {summary.get('pass@1', 0):.3f} over "
         f"{summary['problems']} problems; per language: {langs}; skipped {summary['skipped_problems'] or 'none'}")

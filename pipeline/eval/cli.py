@@ -5,6 +5,25 @@ from __future__ import annotations
 from pipeline.cli import add_params_arg, lazy
 
 
+def run_eval(args, command: str, evaluate) -> tuple[str, dict]:
+    """The shared body of the ``ownllm eval <command>`` entry points: params, report name, a tracked run, and
+    bad input (a missing file, a malformed value) as a user error. ``evaluate(params, name, model_dir)``
+    returns the summary; its per-item ``results``, if any, stay out of the tracked run's summary."""
+    from pipeline.cli import UserError
+    from pipeline.config import load_params
+    from pipeline.tracking import stage_run
+
+    params = load_params(args.params)
+    name = args.name or params.eval.name
+    with stage_run(f"eval {command}", params, write_metrics=False) as run:
+        try:
+            summary = evaluate(params, name, args.model or params.eval.model)
+        except (FileNotFoundError, ValueError) as exc:
+            raise UserError(str(exc)) from None
+        run.summary({k: v for k, v in summary.items() if k != "results"})
+    return name, summary
+
+
 def _model_args(p) -> None:
     p.add_argument("--model", metavar="DIR", help="HF model directory (default: eval.model in params)")
     p.add_argument("--name", help="report name: writes reports/eval/<name>/ (default: eval.name in params)")

@@ -184,18 +184,10 @@ def run_fim(params: Params, name: str, model_dir: str, docs: list[dict] | None =
 
 
 def main(args) -> int:
-    from pipeline.cli import UserError
-    from pipeline.config import load_params
-    from pipeline.tracking import say, stage_run
+    from pipeline.eval.cli import run_eval
+    from pipeline.tracking import say
 
-    params = load_params(args.params)
-    name = args.name or params.eval.name
-    with stage_run("eval fim", params, write_metrics=False) as run:
-        try:
-            summary = run_fim(params, name, args.model or params.eval.model)
-        except (FileNotFoundError, ValueError) as exc:
-            raise UserError(str(exc)) from None
-        run.summary(summary)
+    name, summary = run_eval(args, "fim", run_fim)
     langs = ", ".join(f"{k} {v['infill_exact']:.2f}/{v['next_line_exact']:.2f} (n={v['cases']})"
                       for k, v in summary["per_lang"].items())
     say(f"[eval fim] {name}: infill exact {summary['infill_exact']:.3f}, next-line exact "

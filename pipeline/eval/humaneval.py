@@ -156,18 +156,11 @@ def run_humaneval(params: Params, name: str, model_dir: str, samples_path: str |
 
 
 def main(args) -> int:
-    from pipeline.cli import UserError
-    from pipeline.config import load_params
-    from pipeline.tracking import say, stage_run
+    from pipeline.eval.cli import run_eval
+    from pipeline.tracking import say
 
-    params = load_params(args.params)
-    name = args.name or params.eval.name
-    with stage_run("eval humaneval", params, write_metrics=False) as run:
-        try:
-            summary = run_humaneval(params, name, args.model or params.eval.model, args.samples, args.limit)
-        except (FileNotFoundError, ValueError) as exc:
-            raise UserError(str(exc)) from None
-        run.summary(summary)
+    name, summary = run_eval(args, "humaneval",
+                             lambda params, name, model: run_humaneval(params, name, model, args.samples, args.limit))
     passk = " ".join(f"{k}={v:.3f}" for k, v in summary.items() if k.startswith("pass@"))
     speed = f", generation {summary['gen_tokens_per_s']:.0f} tok/s" if "gen_tokens_per_s" in summary else ""
     say(f"[eval humaneval] {name}: {passk} over {summary['problems']} problems / {summary['samples']} samples "

@@ -79,18 +79,10 @@ def run_idioms(params: Params, name: str, model_dir: str) -> dict:
 
 
 def main(args) -> int:
-    from pipeline.cli import UserError
-    from pipeline.config import load_params
-    from pipeline.tracking import say, stage_run
+    from pipeline.eval.cli import run_eval
+    from pipeline.tracking import say
 
-    params = load_params(args.params)
-    name = args.name or params.eval.name
-    with stage_run("eval idioms", params, write_metrics=False) as run:
-        try:
-            summary = run_idioms(params, name, args.model or params.eval.model)
-        except FileNotFoundError as exc:
-            raise UserError(str(exc)) from None
-        run.summary({k: v for k, v in summary.items() if k != "results"})
+    name, summary = run_eval(args, "idioms", run_idioms)
     say(f"[eval idioms] {name}: {summary['plausible']}/{summary['prompts']} greedy completions of stdlib idioms "
         "are syntactically plausible")
     for r in summary["results"]:

@@ -126,12 +126,12 @@ class Collator:
     span_density: float = 0.15
     fim: FimTokens = field(init=False)
     codec: Codec = field(init=False)
-    spans: SpanTokens | None = field(init=False)
+    span_tokens: SpanTokens | None = field(init=False)
 
     def __post_init__(self):
         self.fim = FimTokens.from_tokenizer(self.tokenizer)
         self.codec = Codec(self.tokenizer)
-        self.spans = SpanTokens.from_tokenizer(self.tokenizer) if self.span_rate > 0 else None
+        self.span_tokens = SpanTokens.from_tokenizer(self.tokenizer) if self.span_rate > 0 else None
 
     @classmethod
     def from_params(cls, params: Params, tokenizer) -> "Collator":
@@ -156,7 +156,7 @@ class Collator:
                     out[start:start + n] = res.tokens
                     n_fim += 1
             else:
-                sc = corrupt(tokens[start:start + n], self.spans, rng, self.span_density, self.span_mean)
+                sc = corrupt(tokens[start:start + n], self.span_tokens, rng, self.span_density, self.span_mean)
                 if sc is not None:
                     out[start:start + n] = sc.tokens
                     n_span += 1

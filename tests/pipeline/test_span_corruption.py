@@ -58,7 +58,7 @@ def test_span_count_is_capped_by_the_sentinels_and_short_slices_are_refused(tok)
 
 def test_mixed_rates_within_tolerance(tok, stdlib_docs):
     collate = Collator(tok, seed=5, fim_rate=0.3, spm_rate=0.5, min_tokens=8, span_rate=0.4)
-    fim, sp = collate.fim, collate.spans
+    fim, sp = collate.fim, collate.span_tokens
     counts = {"fim": 0, "span": 0, "next": 0}
     n_fim = n_span = 0
     for tokens, batch in collated_windows(collate, stdlib_docs):
