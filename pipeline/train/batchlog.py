@@ -63,6 +63,13 @@ def _truncate_csv(path: Path, resume_step: int, header: list[str]) -> None:
         w.writerows(rows)
 
 
+def _has_step(path: Path, step: int) -> bool:
+    if not path.exists():
+        return False
+    with path.open(newline="") as f:
+        return any(int(r["step"]) == step for r in csv.DictReader(f))
+
+
 class StepRecorder(Callback):
     """Writes batches.jsonl, loss.csv and val_loss.csv under ``out_dir`` (rank 0 only)."""
 
@@ -125,9 +132,10 @@ class StepRecorder(Callback):
         if metric is None or step_of(state) == self.last_eval_step:
             return
         self.last_eval_step = step_of(state)
-        if dist.get_global_rank() != 0:
-            return
-        with (self.out / "val_loss.csv").open("a", newline="") as f:
+        path = self.out / "val_loss.csv"
+        if dist.get_global_rank() != 0 or _has_step(path, step_of(state)):
+            return  # a re-run of a finished run evaluates its last step again (final_metrics): logged once
+        with path.open("a", newline="") as f:
             csv.writer(f, lineterminator="\n").writerow([step_of(state), repr(float(metric.compute()))])
 
 

@@ -92,6 +92,20 @@ def test_recovered_batches_equal_what_training_saw(trained_run):
     assert len({tuple(x["samples"]) for x in log}) == len(log)  # and steps really differ
 
 
+def test_rerunning_a_finished_run_leaves_its_curves_unchanged(tmp_path, shards_dir, tiny_model_dir):
+    """`dvc repro` after a code-only change re-runs `ownllm train`, which autoresumes the finished run: the
+    curves DVC tracks must come out byte for byte the same (the last evaluation was once logged twice)."""
+    from pipeline.train.trainer import train
+
+    params = parse_params(tiny_params(tmp_path, shards_dir, tiny_model_dir, max_duration="6ba", eval_interval="3ba"))
+    train(params)
+    reports = tmp_path / "reports/train"
+    first = {n: (reports / n).read_bytes() for n in ("loss.csv", "val_loss.csv", "batches.jsonl")}
+    train(params)
+    assert {n: (reports / n).read_bytes() for n in first} == first
+    assert [r.split(",")[0] for r in first["val_loss.csv"].decode().splitlines()] == ["step", "3", "6"]
+
+
 def test_three_objective_mix_is_trained_logged_and_recoverable(tmp_path, shards_dir, tiny_model_dir):
     """Span corruption as the third objective: the real trainer runs it, the run's metrics record the mix,
     and a step's batch recovered from params alone is the one training saw."""
