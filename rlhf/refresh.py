@@ -13,12 +13,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.cli import UserError
 from pipeline.config import Params
+from pipeline.tools import find_tool, tool_env
 from pipeline.tracking import say, write_json
 from rlhf.lock import RefreshLock
 
@@ -69,13 +70,15 @@ def refresh(params: Params, db_url: str, runner: str | None = None, repo: str | 
 
 
 def _run_dvc(params: Params, exp_name: str, repo: str | Path) -> dict:
-    """``dvc exp run`` up to the register stage; the stages are the same `ownllm rlhf ...` commands."""
-    env = {**os.environ, "OWNLLM_EXP_NAME": exp_name}
-    cmd = ["dvc", "exp", "run", "--name", exp_name, DVC_TARGET]
+    """``dvc exp run`` up to the register stage; the stages are the same `ownllm rlhf ...` commands.
+
+    DVC comes from ownllm's own environment (cron's PATH lacks the venv), and so do the ``ownllm`` commands
+    its stages run."""
+    cmd = [find_tool("dvc"), "exp", "run", "--name", exp_name, DVC_TARGET]
     say(f"[rlhf refresh] {' '.join(cmd)}")
-    proc = subprocess.run(cmd, cwd=repo, env=env)
+    proc = subprocess.run(cmd, cwd=repo, env=tool_env({"OWNLLM_EXP_NAME": exp_name}))
     if proc.returncode != 0:
-        raise RuntimeError(f"`{' '.join(cmd)}` failed with exit code {proc.returncode}")
+        raise UserError(f"`{' '.join(cmd)}` failed with exit code {proc.returncode} (its output is above)")
     return _register_result(params)
 
 

@@ -192,6 +192,12 @@ def run_benchmark(params: Params, name: str, model_dir: str, benchmark: str, run
 
     runtimes = load_runtimes(runtimes_file)
     bench = load_benchmark(benchmark, runtimes)
+    out_dir = Path(params.eval.out) / name
+    report, per_item = out_dir / f"{bench.name}.json", out_dir / f"{bench.name}_results.jsonl"
+    if samples_path or canonical:  # outside completions: never over a stage's DVC-tracked report
+        from pipeline.dvc_outputs import refuse_tracked_outputs
+
+        refuse_tracked_outputs([report, per_item], why="choose another --name")
     skipped: Counter = Counter()
     if canonical:
         samples = [{"task_id": p["task_id"], "completion": p["canonical_solution"]} for p in bench.problems
@@ -209,9 +215,8 @@ def run_benchmark(params: Params, name: str, model_dir: str, benchmark: str, run
     summary, results = score_benchmark(bench, samples, runtimes, sandbox_from_config(params.eval.sandbox),
                                        params.eval.humaneval.k)
     summary["skipped_samples"] = dict(sorted(skipped.items()))
-    out_dir = Path(params.eval.out) / name
-    write_json(out_dir / f"{bench.name}.json", summary)
-    write_jsonl(out_dir / f"{bench.name}_results.jsonl", results)
+    write_json(report, summary)
+    write_jsonl(per_item, results)
     return summary
 
 

@@ -20,7 +20,7 @@ def run_eval(args, command: str, evaluate) -> tuple[str, dict]:
             summary = evaluate(params, name, args.model or params.eval.model)
         except (FileNotFoundError, ValueError) as exc:
             raise UserError(str(exc)) from None
-        run.summary({k: v for k, v in summary.items() if k != "results"})
+        run.summary({k: v for k, v in summary.items() if k not in ("results", "report")})
     return name, summary
 
 
@@ -36,7 +36,10 @@ def register(sub) -> None:
     p = cmds.add_parser("humaneval", help="HumanEval pass@k, samples executed in the sandbox")
     add_params_arg(p)
     _model_args(p)
-    p.add_argument("--samples", metavar="FILE", help="score this samples JSONL (task_id, completion) instead of generating")
+    p.add_argument("--samples", metavar="FILE", help="score this samples JSONL (task_id, completion) instead of generating; "
+                   "the report goes beside FILE (FILE-stem.humaneval.json) unless --out says otherwise")
+    p.add_argument("--out", metavar="DIR", help="write humaneval.json and humaneval_results.jsonl here "
+                   "(default: eval.out/NAME/ for a model, beside FILE for --samples)")
     p.add_argument("--limit", type=int, metavar="N", help="first N problems only (default: eval.humaneval.limit)")
     p.set_defaults(func=lazy("pipeline.eval.humaneval:main"))
 

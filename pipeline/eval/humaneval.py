@@ -129,13 +129,20 @@ def generate_samples(params: Params, problems: list[dict], model_dir: str) -> tu
 
 
 def run_humaneval(params: Params, name: str, model_dir: str, samples_path: str | None = None,
-                  limit: int | None = None) -> dict:
+                  limit: int | None = None, out: str | None = None) -> dict:
+    """Generate with ``model_dir`` (or score ``samples_path``) and write ``humaneval.json`` and
+    ``humaneval_results.jsonl``: into ``out`` if given, else ``eval.out/<name>/`` for a model and beside the
+    samples file for an outside one (``<stem>.humaneval.json``). An outside file's score never lands in a
+    model's reports: those are the DVC-tracked outputs of the ``evaluate`` stage."""
     cfg = params.eval.humaneval
     problems = load_problems(limit if limit is not None else cfg.limit)
-    out_dir = Path(params.eval.out) / name
+    report, results = report_paths(params, name, samples_path, out)
     timing: dict = {}
     skipped: Counter = Counter()
     if samples_path:
+        from pipeline.dvc_outputs import refuse_tracked_outputs
+
+        refuse_tracked_outputs([report, results], why="pass --out DIR for an outside samples file")
         read = read_samples(samples_path, {p["task_id"] for p in problems})
         samples, skipped = read.samples, read.skipped
         if not samples:
@@ -143,16 +150,27 @@ def run_humaneval(params: Params, name: str, model_dir: str, samples_path: str |
         problems = [p for p in problems if p["task_id"] in {s["task_id"] for s in samples}]
     else:
         samples, timing = generate_samples(params, problems, model_dir)
-        write_samples(out_dir / "samples.jsonl", samples)
+        write_samples(report.parent / "samples.jsonl", samples)
     sandbox = sandbox_from_config(params.eval.sandbox)
     summary, per_sample = score(samples, problems, sandbox, cfg.k)
     summary["skipped_samples"] = dict(sorted(skipped.items()))
     summary["sandbox"] = sandbox.isolation.describe()
     from pipeline.tracking import write_json, write_jsonl
 
-    write_json(out_dir / "humaneval.json", summary)
-    write_jsonl(out_dir / "humaneval_results.jsonl", per_sample)
-    return {**summary, **{f"gen_{k}": v for k, v in timing.items()}}
+    write_json(report, summary)
+    write_jsonl(results, per_sample)
+    return {**summary, **{f"gen_{k}": v for k, v in timing.items()}, "report": str(report)}
+
+
+def report_paths(params: Params, name: str, samples_path: str | None, out: str | None) -> tuple[Path, Path]:
+    """(summary, per-sample results) paths of one ``ownllm eval humaneval`` run; see `run_humaneval`."""
+    if out:
+        return Path(out) / "humaneval.json", Path(out) / "humaneval_results.jsonl"
+    if samples_path:
+        stem = Path(samples_path).with_suffix("")
+        return stem.with_name(f"{stem.name}.humaneval.json"), stem.with_name(f"{stem.name}.humaneval_results.jsonl")
+    out_dir = Path(params.eval.out) / name
+    return out_dir / "humaneval.json", out_dir / "humaneval_results.jsonl"
 
 
 def main(args) -> int:
@@ -160,9 +178,10 @@ def main(args) -> int:
     from pipeline.tracking import say
 
     name, summary = run_eval(args, "humaneval",
-                             lambda params, name, model: run_humaneval(params, name, model, args.samples, args.limit))
+                             lambda params, name, model: run_humaneval(params, name, model, args.samples, args.limit,
+                                                                       args.out))
     passk = " ".join(f"{k}={v:.3f}" for k, v in summary.items() if k.startswith("pass@"))
     speed = f", generation {summary['gen_tokens_per_s']:.0f} tok/s" if "gen_tokens_per_s" in summary else ""
     say(f"[eval humaneval] {name}: {passk} over {summary['problems']} problems / {summary['samples']} samples "
-        f"({summary['timed_out']} timed out, sandbox: {summary['sandbox']}){speed}")
+        f"({summary['timed_out']} timed out, sandbox: {summary['sandbox']}){speed} → {summary['report']}")
     return 0

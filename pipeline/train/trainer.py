@@ -300,17 +300,16 @@ def train(params: Params) -> dict[str, Any]:
 
 def launch(args) -> int:
     """Re-run this command under Composer's launcher with ``--nproc`` processes (it sets up DDP)."""
-    import shutil
     import subprocess
-    import sys
 
-    composer = shutil.which("composer") or str(Path(sys.executable).with_name("composer"))
-    cmd = [composer, "-n", str(args.nproc), "-m", "pipeline.train.trainer", "--params", args.params]
+    from pipeline.tools import find_tool, tool_env
+
+    cmd = [find_tool("composer"), "-n", str(args.nproc), "-m", "pipeline.train.trainer", "--params", args.params]
     if getattr(args, "skip_steps", None):
         cmd += ["--skip-steps", *args.skip_steps]
     if getattr(args, "load_path", None):
         cmd += ["--load-path", args.load_path]
-    return subprocess.call(cmd)
+    return subprocess.call(cmd, env=tool_env())
 
 
 def main(args) -> int:

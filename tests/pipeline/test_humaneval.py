@@ -112,28 +112,86 @@ def test_samples_file_bad_lines_are_skipped_and_counted(tmp_path):
     assert dict(read.skipped) == {"invalid_json": 1, "unknown_task_id": 1, "no_completion": 1}
 
 
-def test_score_a_samples_file_alone_with_the_cli(tmp_path, monkeypatch):
-    """`ownllm eval humaneval --samples FILE` needs no model: canonical for half, broken for the rest."""
-    probs = PROBLEMS[:6]
-    samples = tmp_path / "samples.jsonl"
-    with open(samples, "w") as f:
+def write_graded_samples(path: Path, probs: list[dict]) -> None:
+    """n=2 samples a problem: one problem solved twice, the next once, the next never (and again)."""
+    with open(path, "w") as f:
         for i, p in enumerate(probs):
-            for j in range(2):  # n=2: one problem solved twice, one once, one never
+            for j in range(2):
                 good = (i % 3 == 0) or (i % 3 == 1 and j == 0)
                 f.write(json.dumps({"task_id": p["task_id"],
                                     "completion": p["canonical_solution"] if good else "    return None\n"}) + "\n")
+
+
+def test_score_a_samples_file_alone_with_the_cli(tmp_path, monkeypatch):
+    """`ownllm eval humaneval --samples FILE` needs no model, and reports beside FILE (not in eval.out)."""
+    samples = tmp_path / "outside" / "samples.jsonl"
+    samples.parent.mkdir()
+    write_graded_samples(samples, PROBLEMS[:6])
     params_file = write_params(tmp_path, k=[1, 2, 10])
     proc = subprocess.run([OWNLLM, "eval", "humaneval", "--params", str(params_file),
-                           "--samples", str(samples), "--name", "scored"], capture_output=True, text=True, timeout=300)
+                           "--samples", str(samples)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    report = json.loads((tmp_path / "reports" / "scored" / "humaneval.json").read_text())
+    assert not (tmp_path / "reports").exists()
+    report = json.loads((tmp_path / "outside" / "samples.humaneval.json").read_text())
     expected = [pass_at_k(2, c, 1) for c in (2, 1, 0, 2, 1, 0)]
     assert report["pass@1"] == pytest.approx(sum(expected) / 6)
     assert report["pass@2"] == pytest.approx(4 / 6) and "pass@10" not in report
     assert report["problems"] == 6 and report["samples"] == 12
-    lines = (tmp_path / "reports" / "scored" / "humaneval_results.jsonl").read_text().splitlines()
+    lines = (tmp_path / "outside" / "samples.humaneval_results.jsonl").read_text().splitlines()
     assert len(lines) == 12 and json.loads(lines[0])["passed"] is True
-    assert "pass@1=" in proc.stderr
+    assert "pass@1=" in proc.stderr and "samples.humaneval.json" in proc.stderr
+
+
+def test_scoring_an_outside_file_leaves_the_dvc_tracked_evaluation_alone(tmp_path):
+    """In a DVC repo whose `evaluate` stage owns reports/eval/base/, scoring a samples file by hand (even the
+    stage's own samples.jsonl) writes beside it, `--out` onto the stage's reports is refused, and
+    `dvc status` stays clean."""
+    dvc = str(Path(sys.executable).parent / "dvc")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    run = lambda *c: subprocess.run(c, cwd=repo, check=True, capture_output=True, text=True)  # noqa: E731
+    run("git", "init", "-q")
+    run("git", "config", "user.email", "t@example.com")
+    run("git", "config", "user.name", "t")
+    run(dvc, "init", "-q")
+    # A stand-in for the evaluate stage: it writes the three tracked files of reports/eval/base/.
+    (repo / "evaluate.py").write_text(
+        "import json, os\nos.makedirs('reports/eval/base', exist_ok=True)\n"
+        "open('reports/eval/base/samples.jsonl', 'w').write(json.dumps({'task_id': 'HumanEval/0', "
+        "'completion': '    return None'}) + chr(10))\n"
+        "open('reports/eval/base/humaneval_results.jsonl', 'w').write('{}' + chr(10))\n"
+        "open('reports/eval/base/humaneval.json', 'w').write(json.dumps({'pass@1': 0.0}))\n")
+    (repo / "dvc.yaml").write_text(
+        f"stages:\n  evaluate:\n    cmd: {sys.executable} evaluate.py\n    deps:\n      - evaluate.py\n    outs:\n"
+        "      - reports/eval/base/samples.jsonl:\n          cache: false\n"
+        "      - reports/eval/base/humaneval_results.jsonl:\n          cache: false\n"
+        "    metrics:\n      - reports/eval/base/humaneval.json:\n          cache: false\n")
+    (repo / "params.yaml").write_text(
+        "data:\n  sources:\n    - {name: x, kind: dir, path: .}\neval:\n  sandbox: {timeout_s: 3.0}\n")
+    run(dvc, "repro", "-q")
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "evaluate")
+    tracked = {f: (repo / "reports/eval/base" / f).read_bytes()
+               for f in ("samples.jsonl", "humaneval.json", "humaneval_results.jsonl")}
+    outside = repo / "outside.jsonl"
+    write_graded_samples(outside, PROBLEMS[:3])
+
+    ok = subprocess.run([OWNLLM, "eval", "humaneval", "--samples", "reports/eval/base/samples.jsonl"],
+                        cwd=repo, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads((repo / "reports/eval/base/samples.humaneval.json").read_text())["samples"] == 1
+    refused = subprocess.run([OWNLLM, "eval", "humaneval", "--samples", str(outside), "--out", "reports/eval/base"],
+                             cwd=repo, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "refusing to write reports/eval/base/humaneval.json" in refused.stderr
+    beside = subprocess.run([OWNLLM, "eval", "humaneval", "--samples", str(outside)],
+                            cwd=repo, capture_output=True, text=True, timeout=300)
+    assert beside.returncode == 0, beside.stderr
+    assert json.loads((repo / "outside.humaneval.json").read_text())["pass@1"] == pytest.approx(0.5)
+
+    assert {f: (repo / "reports/eval/base" / f).read_bytes() for f in tracked} == tracked
+    status = subprocess.run([dvc, "status"], cwd=repo, capture_output=True, text=True, check=True)
+    assert "up to date" in status.stdout, status.stdout
 
 
 def test_missing_samples_file_is_a_clear_error(tmp_path):
