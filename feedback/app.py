@@ -38,6 +38,7 @@ from feedback.backends import (Backend, BackendError, BadGenerationRequest, GenR
                                UpstreamBackend)
 from feedback.db import check_at_head, current_revision, make_engine
 from feedback.models import Completion, FeedbackKind, ModelVersion, User, utcnow
+from feedback.requests import CompletionInput
 from feedback.routing import NoModel, Route, route, visible_versions
 from pipeline.config import ServeConfig
 
@@ -224,6 +225,7 @@ def create_app(cfg: ServeConfig, backends: BackendPool | None = None, check_sche
     metrics = Metrics()
     app = FastAPI(title="ownllm completion gateway", version="1")
     app.state.engine, app.state.factory, app.state.backends, app.state.metrics = engine, factory, pool, metrics
+    service = app.state.service = CompletionService(cfg, factory, pool, metrics)
     app.add_middleware(BodyLimit, limit=cfg.max_body_bytes)
     _install_error_handlers(app, metrics)
 
@@ -247,32 +249,14 @@ def create_app(cfg: ServeConfig, backends: BackendPool | None = None, check_sche
 
     @app.post("/v1/completions", response_model=None)
     def completions(body: CompletionRequest, user: UserDep) -> dict | StreamingResponse:
-        gen = _gen_request(body, cfg)
-        with factory() as s:
-            try:
-                r = route(s, user, body.model)
-            except NoModel as exc:
-                raise ApiError(404, str(exc), "invalid_request_error", "model") from None
-        backend = pool.get(r.version)
-        rid = f"cmpl-{uuid.uuid4().hex}"
-        lang = body.language or "unknown"
-        if body.stream:
-            return _stream_response(rid, body, gen, backend, r, user, lang, factory, metrics)
-        t0 = time.perf_counter()
-        out = backend.complete(gen)
-        latency = time.perf_counter() - t0
-        with factory.begin() as s:
-            s.add_all(_completion_rows(rid, body, gen, r, user, lang, [(c.text, c.finish_reason, c.completion_tokens)
-                                                                        for c in out.choices], out.prompt_tokens,
-                                       latency))
-        metrics.latency.labels(r.version.name, lang).observe(latency)
-        metrics.completions.labels(r.version.name, lang).inc(len(out.choices))
-        n_comp = sum(c.completion_tokens for c in out.choices)
-        return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": r.version.name,
-                "choices": [{"text": c.text, "index": i, "logprobs": None, "finish_reason": c.finish_reason}
-                            for i, c in enumerate(out.choices)],
-                "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": n_comp,
-                          "total_tokens": out.prompt_tokens + n_comp}}
+        inp = openai_input(body, cfg)
+        if inp.stream:
+            return service.stream(inp, user)
+        out = service.complete(inp, user)
+        return {"id": out["id"], "object": "text_completion", "created": out["created"], "model": out["model"],
+                "choices": [{"text": c["text"], "index": c["index"], "logprobs": None,
+                             "finish_reason": c["finish_reason"]} for c in out["choices"]],
+                "usage": out["usage"]}
 
     @app.get("/v1/completions/{request_id}")
     def get_completion(request_id: str, user: UserDep) -> dict:
@@ -313,8 +297,8 @@ def create_app(cfg: ServeConfig, backends: BackendPool | None = None, check_sche
     return app
 
 
-def _gen_request(body: CompletionRequest, cfg: ServeConfig) -> GenRequest:
-    """Limits that depend on configuration (so not in the pydantic model); each error names its field."""
+def openai_input(body: CompletionRequest, cfg: ServeConfig) -> CompletionInput:
+    """The OpenAI request shape as the one request type; OpenAI-only limits (a prompt list, logprobs, echo)."""
     if isinstance(body.prompt, list):
         if len(body.prompt) != 1:
             raise ApiError(400, "prompt: only one prompt per request is supported (got a list of "
@@ -322,33 +306,90 @@ def _gen_request(body: CompletionRequest, cfg: ServeConfig) -> GenRequest:
         prompt = body.prompt[0]
     else:
         prompt = body.prompt
-    if len(prompt) + len(body.suffix or "") > cfg.max_prompt_chars:
-        raise ApiError(400, f"prompt: prompt plus suffix is {len(prompt) + len(body.suffix or '')} characters, "
-                       f"over the limit of {cfg.max_prompt_chars}", param="prompt")
-    if body.max_tokens > cfg.max_tokens_limit:
-        raise ApiError(400, f"max_tokens: {body.max_tokens} is over the limit of {cfg.max_tokens_limit}",
-                       param="max_tokens")
-    if body.n > cfg.max_n:
-        raise ApiError(400, f"n: {body.n} is over the limit of {cfg.max_n}", param="n")
-    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if len(stops) > cfg.max_stop or any(len(s) > 64 or not s for s in stops):
-        raise ApiError(400, f"stop: at most {cfg.max_stop} non-empty sequences of up to 64 characters",
-                       param="stop")
     if body.logprobs is not None or body.echo:
         raise ApiError(400, "logprobs and echo are not supported by this gateway", param="logprobs")
-    return GenRequest(prompt=prompt, suffix=body.suffix or None, max_tokens=body.max_tokens,
-                      temperature=body.temperature, top_p=body.top_p, n=body.n, stop=tuple(stops), seed=body.seed)
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    return CompletionInput(prefix=prompt, suffix=body.suffix or None, model=body.model,
+                           language=body.language or "unknown", client="openai", end_user=body.user,
+                           max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, n=body.n,
+                           stop=tuple(stops), seed=body.seed, stream=body.stream)
 
 
-def _completion_rows(rid: str, body: CompletionRequest, gen: GenRequest, r: Route, user: User, lang: str,
-                     choices: list[tuple[str, str, int]], prompt_tokens: int, latency_s: float) -> list[Completion]:
+def gen_request(inp: CompletionInput, cfg: ServeConfig) -> GenRequest:
+    """Limits that depend on configuration (so not in any client's pydantic model); each error names its field."""
+    if len(inp.prefix) + len(inp.suffix or "") > cfg.max_prompt_chars:
+        raise ApiError(400, f"prompt: prompt plus suffix is {len(inp.prefix) + len(inp.suffix or '')} characters, "
+                       f"over the limit of {cfg.max_prompt_chars}", param="prompt")
+    if inp.max_tokens > cfg.max_tokens_limit:
+        raise ApiError(400, f"max_tokens: {inp.max_tokens} is over the limit of {cfg.max_tokens_limit}",
+                       param="max_tokens")
+    if inp.n > cfg.max_n:
+        raise ApiError(400, f"n: {inp.n} is over the limit of {cfg.max_n}", param="n")
+    if len(inp.stop) > cfg.max_stop or any(len(s) > 64 or not s for s in inp.stop):
+        raise ApiError(400, f"stop: at most {cfg.max_stop} non-empty sequences of up to 64 characters",
+                       param="stop")
+    return GenRequest(prompt=inp.prefix, suffix=inp.suffix, max_tokens=inp.max_tokens, temperature=inp.temperature,
+                      top_p=inp.top_p, n=inp.n, stop=inp.stop, seed=inp.seed)
+
+
+class CompletionService:
+    """Every client API's completions: validate limits, route (rollout, A/B), generate, log, count.
+
+    Client shapes (OpenAI here, Tabby in feedback/tabby.py) build a :class:`CompletionInput` and call
+    :meth:`complete` or :meth:`stream`; the result is client-neutral (``id``, ``model``, ``created``,
+    ``choices`` with ``index``/``text``/``finish_reason``, ``usage``) for the caller to shape.
+    """
+
+    def __init__(self, cfg: ServeConfig, factory: sessionmaker[Session], pool: BackendPool, metrics: Metrics):
+        self.cfg, self.factory, self.pool, self.metrics = cfg, factory, pool, metrics
+
+    def _route(self, inp: CompletionInput, user: User) -> Route:
+        with self.factory() as s:
+            try:
+                return route(s, user, inp.model)
+            except NoModel as exc:
+                raise ApiError(404, str(exc), "invalid_request_error", "model") from None
+
+    def complete(self, inp: CompletionInput, user: User) -> dict:
+        gen = gen_request(inp, self.cfg)
+        r = self._route(inp, user)
+        backend = self.pool.get(r.version)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        t0 = time.perf_counter()
+        out = backend.complete(gen)
+        latency = time.perf_counter() - t0
+        with self.factory.begin() as s:
+            s.add_all(completion_rows(rid, inp, gen, r, user, [(c.text, c.finish_reason, c.completion_tokens)
+                                                               for c in out.choices], out.prompt_tokens, latency))
+        self.metrics.latency.labels(r.version.name, inp.language).observe(latency)
+        self.metrics.completions.labels(r.version.name, inp.language).inc(len(out.choices))
+        n_comp = sum(c.completion_tokens for c in out.choices)
+        return {"id": rid, "created": int(time.time()), "model": r.version.name,
+                "choices": [{"index": i, "text": c.text, "finish_reason": c.finish_reason}
+                            for i, c in enumerate(out.choices)],
+                "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": n_comp,
+                          "total_tokens": out.prompt_tokens + n_comp}}
+
+    def stream(self, inp: CompletionInput, user: User) -> StreamingResponse:
+        gen = gen_request(inp, self.cfg)
+        r = self._route(inp, user)
+        backend = self.pool.get(r.version)
+        return _stream_response(f"cmpl-{uuid.uuid4().hex}", inp, gen, backend, r, user, self.factory, self.metrics)
+
+
+def completion_rows(rid: str, inp: CompletionInput, gen: GenRequest, r: Route, user: User,
+                    choices: list[tuple[str, str, int]], prompt_tokens: int, latency_s: float) -> list[Completion]:
+    """One row per choice; a user who opted out of code storage (``store_code`` false) gets hashes only."""
     p_hash, s_hash = store.sha256(gen.prompt), store.sha256(gen.suffix) if gen.suffix else None
+    keep = user.store_code is not False
     now = utcnow()
-    return [Completion(request_id=rid, choice_index=i, user_id=user.id, end_user=body.user,
-                       model_version_id=r.version.id, experiment_id=r.experiment_id, language=lang,
-                       prompt=gen.prompt, suffix=gen.suffix, completion=text, prompt_hash=p_hash, suffix_hash=s_hash,
+    return [Completion(request_id=rid, choice_index=i, user_id=user.id, end_user=inp.end_user,
+                       model_version_id=r.version.id, experiment_id=r.experiment_id, language=inp.language,
+                       prompt=gen.prompt if keep else None, suffix=gen.suffix if keep else None,
+                       completion=text if keep else None, prompt_hash=p_hash, suffix_hash=s_hash,
                        finish_reason=finish, prompt_tokens=prompt_tokens, completion_tokens=n_tok,
-                       latency_ms=latency_s * 1000, created_at=now)
+                       latency_ms=latency_s * 1000, created_at=now, client=inp.client, filepath=inp.filepath,
+                       git_url=inp.git_url)
             for i, (text, finish, n_tok) in enumerate(choices)]
 
 
@@ -356,8 +397,9 @@ def _sse(payload: Any) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-def _stream_response(rid, body, gen, backend, r, user, lang, factory, metrics) -> StreamingResponse:
+def _stream_response(rid, inp, gen, backend, r, user, factory, metrics) -> StreamingResponse:
     stream = backend.stream(gen)  # validates the prompt now, so a bad request is still a plain 400
+    lang = inp.language
 
     def events() -> Iterator[str]:
         t0 = time.perf_counter()
@@ -376,7 +418,7 @@ def _stream_response(rid, body, gen, backend, r, user, lang, factory, metrics) -
             choices = [("".join(texts[i]), finals[i].finish_reason if i in finals else "length",
                         finals[i].completion_tokens if i in finals else 0) for i in sorted(texts)]
             with factory.begin() as s:
-                s.add_all(_completion_rows(rid, body, gen, r, user, lang, choices, stream.prompt_tokens, latency))
+                s.add_all(completion_rows(rid, inp, gen, r, user, choices, stream.prompt_tokens, latency))
         except DB_ERRORS as exc:
             log.error("could not log streamed completion %s: %s", rid, exc)
             metrics.errors.labels("503").inc()

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Protocol
 
-# The one definition of the FIM format lives with the evaluation (pipeline/eval/fim.py); serving, evaluation
-# and RLHF must build the very same prompts.
-from pipeline.eval.fim import EOS, FIM_MIDDLE, FIM_PAD, FIM_PREFIX, FIM_SUFFIX, fim_prompt  # noqa: F401
+# Serving, evaluation and tuning build the very same prompts: the one builder in pipeline/fim_prompt.py.
+from pipeline.fim_prompt import (EOS, FIM_MIDDLE, FIM_PAD, FIM_PREFIX, FIM_SUFFIX, FimPromptBuilder, NoFimTokens,
+                                 PromptTooLong)
 
 
 class BackendError(RuntimeError):
@@ -158,34 +158,16 @@ class LocalBackend:
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
         # Generation ends at end-of-text and at any FIM control token (the middle is over).
         self.stop_ids = sorted({i for i in [self.eos_id, *self.fim_ids.values(), vocab.get(FIM_PAD)] if i is not None})
+        self.prompts = FimPromptBuilder(self.tok, self.max_context)
         self.lock = threading.Lock()
 
     # -- prompt ------------------------------------------------------------------------------------
-    def _encode(self, text: str) -> list[int]:
-        # split_special_tokens: text a user typed (a file about tokenizers, say) is never read as a control
-        # token, so a prompt cannot end the document or forge a FIM boundary.
-        return self.tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] if text else []
-
     def prompt_ids(self, req: GenRequest) -> list[int]:
-        """Token ids of the prompt, truncated to fit the context: prefix keeps its end, suffix its start."""
-        budget = self.max_context - req.max_tokens
-        if budget < 8:
-            raise BadGenerationRequest(f"max_tokens={req.max_tokens} leaves no room for a prompt in this model's "
-                                       f"context of {self.max_context} tokens")
-        prefix = self._encode(req.prompt)
-        if not req.suffix:
-            start = [self.eos_id] if self.eos_id is not None else []  # documents start after <|endoftext|>
-            keep = budget - len(start)
-            return start + prefix[-keep:] if keep > 0 else start
-        if any(v is None for v in self.fim_ids.values()):
-            raise BadGenerationRequest("this model has no FIM tokens, so `suffix` cannot be used")
-        # fim_prompt's PSM layout, built in token space so truncation never splits a token.
-        suffix = self._encode(req.suffix)
-        room = budget - 3
-        suffix_room = min(len(suffix), max(room // 3, room - len(prefix)))
-        prefix_room = room - suffix_room
-        p, s = prefix[-prefix_room:] if prefix_room > 0 else [], suffix[:suffix_room]
-        return [self.fim_ids[FIM_PREFIX], *p, self.fim_ids[FIM_SUFFIX], *s, self.fim_ids[FIM_MIDDLE]]
+        """Token ids of the prompt from the one FIM prompt builder, fitted to the context (a 400 if it can't)."""
+        try:
+            return self.prompts.ids(req.prompt, req.suffix, req.max_tokens)
+        except (PromptTooLong, NoFimTokens) as exc:
+            raise BadGenerationRequest(str(exc)) from None
 
     def _gen_kwargs(self, req: GenRequest, ids: list[int]) -> dict:
         import torch

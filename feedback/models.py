@@ -19,6 +19,7 @@ from typing import Any
 
 from sqlalchemy import (JSON, Boolean, DateTime, Enum, Float, ForeignKey, Index, Integer, MetaData, String, Text,
                         UniqueConstraint)
+from sqlalchemy import true as sa_true
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 # Deterministic constraint names, so Alembic can drop them by name on PostgreSQL (and batch-alter on SQLite).
@@ -50,8 +51,35 @@ class RolloutState(str, enum.Enum):
 
 
 class FeedbackKind(str, enum.Enum):
-    accepted = "accepted"
-    rejected = "rejected"
+    accepted = "accepted"  # wholly or partly (FeedbackEvent.accepted_chars)
+    rejected = "rejected"  # dismissed
+    ignored = "ignored"  # shown, then neither accepted nor dismissed in time
+
+
+class Client(str, enum.Enum):
+    """Which client API a completion was asked through."""
+
+    openai = "openai"
+    tabby = "tabby"
+    continue_ = "continue"
+    simulated = "simulated"
+
+
+class KeptSource(str, enum.Enum):
+    """Where ``Completion.kept_text`` (what the user really kept at the cursor) came from."""
+
+    typed = "typed"  # the client reported it
+    derived = "derived"  # read off a later request of the same user and file
+    simulated = "simulated"  # the simulated user knows the file's real continuation
+
+
+class ServeStatus(str, enum.Enum):
+    """A completion row is written before its first byte is sent and completed afterwards."""
+
+    pending = "pending"
+    served = "served"
+    disconnected = "disconnected"
+    failed = "failed"
 
 
 class ExperimentStatus(str, enum.Enum):
@@ -71,6 +99,8 @@ class User(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(128), unique=True)
     is_staff: Mapped[bool] = mapped_column(Boolean, default=False)
+    # False: the store keeps counts, ids and hashes of this user's completions but no code text.
+    store_code: Mapped[bool] = mapped_column(Boolean, default=True, server_default=sa_true())
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
     keys: Mapped[list[ApiKey]] = relationship(back_populates="user")
@@ -127,6 +157,7 @@ class Completion(Base):
         Index("ix_completions_version_lang_time", "model_version_id", "language", "created_at"),
         Index("ix_completions_user_time", "user_id", "created_at"),
         Index("ix_completions_created_at", "created_at"),
+        Index("ix_completions_user_file_time", "user_id", "filepath", "created_at"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -148,6 +179,14 @@ class Completion(Base):
     latency_ms: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     texts_purged_at: Mapped[datetime | None] = mapped_column(DateTime)
+    client: Mapped[str] = mapped_column(String(16), default=Client.openai.value, server_default="openai")
+    filepath: Mapped[str | None] = mapped_column(String(1024))
+    git_url: Mapped[str | None] = mapped_column(String(1024))
+    viewed_at: Mapped[datetime | None] = mapped_column(DateTime)  # the first view event, where a client sends it
+    kept_text: Mapped[str | None] = mapped_column(Text)  # what the user really kept at the cursor
+    kept_source: Mapped[str | None] = mapped_column(String(16))  # a KeptSource value
+    kept_at: Mapped[datetime | None] = mapped_column(DateTime)
+    status: Mapped[str] = mapped_column(String(16), default=ServeStatus.served.value, server_default="served")
 
     user: Mapped[User] = relationship()
     model_version: Mapped[ModelVersion] = relationship()
@@ -163,9 +202,25 @@ class FeedbackEvent(Base):
     completion_id: Mapped[int] = mapped_column(ForeignKey("completions.id", ondelete="CASCADE"), unique=True)
     kind: Mapped[FeedbackKind] = mapped_column(_enum(FeedbackKind, "feedback_kind"))
     time_to_decision_ms: Mapped[float | None] = mapped_column(Float)
+    accepted_chars: Mapped[int | None] = mapped_column(Integer)  # a partial accept; None = the whole suggestion
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
 
     completion_row: Mapped[Completion] = relationship(back_populates="feedback")
+
+
+class AuditEvent(Base):
+    """Who did what to which target, and when: promotions and retirements (console, CLI)."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(256))
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+
+    user: Mapped[User | None] = relationship()
 
 
 class Bounty(Base):

@@ -30,11 +30,11 @@ from tqdm import tqdm
 
 from pipeline.cli import UserError
 from pipeline.config import Params, SimulateConfig, load_params
+from pipeline.tokenizer import SPECIAL_TOKENS
 from pipeline.tracking import say, stage_run
 
 STAGE = "feedback/simulate"
 SIM_USER_PREFIX = "sim-user-"
-SPECIAL_TOKENS = ("<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>")
 
 
 @dataclass(frozen=True)

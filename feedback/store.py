@@ -275,13 +275,13 @@ def add_bounty(s: Session, *, title: str, instruction: str, language: str, solut
 
 # -------------------------------------------------------------------------------------------- retention
 def purge_texts(s: Session, older_than_days: int) -> int:
-    """Clear prompt/suffix/completion texts older than N days; rows, hashes and feedback stay (counts survive)."""
+    """Clear prompt/suffix/completion/kept texts older than N days; rows, hashes and feedback stay (counts survive)."""
     if older_than_days < 0:
         raise StoreError(f"retention days must be >= 0, got {older_than_days}")
     cutoff = utcnow() - timedelta(days=older_than_days)
     res = s.execute(update(Completion)
                     .where(Completion.created_at < cutoff, Completion.texts_purged_at.is_(None))
-                    .values(prompt=None, suffix=None, completion=None, texts_purged_at=utcnow()))
+                    .values(prompt=None, suffix=None, completion=None, kept_text=None, texts_purged_at=utcnow()))
     return res.rowcount or 0
 
 

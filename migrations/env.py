@@ -32,10 +32,24 @@ def run_migrations_online() -> None:
 
 def _run(connection) -> None:
     # render_as_batch: SQLite cannot ALTER most things, so later revisions use batch (copy-and-move) mode.
+    # Copy-and-move drops the old table, which enforced foreign keys forbid while other rows point at it, so
+    # they are off during a migration (Alembic's documented recipe; the pragma is a no-op inside a transaction,
+    # hence before it) and checked once at the end.
+    sqlite = connection.dialect.name == "sqlite"
+    if sqlite:
+        connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+        connection.commit()  # end SQLAlchemy's autobegun transaction, so the migration's own one commits
     context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True,
                       compare_type=True)
     with context.begin_transaction():
         context.run_migrations()
+        if sqlite:
+            bad = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+            if bad:
+                raise RuntimeError(f"migration left rows whose foreign keys point nowhere: {bad[:5]}")
+    if sqlite:
+        connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+        connection.commit()
 
 
 if context.is_offline_mode():

@@ -62,8 +62,8 @@ def unseen_docs(docs: list[dict], params: Params) -> tuple[list[dict], dict[str,
 def replay(model_dir: str, params: Params, docs: list[dict]) -> dict:
     """Acceptance of ``model_dir`` on held-out cursors: rate, counts and 95% Wilson interval."""
     from feedback.analytics import wilson
-    from feedback.simulate import SPECIAL_TOKENS, accepts, cursors
-    from pipeline.eval.fim import ContextFitter, fim_prompt
+    from feedback.simulate import accepts, cursors
+    from pipeline.fim_prompt import SPECIAL_TOKENS, FimPromptBuilder
     from pipeline.eval.generate import GenerationSettings, generate, load_model
 
     gate = params.rlhf.gate
@@ -75,9 +75,9 @@ def replay(model_dir: str, params: Params, docs: list[dict]) -> dict:
         raise ValueError(f"no held-out files left to replay ({counts}): the validation split of "
                          f"{params.data.dedup.out} is used up by the simulator and the snapshot")
     model, tok = load_model(model_dir, params.train.num_threads)
-    max_len = getattr(model.config, "max_position_embeddings", 2048)
-    fitter = ContextFitter(tok, max_len, sim.max_tokens, sim.max_context_chars)
-    prompts = [fim_prompt(*fitter.fit(c.prefix, c.suffix, suffix_share=1 / 3)) for c in cases]
+    builder = FimPromptBuilder(tok, getattr(model.config, "max_position_embeddings", 2048))
+    chars = sim.max_context_chars
+    prompts = [builder.text(c.prefix[-chars:], c.suffix[:chars], sim.max_tokens) for c in cases]
     settings = GenerationSettings(max_new_tokens=sim.max_tokens, temperature=0.0,
                                   batch_size=params.eval.fim.batch_size, seed=params.seed)
     outs = generate(model, tok, prompts, settings, desc="held-out replay")

@@ -138,15 +138,15 @@ def portable_path(path: str) -> str:
 def render_prompt(prefix: str, suffix: str, max_chars: int) -> str:
     """The prompt exactly as the gateway builds it: plain prefix, or PSM fill-in-the-middle with a suffix.
 
-    Long contexts keep the prefix's end and the suffix's start (the text next to the cursor), like the
-    gateway's own truncation.
+    Long contexts keep the prefix's end and the suffix's start (the text next to the cursor); tuning fits the
+    prompt to the model's context in tokens with the same builder as the gateway (rlhf/tune.py fit_prompts).
     """
-    from feedback.backends import fim_prompt
+    from pipeline.fim_prompt import fim_text
 
     prefix = prefix[-max_chars:]
     if not suffix:
         return prefix
-    return fim_prompt(prefix, suffix[: max(0, max_chars // 3)])
+    return fim_text(prefix, suffix[: max(0, max_chars // 3)])
 
 
 def render_bounty(b: BountyText, max_chars: int) -> str:

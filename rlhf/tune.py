@@ -87,12 +87,17 @@ def _dataset(rows: list[dict], columns: list[str], path: Path, tok, max_length: 
 
 
 def fit_prompts(rows: list[dict], tok, max_length: int, completion_keys: list[str]) -> list[dict]:
-    """Cut each prompt from the left so prompt + longest completion + EOS fit in ``max_length`` tokens.
+    """Fit each prompt so prompt + longest completion + EOS fit in ``max_length`` tokens.
 
-    A completion model needs the text next to the cursor, so the start of a long prompt goes, never the
-    completion (TRL truncates from the right; its ``keep_end`` mode is deprecated). Completions longer than
-    half the budget are cut from the right so a prompt always keeps some context.
+    Prompts are rebuilt by the one FIM prompt builder, so truncation happens inside the sentinel structure:
+    a long FIM prompt keeps ``<fim_prefix>``, ``<fim_suffix>`` and ``<fim_middle>`` and the text next to the
+    cursor, exactly as the gateway serves it (cutting the rendered string from the left used to drop the
+    sentinels of every long prompt). Completions longer than half the budget are cut from the right so a
+    prompt always keeps some context.
     """
+    from pipeline.fim_prompt import FimPromptBuilder, parse_fim_text
+
+    builder = FimPromptBuilder(tok, max_length)
     out = []
     half = max_length // 2
     for row in rows:
@@ -103,10 +108,9 @@ def fit_prompts(rows: list[dict], tok, max_length: int, completion_keys: list[st
             if len(ids) > half:
                 row[k] = tok.decode(ids[:half])
             longest = max(longest, min(len(ids), half))
-        budget = max_length - longest - 1
-        ids = tok(row["prompt"], add_special_tokens=False)["input_ids"]
-        if len(ids) > budget:
-            row["prompt"] = tok.decode(ids[len(ids) - budget:])
+        parts = parse_fim_text(row["prompt"])
+        prefix, suffix = parts if parts else (row["prompt"], None)
+        row["prompt"] = builder.text(prefix, suffix, longest + 1)
         out.append(row)
     return out
 

@@ -10,7 +10,7 @@ one cursor line is chosen deterministically from ``eval.fim.seed`` and the docum
 Both are exact match after whitespace normalisation, reported per language and over all cases in
 ``reports/eval/<name>/fim.json`` (plus ``fim_results.jsonl``, one line per case).
 
-:func:`fim_prompt` is the one place that knows the FIM prompt format; serving and RLHF import it.
+Prompts come from the one FIM prompt builder (pipeline/fim_prompt.py), as in serving and tuning.
 """
 
 from __future__ import annotations
@@ -21,15 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import Params
-
-EOS = "<|endoftext|>"
-FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, FIM_PAD = "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"
-SPECIAL_TOKENS = (EOS, FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, FIM_PAD)
-
-
-def fim_prompt(prefix: str, suffix: str) -> str:
-    """PSM fill-in-the-middle prompt: the model continues with the middle and ends it with ``<|endoftext|>``."""
-    return f"{FIM_PREFIX}{prefix}{FIM_SUFFIX}{suffix}{FIM_MIDDLE}"
+from pipeline.fim_prompt import SPECIAL_TOKENS, FimPromptBuilder
 
 
 def heldout_docs(params: Params, columns: tuple[str, ...] = ("id", "lang", "path", "content")) -> list[dict]:
@@ -89,28 +81,6 @@ def select_cases(docs: list[dict], seed: int, min_line_chars: int, max_docs: int
     return cases, skipped
 
 
-class ContextFitter:
-    """Cuts prefix/suffix to the model's context, in tokens, keeping the text nearest the cursor."""
-
-    def __init__(self, tok, max_len: int, max_new_tokens: int, max_chars: int):
-        self.tok, self.max_chars = tok, max_chars
-        self.budget = max(8, max_len - max_new_tokens - 4)  # 3 FIM tokens + slack
-
-    def _ids(self, text: str) -> list[int]:
-        return self.tok(text, add_special_tokens=False)["input_ids"]
-
-    def fit(self, prefix: str, suffix: str, suffix_share: float) -> tuple[str, str]:
-        prefix, suffix = prefix[-self.max_chars:], suffix[:self.max_chars]
-        p_ids, s_ids = self._ids(prefix), self._ids(suffix) if suffix else []
-        s_keep = min(len(s_ids), int(self.budget * suffix_share))
-        p_keep = min(len(p_ids), self.budget - s_keep)
-        if p_keep < len(p_ids):
-            prefix = self.tok.decode(p_ids[len(p_ids) - p_keep:])
-        if s_keep < len(s_ids):
-            suffix = self.tok.decode(s_ids[:s_keep])
-        return prefix, suffix
-
-
 def generated_line(text: str) -> str | None:
     """The line the model wrote after the newline ending the previous line; None if it continued that line."""
     if not text.startswith("\n"):
@@ -126,13 +96,10 @@ def evaluate_cases(model, tok, cases: list[Case], params: Params) -> list[dict]:
     from pipeline.eval.generate import GenerationSettings, generate
 
     cfg = params.eval.fim
-    max_len = getattr(model.config, "max_position_embeddings", 2048)
-    fitter = ContextFitter(tok, max_len, cfg.max_new_tokens, cfg.max_context_chars)
-    infill_prompts, next_prompts = [], []
-    for c in cases:
-        prefix, suffix = fitter.fit(c.prefix, c.suffix, suffix_share=1 / 3)
-        infill_prompts.append(fim_prompt(prefix, suffix))
-        next_prompts.append(fitter.fit(c.prefix, "", suffix_share=0.0)[0])
+    builder = FimPromptBuilder(tok, getattr(model.config, "max_position_embeddings", 2048))
+    chars = cfg.max_context_chars  # a cheap cut first: tokenising whole files per case is wasted work
+    infill_prompts = [builder.text(c.prefix[-chars:], c.suffix[:chars], cfg.max_new_tokens) for c in cases]
+    next_prompts = [builder.text(c.prefix[-chars:], None, cfg.max_new_tokens) for c in cases]
     settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, temperature=0.0, batch_size=cfg.batch_size,
                                   seed=params.seed, stop=("\n",), leading="\n")
     infills = generate(model, tok, infill_prompts, settings, desc="fim infill")

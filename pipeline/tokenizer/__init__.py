@@ -12,6 +12,9 @@ from pathlib import Path
 EOS = "<|endoftext|>"
 FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, FIM_PAD = "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"
 PAD = FIM_PAD
+# The control tokens every model of this project has (the reserved ones follow them): text that holds one
+# cannot be a training document or an evaluation case.
+SPECIAL_TOKENS = (EOS, FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, FIM_PAD)
 
 
 def special_tokens(n_reserved: int) -> list[str]:
@@ -19,7 +22,7 @@ def special_tokens(n_reserved: int) -> list[str]:
 
     Reserved tokens let later features (new control tokens) claim ids without resizing the model.
     """
-    return [EOS, FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, FIM_PAD] + [f"<|reserved_{i}|>" for i in range(n_reserved)]
+    return [*SPECIAL_TOKENS] + [f"<|reserved_{i}|>" for i in range(n_reserved)]
 
 
 def load_fast(tokenizer_dir: str | Path):

@@ -11,15 +11,10 @@ import shutil
 from pathlib import Path
 
 from pipeline.config import Params
-from pipeline.train.fim import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
+from pipeline.fim_prompt import fim_text
 
 SMOKE_PREFIX = "def read_lines(path):\n    with open(path) as f:\n        "
 SMOKE_SUFFIX = "\n    return lines\n"
-
-
-def fim_prompt(prefix: str, suffix: str) -> str:
-    """PSM-order infilling prompt: the model continues with the middle (as in training)."""
-    return f"{FIM_PREFIX}{prefix}{FIM_SUFFIX}{suffix}{FIM_MIDDLE}"
 
 
 def export(params: Params, checkpoint: str | None = None) -> dict:
@@ -90,7 +85,7 @@ def smoke_test(model_dir: str | Path) -> dict:
     return {"model_dir": str(model_dir), "params": sum(p.numel() for p in model.parameters()),
             "vocab_size": len(tok),
             "sample_completion": complete(model, tok, SMOKE_PREFIX),
-            "sample_infill": complete(model, tok, fim_prompt(SMOKE_PREFIX, SMOKE_SUFFIX))}
+            "sample_infill": complete(model, tok, fim_text(SMOKE_PREFIX, SMOKE_SUFFIX))}
 
 
 def main(args) -> int:

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, FIM_PAD = "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"
+from pipeline.tokenizer import FIM_MIDDLE, FIM_PAD, FIM_PREFIX, FIM_SUFFIX
+
 IGNORE_INDEX = -100  # labels the loss skips (Hugging Face convention)
 
 

@@ -9,8 +9,7 @@ import pytest
 
 from pipeline.config import parse_params
 from pipeline.data.records import DOC_SCHEMA, make_doc, split_of, to_table, write_docs
-from pipeline.eval.fim import (ContextFitter, cursor_case, exact, fim_prompt, generated_line, heldout_docs, normalise,
-                               run_fim, select_cases)
+from pipeline.eval.fim import cursor_case, exact, generated_line, heldout_docs, normalise, run_fim, select_cases
 from tests.conftest import stdlib_files
 
 PY_FILES = ["textwrap.py", "shlex.py", "fnmatch.py", "glob.py", "bisect.py", "heapq.py", "colorsys.py", "keyword.py",
@@ -31,11 +30,6 @@ def params(tmp_path):
         "shards": {"val_frac": 0.5},
         "eval": {"out": str(tmp_path / "reports"), "fim": {"max_docs": 4, "max_new_tokens": 12, "batch_size": 8}},
     })
-
-
-def test_fim_prompt_is_psm():
-    assert fim_prompt("def f(x):\n", "\n    return y\n") == \
-        "<fim_prefix>def f(x):\n<fim_suffix>\n    return y\n<fim_middle>"
 
 
 def test_heldout_docs_are_exactly_the_validation_split(params):
@@ -76,18 +70,6 @@ def test_normalise_whitespace_and_line_extraction():
     assert exact(generated_line("\n    return  x"), "    return x")
     assert not exact(generated_line("    return x"), "    return x")  # continued the previous line: no match
     assert generated_line("\n") == ""
-
-
-def test_context_fits_the_model_window(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    text = stdlib_files(["textwrap.py"])["textwrap.py"]
-    fitter = ContextFitter(tok, max_len=128, max_new_tokens=16, max_chars=4000)
-    prefix, suffix = fitter.fit(text[:3000], text[3000:], suffix_share=1 / 3)
-    n = len(tok(fim_prompt(prefix, suffix), add_special_tokens=False)["input_ids"])
-    assert n <= 128 - 16
-    assert text[:3000].endswith(prefix[-50:]) and text[3000:].startswith(suffix[:50])  # kept nearest the cursor
 
 
 def test_run_fim_reports_per_language_and_is_byte_identical(params, tiny_model_dir):

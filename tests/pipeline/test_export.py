@@ -15,7 +15,7 @@ def test_export_loads_and_generates_plain_and_fim(trained_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.cli import main
-    from pipeline.train.export import fim_prompt
+    from pipeline.fim_prompt import fim_text as fim_prompt
 
     d = trained_run["dir"]
     params_file = write_params(d / "params.yaml", trained_run["data"])
