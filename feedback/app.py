@@ -135,26 +135,45 @@ class Metrics:
 
 # ------------------------------------------------------------------------------------------------ backends
 class BackendPool:
-    """One backend per model version, created on first use (loading a model takes seconds)."""
+    """One backend per model version, created on first use (loading a model takes seconds).
+
+    Each version loads under its own lock, so a model that is loading never blocks requests to the
+    versions already loaded (nor another version's load).
+    """
 
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
         self.cache: dict[str, Backend] = {}
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # guards the two dicts only, never held while loading
+        self.loading: dict[str, threading.Lock] = {}
 
     def get(self, version: ModelVersion) -> Backend:
         key = version.path if self.cfg.backend == "local" else version.name
+        backend = self.cache.get(key)
+        if backend is not None:
+            return backend
         with self.lock:
+            load_lock = self.loading.setdefault(key, threading.Lock())
+        with load_lock:
             if key not in self.cache:
                 self.cache[key] = self.create(version)
             return self.cache[key]
 
     def create(self, version: ModelVersion) -> Backend:
-        if self.cfg.backend == "local":
-            return LocalBackend(version.path, device=self.cfg.device, num_threads=self.cfg.num_threads)
-        if not self.cfg.upstream_url:
+        cfg = self.cfg
+        if cfg.backend == "local":
+            from feedback.engine import CT2Backend, has_ct2
+
+            if cfg.engine == "ctranslate2" and has_ct2(version.path):
+                return CT2Backend(version.path, cfg.quantization, cfg.num_threads, cfg.batch_wait_ms, cfg.max_batch,
+                                  device=cfg.device)
+            if cfg.engine == "ctranslate2":
+                log.warning("model version %s has no CTranslate2 conversion in %s/ct2: serving it with "
+                            "transformers", version.name, version.path)
+            return LocalBackend(version.path, device=cfg.device, num_threads=cfg.num_threads)
+        if not cfg.upstream_url:
             raise BackendError("serve.backend is 'openai' but serve.upstream_url is not set")
-        return UpstreamBackend(self.cfg.upstream_url, version.name, os.environ.get(self.cfg.upstream_api_key_env))
+        return UpstreamBackend(cfg.upstream_url, version.name, os.environ.get(cfg.upstream_api_key_env))
 
 
 # --------------------------------------------------------------------------------------------- body limit

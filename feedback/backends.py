@@ -134,24 +134,52 @@ class StopScanner:
 
 
 # ------------------------------------------------------------------------------------------ local model
+class SeededGumbel:
+    """A logits processor adding Gumbel noise drawn from a generator of the request's own.
+
+    Written by hand because transformers' sampling draws from torch's process-wide generator
+    (``torch.multinomial``), so two concurrent seeded requests (two A/B arms, say) would share one stream.
+    By the Gumbel-max trick, greedy search over ``scores + Gumbel noise`` is an exact sample of
+    ``softmax(scores)``.
+    """
+
+    def __init__(self, seed: int, device: str = "cpu"):
+        import torch
+
+        self.generator = torch.Generator(device=device).manual_seed(int(seed) % 2**63)
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        u = torch.rand(scores.shape, generator=self.generator, device=scores.device, dtype=torch.float32)
+        return scores.float() - torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
+
+
 class LocalBackend:
     """A Hugging Face causal LM in this process. One generation at a time (a lock): on CPU, parallel
-    generate calls only fight over the same cores and make every request slower."""
+    generate calls only fight over the same cores and make every request slower.
 
-    def __init__(self, model_dir: str | Path, device: str = "cpu", num_threads: int | None = None):
+    Seeded sampling draws from a ``torch.Generator`` of the request's own (:class:`SeededGumbel`), never from
+    torch's process-wide generator, so a seeded request gives the same text whatever else is being served.
+    With ``load_model=False`` the weights load on first use, so a subclass serving another format (the
+    CTranslate2 engine) keeps this tokenizer side and loads the transformers model only if it needs it.
+    """
+
+    def __init__(self, model_dir: str | Path, device: str = "cpu", num_threads: int | None = None,
+                 load_model: bool = True):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
 
         path = Path(model_dir)
         if not (path / "config.json").is_file():
             raise BackendError(f"no Hugging Face model in {path} (config.json missing; run the export stage)")
         if num_threads:
             torch.set_num_threads(num_threads)
+        self.path = path
         self.name = path.name
         self.device = device
         self.tok = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
-        self.max_context = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        self.max_context = int(getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", 2048))
         vocab = self.tok.get_vocab()
         self.fim_ids = {t: vocab.get(t) for t in (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE)}
         self.eos_id = self.tok.eos_token_id if self.tok.eos_token_id is not None else vocab.get(EOS)
@@ -160,6 +188,21 @@ class LocalBackend:
         self.stop_ids = sorted({i for i in [self.eos_id, *self.fim_ids.values(), vocab.get(FIM_PAD)] if i is not None})
         self.prompts = FimPromptBuilder(self.tok, self.max_context)
         self.lock = threading.Lock()
+        self._model = None
+        self._model_lock = threading.Lock()
+        if load_model:
+            self.model  # noqa: B018 - load now: the first request should not pay for it
+
+    @property
+    def model(self):
+        """The transformers model, loaded once on first use."""
+        if self._model is None:
+            with self._model_lock:
+                if self._model is None:
+                    from transformers import AutoModelForCausalLM
+
+                    self._model = AutoModelForCausalLM.from_pretrained(self.path).to(self.device).eval()
+        return self._model
 
     # -- prompt ------------------------------------------------------------------------------------
     def prompt_ids(self, req: GenRequest) -> list[int]:
@@ -169,26 +212,29 @@ class LocalBackend:
         except (PromptTooLong, NoFimTokens) as exc:
             raise BadGenerationRequest(str(exc)) from None
 
-    def _gen_kwargs(self, req: GenRequest, ids: list[int]) -> dict:
+    def _gen_kwargs(self, req: GenRequest, ids: list[int], rows: int = 1, index: int = 0) -> dict:
+        """``generate`` arguments for ``rows`` copies of the prompt; a seeded request samples with its own
+        generator (seeded with ``seed + index``: streamed choices are separate generations)."""
         import torch
+        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
-        x = torch.tensor([ids], device=self.device)
+        x = torch.tensor([ids] * rows, device=self.device)
         kw = dict(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=req.max_tokens, use_cache=True,
                   eos_token_id=self.stop_ids, pad_token_id=self.pad_id)
-        if req.temperature > 0:
-            kw.update(do_sample=True, temperature=req.temperature, top_p=req.top_p)
+        if req.temperature > 0 and req.seed is not None:
+            # argmax(warped logits + Gumbel noise) is a sample of the warped distribution; greedy search does
+            # the argmax, so only this request's generator is drawn from.
+            procs = [TemperatureLogitsWarper(req.temperature)]
+            if req.top_p < 1:
+                procs.append(TopPLogitsWarper(req.top_p))
+            procs.append(SeededGumbel(req.seed + index, self.device))
+            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None,
+                      logits_processor=LogitsProcessorList(procs))
+        elif req.temperature > 0:
+            kw.update(do_sample=True, temperature=req.temperature, top_p=req.top_p, top_k=None)
         else:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         return kw
-
-    @staticmethod
-    def _seed(req: GenRequest, index: int = 0) -> None:
-        """Seed torch's (process-wide) generator for a seeded request; call it holding ``self.lock``, so a
-        concurrent request cannot draw from the generator between the seeding and this generation."""
-        import torch
-
-        if req.seed is not None:
-            torch.manual_seed(req.seed + index)
 
     def _finish(self, new_ids: list[int], req: GenRequest) -> Choice:
         ended = False
@@ -204,17 +250,20 @@ class LocalBackend:
         import torch
 
         ids = self.prompt_ids(req)
-        kw = self._gen_kwargs(req, ids)
+        greedy = req.temperature == 0
+        rows = 1 if greedy or req.seed is None else req.n  # seeded: n rows drawn from the request's generator
+        kw = self._gen_kwargs(req, ids, rows)
         if req.stop:  # stop early; the cut is exact below
             kw.update(stopping_criteria=_completion_stop_criteria(self.tok, len(ids), req.stop))
         with self.lock, torch.inference_mode():
-            self._seed(req)
-            if req.n > 1 and req.temperature == 0:  # greedy choices are identical: decode once
+            if greedy:  # greedy choices are identical: decode once
                 out = self.model.generate(**kw)
-                rows = [out[0]] * req.n
+                gen_rows = [out[0]] * req.n
+            elif req.seed is not None:
+                gen_rows = list(self.model.generate(**kw))
             else:
-                rows = list(self.model.generate(**kw, num_return_sequences=req.n))
-        choices = [self._finish(row[len(ids):].tolist(), req) for row in rows]
+                gen_rows = list(self.model.generate(**kw, num_return_sequences=req.n))
+        choices = [self._finish(row[len(ids):].tolist(), req) for row in gen_rows]
         return Generation(choices, len(ids))
 
     def stream(self, req: GenRequest) -> Stream:
@@ -240,13 +289,12 @@ class LocalBackend:
                 state["ended"] = state["ended"] or last in stop_ids
                 return torch.full((input_ids.shape[0],), state["cancel"], dtype=torch.bool)
 
-        kw = self._gen_kwargs(req, ids)
+        kw = self._gen_kwargs(req, ids, index=index)
         kw.update(streamer=streamer, stopping_criteria=StoppingCriteriaList([_Cancel()]))
         errors: list[BaseException] = []
 
         def run():
             with self.lock, torch.inference_mode():
-                self._seed(req, index)  # streamed choices are separate generations: each its own seed
                 try:
                     self.model.generate(**kw)
                 except BaseException as exc:  # surfaced to the consumer below

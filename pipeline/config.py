@@ -347,6 +347,7 @@ class TrainConfig(Section):
 class ExportConfig(Section):
     out: str = "models/base"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    ctranslate2: bool = True  # also write <out>/ct2/ (CTranslate2, float32), the gateway's in-process engine format
 
 
 # -------------------------------------------------------------------------------------- evaluation
@@ -432,6 +433,12 @@ class ServeConfig(Section):
     upstream_api_key_env: str = "OWNLLM_UPSTREAM_API_KEY"  # name of the env var holding the upstream key
     device: str = "cpu"
     num_threads: int | None = Field(None, ge=1)  # torch threads of the local backend; None = torch default
+    # The in-process engine for a version whose directory has the CTranslate2 conversion (<dir>/ct2/, written
+    # by `ownllm export`); a directory without it, or engine: transformers, is served by transformers.
+    engine: Literal["ctranslate2", "transformers"] = "ctranslate2"
+    quantization: Literal["float32", "int8"] = "float32"  # CTranslate2 compute type, applied at load
+    batch_wait_ms: float = Field(5.0, ge=0, le=1000)  # requests arriving this close share a decoding batch
+    max_batch: int = Field(32, ge=1)  # rows (prompts x n) per decoding batch
     max_prompt_chars: int = Field(32_000, ge=1)
     max_tokens_limit: int = Field(512, ge=1)
     max_n: int = Field(8, ge=1)

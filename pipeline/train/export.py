@@ -1,8 +1,10 @@
-"""`ownllm export`: the trained model plus its tokenizer as a Hugging Face model directory (models/base/).
+"""`ownllm export`: the trained model plus its tokenizer as a Hugging Face model directory (models/base/),
+and its CTranslate2 conversion beside the weights (models/base/ct2/, what the gateway's engine serves).
 
 The default input is the deterministic final model that `ownllm train` writes (``train.final_model``);
 ``--checkpoint`` exports any Composer checkpoint instead (e.g. one from before a spike). The export is checked before it is declared done: it must load with
-``AutoModelForCausalLM`` and greedily complete both a plain and a FIM prompt.
+``AutoModelForCausalLM`` and greedily complete both a plain and a FIM prompt, and the CTranslate2 conversion
+must complete the plain prompt with the very same tokens.
 """
 
 from __future__ import annotations
@@ -15,6 +17,26 @@ from pipeline.fim_prompt import fim_text
 
 SMOKE_PREFIX = "def read_lines(path):\n    with open(path) as f:\n        "
 SMOKE_SUFFIX = "\n    return lines\n"
+CT2_SUBDIR = "ct2"  # <model dir>/ct2/: the CTranslate2 conversion beside the Hugging Face files
+
+
+def ct2_dir(model_dir: str | Path) -> Path:
+    return Path(model_dir) / CT2_SUBDIR
+
+
+def has_ct2(model_dir: str | Path) -> bool:
+    """Whether a model directory carries the CTranslate2 format (the registry serves whichever it has)."""
+    return (ct2_dir(model_dir) / "model.bin").is_file()
+
+
+def convert_to_ct2(model_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Convert a Hugging Face model directory to CTranslate2, in float32 (int8 is applied when loading,
+    ``serve.quantization``, so one artefact serves both). Byte-identical output for identical weights."""
+    from ctranslate2.converters import TransformersConverter
+
+    out = Path(out) if out else ct2_dir(model_dir)
+    TransformersConverter(str(model_dir)).convert(str(out), quantization="float32", force=True)
+    return out
 
 
 def export(params: Params, checkpoint: str | None = None) -> dict:
@@ -40,6 +62,8 @@ def export(params: Params, checkpoint: str | None = None) -> dict:
                                                bos_token_id=tokenizer.eos_token_id, do_sample=False)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    if params.export.ctranslate2:
+        convert_to_ct2(out)
     return smoke_test(out)
 
 
@@ -82,10 +106,28 @@ def smoke_test(model_dir: str | Path) -> dict:
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    return {"model_dir": str(model_dir), "params": sum(p.numel() for p in model.parameters()),
-            "vocab_size": len(tok),
-            "sample_completion": complete(model, tok, SMOKE_PREFIX),
-            "sample_infill": complete(model, tok, fim_text(SMOKE_PREFIX, SMOKE_SUFFIX))}
+    out = {"model_dir": str(model_dir), "params": sum(p.numel() for p in model.parameters()),
+           "vocab_size": len(tok),
+           "sample_completion": complete(model, tok, SMOKE_PREFIX),
+           "sample_infill": complete(model, tok, fim_text(SMOKE_PREFIX, SMOKE_SUFFIX))}
+    if has_ct2(model_dir):
+        got = complete_ct2(model_dir, tok, SMOKE_PREFIX)
+        if got != out["sample_completion"]:
+            raise ValueError(f"the CTranslate2 conversion in {ct2_dir(model_dir)} completes {SMOKE_PREFIX!r} with "
+                             f"{got!r}, transformers with {out['sample_completion']!r}")
+        out["ctranslate2"] = str(ct2_dir(model_dir))
+    return out
+
+
+def complete_ct2(model_dir: str | Path, tokenizer, prompt: str, max_new_tokens: int = 24) -> str:
+    """Greedy completion by the CTranslate2 conversion (the same stopping rule as :func:`complete`)."""
+    import ctranslate2
+
+    gen = ctranslate2.Generator(str(ct2_dir(model_dir)), compute_type="float32", intra_threads=1)
+    start = tokenizer.convert_ids_to_tokens(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    res = gen.generate_batch([start], max_length=max_new_tokens, include_prompt_in_result=False,
+                             end_token=[tokenizer.eos_token_id])
+    return tokenizer.decode(res[0].sequences_ids[0], skip_special_tokens=True)
 
 
 def main(args) -> int:

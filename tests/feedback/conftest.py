@@ -31,6 +31,28 @@ def tiny_backend(tiny_model_dir):
     return LocalBackend(tiny_model_dir)
 
 
+@pytest.fixture(scope="session")
+def tiny_ct2_model_dir(tmp_path_factory, tiny_model_dir):
+    """The tiny model with its CTranslate2 conversion beside it (<dir>/ct2/), as `ownllm export` writes it."""
+    import shutil
+
+    from pipeline.train.export import convert_to_ct2
+
+    out = tmp_path_factory.mktemp("tiny_ct2") / "tiny"
+    shutil.copytree(tiny_model_dir, out)
+    convert_to_ct2(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_ct2_backend(tiny_ct2_model_dir):
+    from feedback.engine import CT2Backend
+
+    backend = CT2Backend(tiny_ct2_model_dir, num_threads=1)
+    yield backend
+    backend.engine.close()
+
+
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory, tiny_backend, tiny_model_dir):
     """A running gateway on SQLite with the tiny model serving everyone and three users' keys."""

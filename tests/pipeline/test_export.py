@@ -40,6 +40,8 @@ def test_export_loads_and_generates_plain_and_fim(trained_run):
 
     report = json.loads((d / "reports/export.json").read_text())
     assert report["params"] == trained_run["summary"]["params"]
+    # The CTranslate2 conversion sits beside the weights, and the smoke test found it completes alike.
+    assert (out / "ct2" / "model.bin").is_file() and report["ctranslate2"] == str(out / "ct2")
     assert isinstance(report["sample_infill"], str) and isinstance(report["sample_completion"], str)
 
 
