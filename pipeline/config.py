@@ -92,6 +92,8 @@ class PIIConfig(Section):
     # factor * log2(n) when that is below min_key_entropy_base64.
     key_entropy_len_factor: float = Field(0.78, gt=0, le=1)
     min_key_length: int = Field(20, ge=8)
+    # A password (a value under a password-ish name, with 3 of lower/upper/digit/symbol) may be shorter.
+    min_password_length: int = Field(10, ge=6)
     max_key_length: int = Field(512, ge=8)  # longer quoted base64 is data (images, fonts), not a key
     # Public addresses that identify no one: well-known public DNS resolvers (IPv4 and IPv6).
     keep_ips: list[str] = ["8.8.8.8", "8.8.4.4", "1.1.1.1", "1.0.0.1", "9.9.9.9", "149.112.112.112",

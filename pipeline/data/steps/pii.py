@@ -15,18 +15,24 @@ block) and the code-specific false-positive filters (version strings, hashes, UU
 
 from __future__ import annotations
 
+import base64
+import functools
 import ipaddress
 import math
 import re
 import string
 from dataclasses import dataclass, field
 
+import validators
 from detect_secrets.plugins.aws import AWSKeyDetector
 from detect_secrets.plugins.github_token import GitHubTokenDetector
-from detect_secrets.plugins.jwt import JwtTokenDetector
+from detect_secrets.plugins.gitlab_token import GitLabTokenDetector
 from detect_secrets.plugins.high_entropy_strings import Base64HighEntropyString, HexHighEntropyString
+from detect_secrets.plugins.jwt import JwtTokenDetector
+from detect_secrets.plugins.pypi_token import PypiTokenDetector
+from detect_secrets.plugins.sendgrid import SendGridDetector
 from detect_secrets.plugins.slack import SlackDetector
-from detect_secrets.plugins.stripe import StripeDetector
+from detect_secrets.plugins.twilio import TwilioKeyDetector
 
 from pipeline.config import PIIConfig
 from pipeline.data.records import line_stats
@@ -51,6 +57,7 @@ LOCAL_RUN_RE = re.compile(r"[A-Za-z0-9._%+\-]{1,64}$")
 # "scheme://user:pass@host"); ":" is fine after "mailto".
 NOT_BEFORE_EMAIL = frozenset(string.ascii_letters + string.digits + "_.%+-/:@")
 # "icon@2x.png", "lodash@file.js": asset and package specs that look like addresses.
+CODE_RECEIVERS = frozenset({"self", "cls", "this", "super"})
 FILE_TLDS = frozenset(
     "png jpg jpeg gif svg webp ico bmp js mjs cjs ts tsx jsx py pyc css scss less html htm json yaml yml md "
     "txt xml toml lock map wasm so dll exe sh rb go rs java kt c h cc cpp hpp o a gz zip tar".split()
@@ -70,7 +77,7 @@ IPV6_RE = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{1,4}:|:)(?::|[0-9A-Fa-f]{1,4}:)
 # "version = '1.2.3.4'", "__version__", "Version: 10.0.0.1", "pkg==1.2.3.4" are versions, not hosts;
 # "section 7.3.2.2", "IEEE 802.11 8.4.2.29", "RFC 4960 5.3.1.1" are numbered sections of specifications.
 NOT_IP_BEFORE_RE = re.compile(
-    r"(?i)(?:version|\bver\b|release|requires|build|[=<>~!]=|[<>]|\bv"
+    r"(?i)(?:version|\bver\b|release|requires|build|[=<>~!]=|[<>^~]|\bv"
     r"|section|\bsect?\.|§|chapter|clause|table|figure|\bfig\.|\bspec(?:ification)?|ieee|\brfc\s*\d+|\b802\.\d+\S*"
     r"|\bstd\.?|standard|\bdraft\S*|\bstep)_*\W{0,6}$"
     r"|(?:^|[^a-z])oids?(?:[^a-z]|$)"  # ASN.1 object ids anywhere before: "EXTENSION_OID_KEY_USAGE = '2.5.29.15'"
@@ -84,47 +91,82 @@ COMMENT_BEFORE_RE = re.compile(r"(?://+|#+|/\*+|^[ \t]*\*+|\()[ \t]*$", re.M)
 COMMENT_AFTER_RE = re.compile(r"[ \t]*\)|[ \t]*(?:\*/)?[ \t]*(?:\r?\n|$)")
 
 # -------------------------------------------------------------------------------------------- keys
-# detect-secrets' plugin regexes for token formats (the access-key id, not the 40-char secret pattern,
-# which is covered by the secret-assignment rule below). github_pat_ (fine-grained tokens) is newer
-# than detect-secrets 1.5, so it is added here.
-TOKEN_RES = [
-    AWSKeyDetector.denylist[0],
-    *GitHubTokenDetector.denylist,
-    re.compile(r"github_pat_[A-Za-z0-9_]{22,255}"),
-    SlackDetector.denylist[0],
-    *StripeDetector.denylist,
+# Provider token formats: detect-secrets' plugin regexes where they match the provider's current format,
+# gitleaks' rule shapes (cmd/generate/config/rules) where detect-secrets has none or an older one.
+# Each rule is (literal that must occur in the text, regex); a group named "v" is the part to replace
+# (the whole match otherwise). A match glued to a longer base64/identifier run is not a token.
+_UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+TOKEN_RULES: list[tuple[str, re.Pattern]] = [
+    *((h, AWSKeyDetector.denylist[0]) for h in ("AKIA", "ASIA", "ABIA", "ACCA", "A3T")),
+    *(("gh", rx) for rx in GitHubTokenDetector.denylist),
+    ("github_pat_", re.compile(r"github_pat_[A-Za-z0-9_]{22,255}")),  # fine-grained, newer than detect-secrets
+    *(("GR1348941" if rx.pattern.startswith("GR") else "gl", rx) for rx in GitLabTokenDetector.denylist),
+    *(("xox", rx) if "xox" in rx.pattern else ("hooks.slack.com", rx) for rx in SlackDetector.denylist),
+    ("k_", re.compile(r"(?:sk|rk)_(?:live|test|prod)_[A-Za-z0-9]{10,99}")),  # gitleaks (detect-secrets: live, 24)
+    ("SK", TwilioKeyDetector.denylist[1]), ("AC", TwilioKeyDetector.denylist[0]),
+    ("AccountKey=", re.compile(r"AccountKey=(?P<v>[A-Za-z0-9+/]{86}==)")),  # detect-secrets' shape, value only
+    ("SharedAccessKey=", re.compile(r"SharedAccessKey=(?P<v>[A-Za-z0-9+/]{43}=)")),
+    ("AIza", re.compile(r"AIza[\w\-]{35}")),
+    ("T3BlbkFJ", re.compile(r"sk-(?:(?:proj|svcacct|admin)-)?[A-Za-z0-9_\-]{20,74}T3BlbkFJ[A-Za-z0-9_\-]{20,74}")),
+    ("npm_", re.compile(r"npm_[A-Za-z0-9]{36}")),
+    ("_authToken", re.compile(rf"/:_authToken=[ \t]*(?P<v>npm_[A-Za-z0-9]{{36}}|{_UUID}|[A-Za-z0-9+/=_\-]{{20,}})")),
+    *(("SG.", rx) for rx in SendGridDetector.denylist),
+    ("HRKU-", re.compile(r"HRKU-AA[0-9A-Za-z_\-]{58}")),
+    ("key-", re.compile(r"key-[0-9a-f]{32}")),  # Mailgun
+    ("hf_", re.compile(r"hf_[A-Za-z]{34}")),  # Hugging Face
+    *(("pypi-", rx) for rx in PypiTokenDetector.denylist),
 ]
-# detect-secrets' regexes are unanchored; a token inside a longer base64/identifier run is not a token.
 TOKEN_BEFORE = re.compile(r"[A-Za-z0-9+/_\-]")
-TOKEN_HINTS = ("AKIA", "A3T", "ABIA", "ACCA", "ASIA", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "xox",
-               "XOX", "k_live_")
+# Documentation values and placeholders in a token's shape: "AKIAIOSFODNN7EXAMPLE", "ghp_XXXX...", "npm_000...".
+PLACEHOLDER_RE = re.compile(
+    r"(?i)(.)\1{5}|example|your|placeholder|replace|insert|changeme|dummy|sample|redacted|todo"
+    r"|^\$\{.*\}$|^\$[A-Z_]+$|%\(\w+\)s|\{\{.*\}\}|^\{\w*\}$|^<[^<>]*>$|\*{3}"
+)
 # JSON Web Tokens: header.payload.signature, validated with detect-secrets' JWT plugin (base64 JSON parts).
 JWT_RE = re.compile(r"eyJ[A-Za-z0-9_\-]+\.eyJ[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]*")
-# "Authorization: Bearer <token>" and credentials inside URLs ("postgres://app:S3cr3t@db/x").
+# "Authorization: Bearer <token>" and credentials inside URLs ("postgres://app:S3cr3t@db/x", "redis://:pw@h").
 BEARER_RE = re.compile(r"(?i)\bbearer\s+([A-Za-z0-9\-._~+/]{16,}=*)")
-URL_PASSWORD_RE = re.compile(r"(?i)\b[a-z][a-z0-9+.\-]{1,15}://[^\s:/@'\"]{1,64}:([^\s@/'\"]{6,128})@")
+URL_PASSWORD_RE = re.compile(r"(?i)\b[a-z][a-z0-9+.\-]{1,15}://[^\s:/@'\"]{0,64}:([^\s@/'\"]{6,128})@")
 PRIVATE_KEY_RE = re.compile(
     r"-----BEGIN ((?:[A-Z0-9]+ )*)PRIVATE KEY(?: BLOCK)?-----"
-    r"(?:[\s\S]{0,20000}?-----END \1PRIVATE KEY(?: BLOCK)?-----|[A-Za-z0-9+/=\s\\n:\-,]*)"
+    r"(?:[\s\S]{0,20000}?-----END \1PRIVATE KEY(?: BLOCK)?-----|[A-Za-z0-9+/=\s\\n:\-,#]*)"
 )
-# A quoted value assigned to a secret-ish name: `api_key = "..."`, `"password": '...'`, `token: "..."`,
-# `AWS_SECRET=...` (env style, unquoted, whole line).
-SECRET_NAME = r"(?:[A-Za-z_$][\w$.\-]{0,40}?)?(?:key|secret|token|passw|pwd|credential|auth)[\w$.\-]{0,40}"
-# Found value first (a quoted run of key characters, rare in code), then the name before it on its line:
-# scanning for the names first costs ~20x more, the keywords being common words in code.
-QUOTED_VALUE_RE = re.compile(r"(['\"`])([A-Za-z0-9+/=_\-]{8,})\1")
+# A value assigned to a secret-ish name: `api_key = "..."`, `"password": '...'`, `token: "..."`,
+# `var apiToken string = "..."`, `$key .= "..."`, `AWS_SECRET=...` (env style), `?api_key=...&`,
+# `x-api-key: ...` (a header), `<apiKey>...</apiKey>`, `--api-key ...` (a CLI flag).
+SECRET_NAME = r"(?:[A-Za-z_$][\w$.\-]{0,40}?)?(?:key|secret|token|passw|pwd|pass\b|credential|auth)[\w$.\-]{0,40}"
+# An optional type between name and separator (`apiKey: str =`, `var apiKey string =`) and the separator.
+_NAME_TAIL = r"['\"]?\]?(?:[ \t]*:[ \t]*[A-Za-z_][\w.\[\]]*[ \t]*(?==)|[ \t]+[A-Za-z_][\w.\[\]]*[ \t]*(?==))?[ \t]*"
+QUOTED_VALUE_RE = re.compile(r"(['\"`])([^\s'\"`\\]{8,})\1")
 NAME_BEFORE_QUOTE_RE = re.compile(
-    rf"(?i)(?<![\w$.\-])(?P<name>{SECRET_NAME})['\"]?\s*(?:=|:|:=|=>|,)\s*[rbuf]{{0,2}}$"
+    rf"(?i)(?<![\w$.\-])(?P<name>{SECRET_NAME}){_NAME_TAIL}(?:[.+?:]{{0,2}}=>?|:|,|\()\s*[rbuf]{{0,2}}$"
 )
-ENV_VALUE_RE = re.compile(r"[=:][ \t]*([A-Za-z0-9+/=_\-]{8,})[ \t\r]*$", re.M)  # NAME=v, YAML "name: v"
-ENV_NAME_RE = re.compile(rf"(?i)[ \t]*(?:export[ \t]+)?(?P<name>{SECRET_NAME})[ \t]*$")
+# Unquoted: after "=" or ":" up to the end of the line, a quote, "&", ";" or an escaped newline.
+# "&" ends a value only before another query parameter ("?token=...&page=2"), and "=" ends one
+# (base64 padding aside), so "https://h/v1?api_key=..." is not taken for one value.
+UNQUOTED_VALUE_RE = re.compile(
+    r"[=:][ \t]*((?:[^\s'\"`<>;&,\\=]|&(?![\w.\-]+=)){8,}={0,2})(?=[\s'\"`<;&,]|\\[nrt]|$)"
+)
+NAME_BEFORE_UNQUOTED_RE = re.compile(rf"(?i)(?<![\w$.\-])(?P<name>{SECRET_NAME}){_NAME_TAIL}(?:[.+?:]{{0,2}})$")
+XML_VALUE_RE = re.compile(r"<(?P<name>[\w.\-]{1,60})>[ \t]*\r?\n?[ \t]*(?P<v>[^\s<>]{8,512})\s*</(?P=name)>")
+CLI_FLAG_RE = re.compile(r"--(?P<name>[\w\-]{2,60})[ \t=]+(['\"]?)(?P<v>[^\s'\"]{8,512})\2(?![^\s'\"])")
+MYSQL_PASSWORD_RE = re.compile(r"(?<=\s)-p(['\"])(?P<v>[^\s'\"]{6,128})\1")
 HASH_NAME_RE = re.compile(
     r"(?i)hash|sha\d*|md5|digest|checksum|cksum|crc|etag|commit|rev|integrity|fingerprint|cache|uuid|guid"
 )
 HASH_HEX_LENGTHS = frozenset({32, 40, 56, 64, 96, 128})
-UUID_RE = re.compile(r"^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$")
+UUID_RE = re.compile(rf"^{_UUID}$|^[0-9a-fA-F]{{12}}[1-5][0-9a-fA-F]{{3}}[89abAB][0-9a-fA-F]{{15}}$")  # also uuid.hex
+# An environment-variable / constant name used as a value: `os.environ.get("STRIPE_SECRET_KEY_V2")`.
+CONSTANT_NAME_RE = re.compile(r"[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+")
+LOWER_WORD_RE = re.compile(r"[a-z_$][a-z0-9_$]*")
+HOST_PORT_RE = re.compile(r"[\w.\-]+:\d{1,5}")
 # Words of an identifier: "HTTPPasswordMgr" -> HTTP, Password, Mgr; a random string splits into 1-2 char bits.
 WORD_RE = re.compile(r"[A-Z]{2,}(?=[A-Z][a-z]|[^A-Za-z]|$)|[A-Z]?[a-z]+|[A-Z]")
+TOKEN_CHARS = frozenset(string.ascii_letters + string.digits + "+/=_-~")
+# Base64 of a binary file is data, not a key: the decoded start is a file signature. (A signature table
+# is all the sniffing this needs; no file-type library is installed.)
+FILE_SIGNATURES = (b"\x89PNG", b"GIF8", b"\xff\xd8\xff", b"%PDF", b"\x1f\x8b", b"PK\x03\x04", b"RIFF", b"wOFF",
+                   b"wOF2", b"OggS", b"\x00\x00\x01\x00", b"BM", b"<svg", b"<?xml", b"ID3", b"fLaC")
 
 _B64 = Base64HighEntropyString()
 _HEX = HexHighEntropyString()
@@ -137,6 +179,12 @@ class Span:
     kind: str  # email | ip_address | key
 
 
+@functools.lru_cache(maxsize=4096)
+def iana_tld(tld: str) -> bool:
+    """Is ``tld`` a top-level domain in IANA's list (validators ships it): "weight" in "x@w.weight" is not."""
+    return validators.domain(f"example.{tld}", consider_tld=True) is True
+
+
 def find_emails(text: str) -> list[Span]:
     if "@" not in text:
         return []
@@ -144,8 +192,11 @@ def find_emails(text: str) -> list[Span]:
     for at in AT_DOMAIN_RE.finditer(text):
         run = LOCAL_RUN_RE.search(text, max(0, at.start() - 64), at.start())
         m = EMAIL_RE.match(text, run.start()) if run else None
-        if m is None or m.group(3).lower() in FILE_TLDS:
+        tld = m.group(3) if m else ""
+        if m is None or tld.lower() in FILE_TLDS or not (tld.islower() or tld.isupper()) or not iana_tld(tld.lower()):
             continue
+        if m.group(2).split(".", 1)[0] in CODE_RECEIVERS:
+            continue  # "x@self.data": a matrix product on an attribute, not an address
         before = text[m.start() - 1] if m.start() else " "
         mailto = before == ":" and text[max(0, m.start() - 7):m.start() - 1].lower() == "mailto"
         if before in NOT_BEFORE_EMAIL and not mailto:
@@ -230,8 +281,24 @@ def _has_ascending_run(value: str, n: int = 6) -> bool:
 
 
 def _identifier_like(value: str) -> bool:
+    """``ProxyBasicAuthHandler``, ``service_api_key_v2``: words of 4+ letters on average, few digits."""
+    if sum(c.isdigit() for c in value) > 2:
+        return False
     words = WORD_RE.findall(value)
     return bool(words) and sum(map(len, words)) / len(words) >= 4.0
+
+
+def _file_data(value: str) -> bool:
+    """Base64 whose decoded start is a file signature (an inlined PNG, font, gzip...)."""
+    try:
+        head = base64.b64decode(value[:24] + "=" * (-len(value[:24]) % 4))
+    except ValueError:
+        return False
+    return head.startswith(FILE_SIGNATURES)
+
+
+def _placeholder(value: str) -> bool:
+    return bool(PLACEHOLDER_RE.search(value))
 
 
 def looks_like_secret(name: str, value: str, cfg: PIIConfig) -> bool:
@@ -239,19 +306,33 @@ def looks_like_secret(name: str, value: str, cfg: PIIConfig) -> bool:
     if not (cfg.min_key_length <= len(value) <= cfg.max_key_length):
         return False  # short: words and placeholders; very long: base64 data blobs (images, fonts)
     if UUID_RE.match(value):
-        return False
+        return "heroku" in name.lower()  # Heroku's legacy API key is a UUID; gitleaks flags it only by name
     is_hex = all(c in string.hexdigits for c in value)
     if is_hex and len(value) in HASH_HEX_LENGTHS and HASH_NAME_RE.search(name):
         return False  # an md5/sha digest in a hash-ish context
-    if not any(c.isdigit() for c in value) and _identifier_like(value):
-        return False  # SOME_CONSTANT_NAME, ProxyBasicAuthHandler
-    if _has_ascending_run(value):
-        return False  # alphabets: "ABCDEFGHIJ...", "0123456789..."
+    if _placeholder(value) or CONSTANT_NAME_RE.fullmatch(value) or _identifier_like(value):
+        return False  # YOUR_API_KEY_HERE, SERVICE_API_KEY (an env var's name), ProxyBasicAuthHandler
+    if _has_ascending_run(value) or _file_data(value):
+        return False  # alphabets ("ABCDEFGHIJ...", "0123456789..."); inlined images
     if is_hex:
-        return _HEX.calculate_shannon_entropy(value) > cfg.min_key_entropy_hex
+        return shannon_entropy(value) > cfg.min_key_entropy_hex
     # A random string of length n cannot exceed log2(n) bits/char, so short keys get a length-scaled bar.
     limit = min(cfg.min_key_entropy_base64, cfg.key_entropy_len_factor * math.log2(len(value)))
-    return _B64.calculate_shannon_entropy(value) > limit
+    return shannon_entropy(value) > limit
+
+
+def looks_like_password(value: str, cfg: PIIConfig) -> bool:
+    """A value under a password-ish name: 3 of lower/upper/digit/symbol, and not a placeholder or code."""
+    if not (cfg.min_password_length <= len(value) <= 128) or _placeholder(value) or UUID_RE.match(value):
+        return False
+    if any(c in value for c in "()[]") or value.startswith(("/", "./", "~/")) or HOST_PORT_RE.fullmatch(value):
+        return False  # code (`getpass.getpass()`), a path, "localhost:22"
+    if all(LOWER_WORD_RE.fullmatch(part) or CONSTANT_NAME_RE.fullmatch(part) or (part.isidentifier() and _identifier_like(part))
+           for part in value.split(".")):
+        return False  # `DB_PASSWORD`, `self.conf.db_password`, `process.env.TWILIO_API_KEY_2024`
+    classes = (any(c.islower() for c in value) + any(c.isupper() for c in value) + any(c.isdigit() for c in value)
+               + any(not c.isalnum() for c in value))
+    return classes >= 3 or (classes == 2 and len(value) >= 12)
 
 
 def _real_password(value: str) -> bool:
@@ -263,6 +344,9 @@ def _real_password(value: str) -> bool:
 
 
 SECRET_WORDS = ("key", "secret", "token", "passw", "pwd", "credential", "auth")
+# A cheap test before the name regex: most assignments in code name no secret at all.
+NAME_WORD_RE = re.compile(r"(?i)key|secret|token|pass|pwd|credential|auth")
+PASSWORD_NAME_RE = re.compile(r"(?i)passw|pwd|(?:^|[_\-.])pass(?:$|[_\-.])|^pw$|Pass(?:$|[A-Z_])")
 
 
 def secret_name(name: str) -> bool:
@@ -277,18 +361,68 @@ def secret_name(name: str) -> bool:
     if (name.islower() or name.isupper()) and not any(c in name for c in "_-.$"):
         return any(w in low for w in SECRET_WORDS)  # one-case run-together names: "apikey", "PASSWD"
     words = [w.lower() for w in WORD_RE.findall(name)]
-    return any(w.startswith(SECRET_WORDS) for w in words)
+    return any(w.startswith(SECRET_WORDS) or w == "pass" for w in words)
+
+
+def secret_value(name: str, value: str, cfg: PIIConfig) -> bool:
+    """Is ``value``, assigned to ``name``, a secret: a random token, or a password under a password name?"""
+    if not secret_name(name):
+        return False
+    if all(c in TOKEN_CHARS for c in value) and looks_like_secret(name, value, cfg):
+        return True
+    return bool(PASSWORD_NAME_RE.search(name)) and looks_like_password(value, cfg)
+
+
+def _line_start(text: str, pos: int) -> int:
+    return max(text.rfind("\n", max(0, pos - 120), pos) + 1, pos - 120)
+
+
+def _glued(text: str, m: re.Match, prefixed: bool) -> bool:
+    """A token-shaped match inside a longer base64 / identifier run (one led by a literal like "AccountKey="
+    is not); a "/" before it is a path or URL separator unless a base64 run goes on after it."""
+    after = text[m.end()] if m.end() < len(text) else " "
+    if after.isalnum():
+        return True
+    if prefixed or not m.start():
+        return False
+    before = text[m.start() - 1]
+    if before == "/":
+        return after in "+="  # ".../Accounts/AC.../Messages.json" is a path
+    return bool(TOKEN_BEFORE.match(before))
+
+
+def _named_values(text: str, cfg: PIIConfig) -> list[Span]:
+    """Values assigned to a secret-ish name.
+
+    The value is found first (a quoted run, or an unquoted one after "=" / ":"), then the name before it on
+    its line: scanning for the names first costs much more, the keywords ("key", "pass") being common
+    words in code. A cheap keyword test comes before the name regex, most assignments naming no secret.
+    """
+    out: list[Span] = []
+    shortest = min(cfg.min_key_length, cfg.min_password_length)
+    for rx, name_rx, g in ((QUOTED_VALUE_RE, NAME_BEFORE_QUOTE_RE, 2), (UNQUOTED_VALUE_RE, NAME_BEFORE_UNQUOTED_RE, 1)):
+        for m in rx.finditer(text):
+            if len(m.group(g)) < shortest:
+                continue
+            start = _line_start(text, m.start())
+            if not NAME_WORD_RE.search(text, start, m.start()):
+                continue
+            name = name_rx.search(text, start, m.start())
+            if name and secret_value(name.group("name"), m.group(g), cfg):
+                out.append(Span(m.start(g), m.end(g), "key"))
+    return out
 
 
 def find_keys(text: str, cfg: PIIConfig) -> list[Span]:
     out = []
-    if any(h in text for h in TOKEN_HINTS):
-        for rx in TOKEN_RES:
-            for m in rx.finditer(text):
-                s, e = m.start(), m.end()
-                if (s and TOKEN_BEFORE.match(text, s - 1)) or (e < len(text) and text[e].isalnum()):
-                    continue
-                out.append(Span(s, e, "key"))
+    for hint, rx in TOKEN_RULES:
+        if hint not in text:
+            continue
+        for m in rx.finditer(text):
+            s, e = m.span("v") if "v" in rx.groupindex else m.span()
+            if _glued(text, m, "v" in rx.groupindex) or _placeholder(text[s:e]):
+                continue
+            out.append(Span(s, e, "key"))
     if "eyJ" in text:
         out.extend(Span(m.start(), m.end(), "key") for m in JWT_RE.finditer(text)
                    if JwtTokenDetector.is_formally_valid(m.group()))
@@ -302,21 +436,21 @@ def find_keys(text: str, cfg: PIIConfig) -> list[Span]:
                 out.append(Span(m.start(1), m.end(1), "key"))
     if "PRIVATE KEY" in text:
         out.extend(Span(m.start(), m.end(), "key") for m in PRIVATE_KEY_RE.finditer(text))
-    for m in QUOTED_VALUE_RE.finditer(text):
-        if len(m.group(2)) < cfg.min_key_length:
-            continue
-        start = m.start()
-        line_start = text.rfind("\n", max(0, start - 120), start) + 1
-        name = NAME_BEFORE_QUOTE_RE.search(text, max(line_start, start - 120), start)
-        if name and secret_name(name.group("name")) and looks_like_secret(name.group("name"), m.group(2), cfg):
-            out.append(Span(m.start(2), m.end(2), "key"))
-    for m in ENV_VALUE_RE.finditer(text):
-        if len(m.group(1)) < cfg.min_key_length:
-            continue
-        line_start = text.rfind("\n", 0, m.start()) + 1
-        name = ENV_NAME_RE.fullmatch(text, line_start, m.start())
-        if name and secret_name(name.group("name")) and looks_like_secret(name.group("name"), m.group(1), cfg):
-            out.append(Span(m.start(1), m.end(1), "key"))
+    out += _named_values(text, cfg)
+    if "</" in text:
+        for m in XML_VALUE_RE.finditer(text):
+            if secret_value(m.group("name"), m.group("v"), cfg):
+                out.append(Span(m.start("v"), m.end("v"), "key"))
+    if "--" in text:
+        for m in CLI_FLAG_RE.finditer(text):
+            if m.start() and (text[m.start() - 1].isalnum() or text[m.start() - 1] in "_-"):
+                continue
+            if secret_value(m.group("name"), m.group("v"), cfg):
+                out.append(Span(m.start("v"), m.end("v"), "key"))
+    if " -p" in text:
+        for m in MYSQL_PASSWORD_RE.finditer(text):
+            if looks_like_password(m.group("v"), cfg):
+                out.append(Span(m.start("v"), m.end("v"), "key"))
     return out
 
 
