@@ -29,6 +29,7 @@ def red(text: str, cfg: PIIConfig = CFG):
     ("# mail bob+spam@mail.acme.io, or anna@uni.de.", "# mail <EMAIL>, or <EMAIL>."),
     ("contact: ÉLODIE <elodie_99@posteo.net>\r\nnext", "contact: ÉLODIE <<EMAIL>>\r\nnext"),
     ("# [Bob](mailto:BOB.SMITH@EXAMPLE.CO.UK)", "# [Bob](mailto:<EMAIL>)"),
+    (" *\t\tDonald Becker, <becker@super.org>", " *\t\tDonald Becker, <<EMAIL>>"),  # "super" is also a word in code
 ])
 def test_emails_are_redacted(text, expected):
     out, counts = red(text)

@@ -3,14 +3,19 @@
 Detection is regex + validation, in the spirit of BigCode's StarCoder PII pipeline, but with the
 validation done by libraries that already know the rules:
 
-- token-format keys (AWS, GitHub, Slack, Stripe) use detect-secrets' own plugin regexes, and the
-  entropy of candidate secrets is detect-secrets' Shannon entropy;
+- provider token formats (AWS, GitHub, GitLab, Slack, Twilio, SendGrid, PyPI) use detect-secrets' own
+  plugin regexes; where detect-secrets has none or an older format (Stripe test keys, Google API, OpenAI
+  project keys, npm, Heroku, Mailgun, Hugging Face, Azure storage keys) the regex follows gitleaks' rule;
+  the entropy of candidate secrets is detect-secrets' Shannon entropy;
 - whether an IP address is public is decided by the stdlib ``ipaddress`` module (``is_global``), which
-  knows private, loopback, link-local, CGNAT, documentation and reserved ranges for IPv4 and IPv6.
+  knows private, loopback, link-local, CGNAT, documentation and reserved ranges for IPv4 and IPv6;
+- whether an address's top-level domain exists is IANA's list as shipped by ``validators``.
 
 What is written by hand is only what no library does: finding the *spans* to replace in source code
 (detect-secrets reports values per line, not positions, and flags only the first line of a private key
-block) and the code-specific false-positive filters (version strings, hashes, UUIDs, base64 data).
+block), finding the name a value is assigned to in the many syntaxes code and config use, and the
+code-specific false-positive filters (placeholders, environment-variable names, version strings,
+hashes, UUIDs, inlined images, matrix products). benchmarks/pii_labelled.py measures all of it.
 """
 
 from __future__ import annotations
@@ -56,8 +61,9 @@ LOCAL_RUN_RE = re.compile(r"[A-Za-z0-9._%+\-]{1,64}$")
 # What may not stand right before an address (the local part would be cut, or it is URL userinfo
 # "scheme://user:pass@host"); ":" is fine after "mailto".
 NOT_BEFORE_EMAIL = frozenset(string.ascii_letters + string.digits + "_.%+-/:@")
+# "x@self.data" is a matrix product on an attribute (an address at a "self." domain is rarer than that).
+CODE_RECEIVERS = frozenset({"self", "cls", "this"})
 # "icon@2x.png", "lodash@file.js": asset and package specs that look like addresses.
-CODE_RECEIVERS = frozenset({"self", "cls", "this", "super"})
 FILE_TLDS = frozenset(
     "png jpg jpeg gif svg webp ico bmp js mjs cjs ts tsx jsx py pyc css scss less html htm json yaml yml md "
     "txt xml toml lock map wasm so dll exe sh rb go rs java kt c h cc cpp hpp o a gz zip tar".split()
@@ -93,28 +99,29 @@ COMMENT_AFTER_RE = re.compile(r"[ \t]*\)|[ \t]*(?:\*/)?[ \t]*(?:\r?\n|$)")
 # -------------------------------------------------------------------------------------------- keys
 # Provider token formats: detect-secrets' plugin regexes where they match the provider's current format,
 # gitleaks' rule shapes (cmd/generate/config/rules) where detect-secrets has none or an older one.
-# Each rule is (literal that must occur in the text, regex); a group named "v" is the part to replace
+# Each rule is (literals one of which must occur in the text, regex); a group named "v" is the part to replace
 # (the whole match otherwise). A match glued to a longer base64/identifier run is not a token.
 _UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
-TOKEN_RULES: list[tuple[str, re.Pattern]] = [
-    *((h, AWSKeyDetector.denylist[0]) for h in ("AKIA", "ASIA", "ABIA", "ACCA", "A3T")),
-    *(("gh", rx) for rx in GitHubTokenDetector.denylist),
-    ("github_pat_", re.compile(r"github_pat_[A-Za-z0-9_]{22,255}")),  # fine-grained, newer than detect-secrets
-    *(("GR1348941" if rx.pattern.startswith("GR") else "gl", rx) for rx in GitLabTokenDetector.denylist),
-    *(("xox", rx) if "xox" in rx.pattern else ("hooks.slack.com", rx) for rx in SlackDetector.denylist),
-    ("k_", re.compile(r"(?:sk|rk)_(?:live|test|prod)_[A-Za-z0-9]{10,99}")),  # gitleaks (detect-secrets: live, 24)
-    ("SK", TwilioKeyDetector.denylist[1]), ("AC", TwilioKeyDetector.denylist[0]),
-    ("AccountKey=", re.compile(r"AccountKey=(?P<v>[A-Za-z0-9+/]{86}==)")),  # detect-secrets' shape, value only
-    ("SharedAccessKey=", re.compile(r"SharedAccessKey=(?P<v>[A-Za-z0-9+/]{43}=)")),
-    ("AIza", re.compile(r"AIza[\w\-]{35}")),
-    ("T3BlbkFJ", re.compile(r"sk-(?:(?:proj|svcacct|admin)-)?[A-Za-z0-9_\-]{20,74}T3BlbkFJ[A-Za-z0-9_\-]{20,74}")),
-    ("npm_", re.compile(r"npm_[A-Za-z0-9]{36}")),
-    ("_authToken", re.compile(rf"/:_authToken=[ \t]*(?P<v>npm_[A-Za-z0-9]{{36}}|{_UUID}|[A-Za-z0-9+/=_\-]{{20,}})")),
-    *(("SG.", rx) for rx in SendGridDetector.denylist),
-    ("HRKU-", re.compile(r"HRKU-AA[0-9A-Za-z_\-]{58}")),
-    ("key-", re.compile(r"key-[0-9a-f]{32}")),  # Mailgun
-    ("hf_", re.compile(r"hf_[A-Za-z]{34}")),  # Hugging Face
-    *(("pypi-", rx) for rx in PypiTokenDetector.denylist),
+_GITLAB = ("glpat-", "gldt-", "glft-", "glsoat-", "glrt-", "glcbt-", "glimt-", "glptt-", "glagent-", "gloas-", "GR1348941")
+TOKEN_RULES: list[tuple[tuple[str, ...], re.Pattern]] = [
+    (("AKIA", "ASIA", "ABIA", "ACCA", "A3T"), AWSKeyDetector.denylist[0]),
+    *((("ghp_", "gho_", "ghu_", "ghs_", "ghr_"), rx) for rx in GitHubTokenDetector.denylist),
+    (("github_pat_",), re.compile(r"github_pat_[A-Za-z0-9_]{22,255}")),  # fine-grained, newer than detect-secrets
+    *((_GITLAB, rx) for rx in GitLabTokenDetector.denylist),
+    *((("xox", "XOX") if "xox" in rx.pattern else ("hooks.slack.com",), rx) for rx in SlackDetector.denylist),
+    (("k_live_", "k_test_", "k_prod_"), re.compile(r"(?:sk|rk)_(?:live|test|prod)_[A-Za-z0-9]{10,99}")),  # gitleaks
+    (("SK",), TwilioKeyDetector.denylist[1]), (("AC",), TwilioKeyDetector.denylist[0]),
+    (("AccountKey=",), re.compile(r"AccountKey=(?P<v>[A-Za-z0-9+/]{86}==)")),  # detect-secrets' shape, value only
+    (("SharedAccessKey=",), re.compile(r"SharedAccessKey=(?P<v>[A-Za-z0-9+/]{43}=)")),
+    (("AIza",), re.compile(r"AIza[\w\-]{35}")),
+    (("T3BlbkFJ",), re.compile(r"sk-(?:(?:proj|svcacct|admin)-)?[A-Za-z0-9_\-]{20,74}T3BlbkFJ[A-Za-z0-9_\-]{20,74}")),
+    (("npm_",), re.compile(r"npm_[A-Za-z0-9]{36}")),
+    (("_authToken",), re.compile(rf"/:_authToken=[ \t]*(?P<v>npm_[A-Za-z0-9]{{36}}|{_UUID}|[A-Za-z0-9+/=_\-]{{20,}})")),
+    *((("SG.",), rx) for rx in SendGridDetector.denylist),
+    (("HRKU-",), re.compile(r"HRKU-AA[0-9A-Za-z_\-]{58}")),
+    (("key-",), re.compile(r"key-[0-9a-f]{32}")),  # Mailgun
+    (("hf_",), re.compile(r"hf_[A-Za-z]{34}")),  # Hugging Face
+    *((("pypi-",), rx) for rx in PypiTokenDetector.denylist),
 ]
 TOKEN_BEFORE = re.compile(r"[A-Za-z0-9+/_\-]")
 # Documentation values and placeholders in a token's shape: "AKIAIOSFODNN7EXAMPLE", "ghp_XXXX...", "npm_000...".
@@ -415,8 +422,8 @@ def _named_values(text: str, cfg: PIIConfig) -> list[Span]:
 
 def find_keys(text: str, cfg: PIIConfig) -> list[Span]:
     out = []
-    for hint, rx in TOKEN_RULES:
-        if hint not in text:
+    for hints, rx in TOKEN_RULES:
+        if not any(h in text for h in hints):
             continue
         for m in rx.finditer(text):
             s, e = m.span("v") if "v" in rx.groupindex else m.span()
