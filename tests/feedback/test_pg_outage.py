@@ -9,7 +9,7 @@ import httpx
 import pytest
 from sqlalchemy.engine import make_url
 
-from gateway_fixtures import PG_URL, fresh_pg_url, live_server, start_gateway
+from gateway_fixtures import fresh_pg_url, require_pg, live_server, start_gateway
 
 pytestmark = pytest.mark.postgres
 
@@ -70,7 +70,6 @@ class TcpProxy:
         self.sock.close()
 
 
-@pytest.mark.skipif(not PG_URL, reason="OWNLLM_TEST_PG_URL is not set (.ci/run starts PostgreSQL and sets it)")
 def test_postgres_outage_is_503_and_recovers(tiny_backend, tiny_model_dir):
     direct = fresh_pg_url()
     u = make_url(direct)
@@ -98,3 +97,16 @@ def test_postgres_outage_is_503_and_recovers(tiny_backend, tiny_model_dir):
     with session_factory(direct)() as s:
         counts = store.counts(s)
     assert (counts["completions"], counts["feedback_events"]) == (1, 1)
+
+
+def test_no_postgres_skips_on_a_laptop_and_fails_under_ci(monkeypatch):
+    """A missing server must not let CI pass green: `CI` set turns the skip into a failure."""
+    monkeypatch.delenv("OWNLLM_TEST_PG_URL", raising=False)
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="OWNLLM_TEST_PG_URL is not set"):
+        require_pg()
+    monkeypatch.setenv("CI", "1")
+    with pytest.raises(pytest.fail.Exception, match="CI is set"):
+        require_pg()
+    monkeypatch.setenv("OWNLLM_TEST_PG_URL", "postgresql+psycopg://ownllm@127.0.0.1:5432/x")
+    assert require_pg() == "postgresql+psycopg://ownllm@127.0.0.1:5432/x"

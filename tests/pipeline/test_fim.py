@@ -59,10 +59,19 @@ def test_too_long_truncates_suffix_or_refuses(tok):
     codec, fim = Codec(tok), FimTokens.from_tokenizer(tok)
     text = "x = 1\n" * 20
     ids = codec.encode([text])[0]
-    rng = np.random.default_rng(0)
-    # Exactly the original length: the three sentinels (and broken merges) come out of the suffix.
-    res = permute(text, codec, fim, len(ids), rng, 0.0)
-    assert res is None or (len(res.tokens) == len(ids) and res.truncated >= 3)
+    # Exactly the original length: the three sentinels (and broken merges) come out of the suffix first, then
+    # the start of the prefix; the middle is never cut.
+    results = [permute(text, codec, fim, len(ids), np.random.default_rng(seed), 0.0) for seed in range(20)]
+    fitted = [r for r in results if r is not None]
+    assert len(fitted) >= 10, "most random cuts leave room for the sentinels"
+    for res in fitted:
+        assert len(res.tokens) == len(ids) and res.truncated >= 3
+        prefix, middle, suffix, _ = parse_fim(res.tokens, fim)
+        lo, hi = res.cut
+        assert codec.decode(middle) == text[lo:hi]
+        assert text[hi:].startswith(codec.decode(suffix)) and text[:lo].endswith(codec.decode(prefix))
+        if len(codec.decode(suffix)) < len(text[hi:]) and codec.decode(prefix) != text[:lo]:
+            assert suffix == [], "the prefix is cut only once the suffix is gone"
     # Too small for the sentinels plus prefix and middle: stays next-token.
     assert permute(text, codec, fim, 2, np.random.default_rng(0), 0.0) is None
 

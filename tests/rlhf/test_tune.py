@@ -1,11 +1,31 @@
-"""SFT → DPO/KTO with TRL on a tiny real model: it trains, changes the weights, and is deterministic."""
+"""SFT → DPO/KTO with TRL on a tiny real model: it learns the preferences, and is deterministic."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from rlhf.tune import preference_method, run_preference, run_sft, weights_hash
+from rlhf.tune import PAIRS_FILE, preference_method, read_jsonl, run_preference, run_sft, weights_hash
 from rlhf_fixtures import rlhf_params, write_snapshot
+
+
+def preference_margin(model_dir: Path, pairs: list[dict]) -> float:
+    """Mean over pairs of log p(chosen | prompt) - log p(rejected | prompt): what DPO pushes up."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+
+    def logp(prompt: str, completion: str) -> float:
+        p, c = tok(prompt)["input_ids"], tok(completion)["input_ids"]
+        ids = torch.tensor([p + c])
+        with torch.no_grad():
+            logprobs = model(ids).logits[0, :-1].log_softmax(-1)
+        return float(logprobs[len(p) - 1:].gather(1, ids[0, len(p):, None]).sum())
+
+    return sum(logp(r["prompt"], r["chosen"]) - logp(r["prompt"], r["rejected"]) for r in pairs) / len(pairs)
 
 
 def test_preference_method_falls_back_to_kto_when_pairs_are_scarce(tmp_path, tiny_model_dir):
@@ -30,6 +50,11 @@ def test_sft_then_dpo_is_deterministic_and_changes_weights(tmp_path, tiny_model_
     assert hashes[0] == hashes[1], "same snapshot + same params must give identical weights"
     base = weights_hash(tiny_model_dir)
     assert base != hashes[0][0] != hashes[0][1]
+    # DPO learned the preferences: on its training pairs the chosen completion gained on the rejected one,
+    # relative to the SFT model it started from (and used as its reference).
+    pairs = read_jsonl(Path(params.rlhf.snapshot_dir) / PAIRS_FILE)
+    before, after = preference_margin(sft.out_dir, pairs), preference_margin(pref.out_dir, pairs)
+    assert after > before, (before, after)
 
 
 @pytest.mark.slow
