@@ -30,10 +30,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import load_params  # noqa: E402
+from pipeline.fim_prompt import SPECIAL_TOKENS  # noqa: E402
 from pipeline.eval.humaneval import STOP_SEQUENCES, load_problems, program_for, score  # noqa: E402
 from pipeline.eval.sandbox import python_argv, sandbox_from_config  # noqa: E402
 
-SPECIAL = ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"]
+SPECIAL = list(SPECIAL_TOKENS)
 
 
 def bench_sandbox(params, n: int) -> None:

@@ -34,7 +34,9 @@ def default_model(out: Path, params) -> Path:
 
     import torch
 
-    special = ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"]
+    from pipeline.fim_prompt import SPECIAL_TOKENS
+
+    special = list(SPECIAL_TOKENS)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -33,9 +33,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from feedback import store  # noqa: E402
 from feedback.db import session_factory, upgrade  # noqa: E402
+from pipeline.fim_prompt import SPECIAL_TOKENS  # noqa: E402
 
 PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    "
-SPECIAL = ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"]
+SPECIAL = list(SPECIAL_TOKENS)
 
 
 def build_model(out: Path) -> Path:

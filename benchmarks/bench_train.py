@@ -31,7 +31,9 @@ def build_stdlib_data(root: Path, seq_len: int, vocab: int) -> tuple[Path, Path]
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    special = ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"]
+    from pipeline.fim_prompt import SPECIAL_TOKENS
+
+    special = list(SPECIAL_TOKENS)
     files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:150]
     texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
     tok = Tokenizer(models.BPE())

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from pipeline.cli import UserError
 from pipeline.config import Params, SimulateConfig, load_params
-from pipeline.tokenizer import SPECIAL_TOKENS
+from pipeline.fim_prompt import SPECIAL_TOKENS
 from pipeline.tracking import say, stage_run
 
 STAGE = "feedback/simulate"

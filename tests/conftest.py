@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.fim_prompt import EOS, FIM_PAD
+from pipeline.tokenizer import special_tokens
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("OWNLLM_WANDB_MODE", "disabled")  # tests that exercise W&B set it themselves
@@ -16,9 +19,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
-# The production layout (pipeline.tokenizer.special_tokens): EOS, the FIM tokens, 16 reserved (span corruption).
-SPECIAL_TOKENS = ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"] + \
-    [f"<|reserved_{i}|>" for i in range(16)]
+# The production layout: EOS, the FIM tokens (pipeline/fim_prompt.py), 16 reserved (span corruption).
+SPECIAL_TOKENS = special_tokens(16)
 
 
 def stdlib_files(names: list[str]) -> dict[str, str]:
@@ -50,8 +52,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     trainer = trainers.BpeTrainer(vocab_size=1024 + 16, special_tokens=SPECIAL_TOKENS,  # the reserved 16 take no merges
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<fim_pad>",
-                                     bos_token="<|endoftext|>", unk_token=None,
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=FIM_PAD, bos_token=EOS, unk_token=None,
                                      additional_special_tokens=SPECIAL_TOKENS[1:],
                                      model_input_names=["input_ids", "attention_mask"])
     hf_tok.save_pretrained(out)

@@ -31,14 +31,47 @@ def test_completion_has_the_openai_shape_and_is_logged(gateway):
     assert got["choices"][0]["text"] == body["choices"][0]["text"]
 
 
-def test_greedy_is_deterministic_and_fim_uses_the_suffix(gateway):
-    body = {"model": "auto", "prompt": "import os\n\ndef main(", "suffix": "\n    return 0\n", "max_tokens": 12,
-            "temperature": 0}
+def greedy_continuation(model_dir, ids: list[int], max_new_tokens: int) -> str:
+    """The tiny model's greedy continuation of ``ids`` up to end-of-text or a FIM control token."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.fim_prompt import EOS, FIM_MIDDLE, FIM_PAD, FIM_PREFIX, FIM_SUFFIX
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    stop = tok.convert_tokens_to_ids([EOS, FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE, FIM_PAD])
+    x = torch.tensor([ids])
+    with torch.inference_mode():
+        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                             do_sample=False, temperature=None, top_p=None, top_k=None, eos_token_id=stop,
+                             pad_token_id=stop[-1])
+    new = out[0, len(ids):].tolist()
+    new = new[:next((k for k, t in enumerate(new) if t in stop), len(new))]
+    return tok.decode(new, skip_special_tokens=True)
+
+
+def test_greedy_is_deterministic_and_fim_uses_the_suffix(gateway, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from pipeline.fim_prompt import EOS, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
+
+    prefix, suffix = "import os\n\ndef main(", "\n    return 0\n"
+    body = {"model": "auto", "prompt": prefix, "suffix": suffix, "max_tokens": 12, "temperature": 0}
     a = post(gateway, "alice", "/v1/completions", body).json()["choices"][0]["text"]
     b = post(gateway, "bob", "/v1/completions", body).json()["choices"][0]["text"]
     plain = post(gateway, "alice", "/v1/completions", {**body, "suffix": None}).json()["choices"][0]["text"]
     assert a == b
-    assert a != plain or a == ""  # a FIM prompt is a different prompt
+    # The model's own greedy answers to the PSM prompt and to the plain one, built here from the layout
+    # pretraining teaches: the gateway gave each the right one, so the suffix reached the model.
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    ids = lambda t: tok.convert_tokens_to_ids(t)  # noqa: E731
+    fim_ids = [ids(FIM_PREFIX), *enc(prefix), ids(FIM_SUFFIX), *enc(suffix), ids(FIM_MIDDLE)]
+    want_fim = greedy_continuation(tiny_model_dir, fim_ids, 12)
+    want_plain = greedy_continuation(tiny_model_dir, [ids(EOS), *enc(prefix)], 12)
+    assert want_fim != want_plain, "this prompt does not tell a FIM prompt from a plain one: pick another"
+    assert (a, plain) == (want_fim, want_plain)
 
 
 def test_seeded_sampling_is_reproducible_under_concurrent_requests(gateway):
