@@ -63,8 +63,8 @@ def _rate(accepted: int, decided: int) -> dict[str, Any]:
             "rate": accepted / decided if decided else None, "ci95": [lo, hi]}
 
 
-def _window(since: datetime | None, until: datetime | None):
-    conds = []
+def _window(since: datetime | None, until: datetime | None, user_id: int | None = None):
+    conds = [] if user_id is None else [Completion.user_id == user_id]
     if since is not None:
         conds.append(Completion.created_at >= since)
     if until is not None:
@@ -73,15 +73,17 @@ def _window(since: datetime | None, until: datetime | None):
 
 
 def acceptance(s: Session, since: datetime | None = None, until: datetime | None = None,
-               by_language: bool = True) -> list[dict[str, Any]]:
-    """Served, decided and accepted counts per version (x language), aggregated by the database."""
+               by_language: bool = True, user_id: int | None = None) -> list[dict[str, Any]]:
+    """Served, decided and accepted counts per version (x language), aggregated by the database.
+
+    ``user_id`` restricts the counts to one user's completions (the console's own-usage view)."""
     accepted = func.sum(case((FeedbackEvent.kind == FeedbackKind.accepted, 1), else_=0))
     keys = [ModelVersion.name] + ([Completion.language] if by_language else [])
     q = (select(*keys, func.count(Completion.id), func.count(FeedbackEvent.id), accepted)
          .select_from(Completion)
          .join(ModelVersion, ModelVersion.id == Completion.model_version_id)
          .outerjoin(FeedbackEvent, FeedbackEvent.completion_id == Completion.id)
-         .where(_window(since, until)).group_by(*keys).order_by(*keys))
+         .where(_window(since, until, user_id)).group_by(*keys).order_by(*keys))
     out = []
     for row in s.execute(q):
         served, decided, acc = row[-3], row[-2], int(row[-1] or 0)

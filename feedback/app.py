@@ -234,8 +234,11 @@ UserDep = Annotated[User, Depends(current_user)]
 
 
 # ------------------------------------------------------------------------------------------------ the app
-def create_app(cfg: ServeConfig, backends: BackendPool | None = None, check_schema: bool = True) -> FastAPI:
-    """Build the gateway. Raises StoreNotAtHead at once (not on first request) if the store needs migrating."""
+def create_app(cfg: ServeConfig, backends: BackendPool | None = None, check_schema: bool = True,
+               params=None) -> FastAPI:
+    """Build the gateway. Raises StoreNotAtHead at once (not on first request) if the store needs migrating.
+
+    ``params`` (a pipeline.config.Params) tells the console where the reports are; default: the defaults."""
     engine = make_engine(cfg.db_url, sqlite_busy_timeout_s=cfg.sqlite_busy_timeout_s)
     if check_schema:
         check_at_head(engine)
@@ -313,6 +316,9 @@ def create_app(cfg: ServeConfig, backends: BackendPool | None = None, check_sche
                                             user=user)
         return {"id": row.id, "created": created}
 
+    from feedback.console import mount_console
+
+    mount_console(app, params)  # the web console under /console (feedback/console/)
     return app
 
 

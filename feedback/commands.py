@@ -84,10 +84,11 @@ def serve(args) -> int:
             name, _ = ensure_model_registered(factory, cfg.model_dir, Path(cfg.model_dir).name)
             say(f"[serve] registered {cfg.model_dir} as model version {name!r} (serving everyone)")
     try:
-        app = create_app(cfg)
+        app = create_app(cfg, params=params)
     except StoreNotAtHead as exc:
         raise UserError(str(exc)) from None
     say(f"[serve] http://{cfg.host}:{cfg.port}/v1 backend={cfg.backend} store={app.state.engine.url!r}")
+    say(f"[serve] console: http://{cfg.host}:{cfg.port}/console (sign in with a key from `ownllm feedback create-key`)")
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
     return 0
 

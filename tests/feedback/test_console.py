@@ -1,0 +1,261 @@
+"""The web console in a real browser: Debian's chromium driven by Playwright against a real gateway on 127.0.0.1.
+
+The store is filled by the simulated users (console_fixtures); every number checked on a page is compared
+with what `ownllm feedback report`'s functions (feedback.analytics) or the report files say.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import re
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from console_fixtures import REPO, build_console_world
+from feedback import analytics, store
+from feedback.app import create_app
+from feedback.db import session_factory, upgrade
+from feedback.models import AuditEvent, RolloutState, User, utcnow
+from gateway_fixtures import live_server
+from pipeline.config import ServeConfig, load_params
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--no-first-run", "--disable-sync", "--disable-dev-shm-usage"]
+PAGES = ["/console", "/console/versions", "/console/ab", "/console/loop", "/console/training", "/console/data"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing: `apt-get install -y chromium` (.ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_model_dir):
+    return build_console_world(tmp_path_factory.mktemp("console"), tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def console(world):
+    params = load_params(world.params_path)
+    app = create_app(ServeConfig(db_url=world.db_url), params=params)
+    with live_server(app) as url:
+        yield url
+
+
+def open_page(browser, url: str, key: str):
+    """A fresh browser context signed in through the login form; fails the test on any page error."""
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+    ctx.set_default_timeout(10_000)
+    page = ctx.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.goto(url + "/console")
+    assert "/console/login" in page.url  # no key yet: sent to the login form
+    page.fill("input[name=key]", key)
+    page.click("button[type=submit]")
+    page.wait_for_url(url + "/console")
+    return ctx, page, errors
+
+
+def cells(page, row_selector: str) -> dict[str, str]:
+    row = page.locator(row_selector)
+    return {c: row.locator(f"td.{c}").inner_text() for c in ("served", "decided", "accepted", "rejected", "rate")}
+
+
+def fmt(v) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
+def test_every_page_shows_the_stores_and_the_reports_numbers(browser, console, world):
+    params = load_params(world.params_path)
+    factory = session_factory(world.db_url)
+    ctx, page, errors = open_page(browser, console, world.keys["staff"])
+    try:
+        # Overview: the week's table is `ownllm feedback report`'s rows for the same window.
+        with factory() as s:
+            rep = analytics.report(s, utcnow() - timedelta(days=7), None, params.feedback.ab_alpha,
+                                   params.feedback.ab_power)
+        rows = rep["by_version_language"]
+        assert rows and sum(r["decided"] for r in rows) > 0
+        for r in rows:
+            got = cells(page, f'#acceptance-week tr[data-model="{r["model"]}"][data-language="{r["language"]}"]')
+            assert got == {"served": f"{r['served']:,}", "decided": f"{r['decided']:,}",
+                           "accepted": f"{r['accepted']:,}", "rejected": f"{r['rejected']:,}", "rate": fmt(r["rate"])}
+        assert page.locator("#acceptance-week tbody tr").count() == len(rows)
+        assert "ft-a (ab:50)" in page.locator('#deployed td[data-state="ab"]').inner_text()
+        assert page.locator('figure[data-chart="daily"] canvas').count() >= 1  # uPlot drew the charts
+
+        # A/B: arms and verdict as the report's experiment_report gives them.
+        page.goto(console + "/console/ab")
+        exp = rep["experiments"][0]
+        assert page.locator("#exp-1 .verdict").inner_text() == f"Verdict: {exp['verdict']}"
+        for arm in exp["arms"]:
+            row = page.locator(f'#exp-1 tr[data-arm="{arm["arm"]}"]')
+            assert row.locator("td.decided").inner_text() == f"{arm['decided']:,}"
+            assert row.locator("td.rate").inner_text() == fmt(arm["rate"])
+        with factory() as s:
+            users = s.execute(select(User.name)).scalars().all()
+        assert sum(int(page.locator(f'#exp-1 tr[data-arm="{a}"] td.users').inner_text()) for a in ("control", "treatment")) \
+            == sum(1 for u in users if u.startswith("sim-user-"))  # every simulated user landed in one arm
+
+        # Versions: lineage and the gate report of ft-a.
+        page.goto(console + "/console/versions")
+        ft = page.locator("#version-ft-a")
+        assert ft.locator("td.parent").inner_text() == "base"
+        assert "Gate report: against base — passed" in ft.inner_text() and "0.188" in ft.inner_text()
+
+        # Loop, training, data: the report files' numbers.
+        loop = json.loads((Path(params.tracking.reports_dir) / "loop.json").read_text())
+        page.goto(console + "/console/loop")
+        row = page.locator('#round-1 tr[data-metric="heldout.acceptance"]')
+        assert row.locator("td").nth(2).inner_text() == f"{loop['metrics']['heldout.acceptance']['tuned']:.3f}"
+        assert page.locator("#round-1 table.snapshot").inner_text().split() == ["pairs", "sft", "unpaired", "9", "12", "3"]
+
+        page.goto(console + "/console/training")
+        assert page.locator("#last-val").inner_text() == f"{float(open(Path(params.train.reports_dir) / 'val_loss.csv').read().split()[-1].split(',')[1]):.4f}"
+        assert page.locator("#loss-chart canvas").count() >= 1
+        assert page.locator("#spikes tbody tr").first.locator("td").first.inner_text() == "60"
+        page.click("#spikes a")  # the spike's bisect report
+        assert "Spike at step 60" in page.inner_text("main") and "doc-aaaa" in page.inner_text("#bisect-docs")
+
+        stats = json.loads((Path(params.data.stats.out) / "stats.json").read_text())
+        page.goto(console + "/console/data")
+        assert page.locator('#funnel tr[data-stage="dedup"] td.documents').inner_text() == \
+            f"{stats['funnel']['dedup']['documents']:,}"
+        for lang, row in stats["by_lang"].items():
+            assert page.locator(f'#by-lang tr[data-language="{lang}"] td.documents').inner_text() == f"{row['documents']:,}"
+        assert errors == []
+    finally:
+        ctx.close()
+
+
+def test_non_staff_sees_only_its_own_usage_no_controls_and_gets_403(browser, console, world):
+    factory = session_factory(world.db_url)
+    ctx, page, errors = open_page(browser, console, world.keys["sim-user-0"])
+    try:
+        with factory() as s:
+            uid = s.scalar(select(User.id).where(User.name == "sim-user-0"))
+            mine = analytics.acceptance(s, utcnow() - timedelta(days=7), None, True, user_id=uid)
+            everyone = analytics.acceptance(s, utcnow() - timedelta(days=7), None, True)
+        assert "your completions (sim-user-0)" in page.inner_text("main")
+        served = sum(int(t.replace(",", "")) for t in page.locator("#acceptance-week td.served").all_inner_texts())
+        assert served == sum(r["served"] for r in mine) < sum(r["served"] for r in everyone)
+
+        page.goto(console + "/console/versions")
+        assert page.locator("#version-ft-a").count() == 1
+        assert page.locator("button.promote").count() == 0 and page.locator("#audit").count() == 0
+        # Posting the action anyway, with the browser's cookie and with a Bearer header: the server refuses.
+        r = page.request.post(console + "/console/versions/ft-a/rollout", form={"to": "all", "confirm": "yes"})
+        assert r.status == 403 and "needs a staff key" in r.text()
+        r = httpx.post(console + "/console/versions/ft-a/rollout", data={"to": "all", "confirm": "yes"},
+                       headers={"Authorization": f"Bearer {world.keys['nobody']}"})
+        assert r.status_code == 403
+        assert httpx.get(console + "/console/versions/ft-a/rollout?to=all",
+                         headers={"Authorization": f"Bearer {world.keys['nobody']}"}).status_code == 403
+        with factory() as s:
+            assert store.get_version(s, "ft-a").rollout_state == RolloutState.ab
+            assert s.scalar(select(AuditEvent.id)) is None
+        assert errors == []
+    finally:
+        ctx.close()
+
+
+def test_bad_rollout_requests_are_4xx_naming_the_input(console, world):
+    h = {"Authorization": f"Bearer {world.keys['staff']}"}
+
+    class Unescaped:  # the error page HTML-escapes the message's quotes
+        def __init__(self, r):
+            self.status_code, self.text = r.status_code, html.unescape(r.text)
+
+    get = lambda url, **kw: Unescaped(httpx.get(url, **kw))  # noqa: E731
+    post = lambda url, **kw: Unescaped(httpx.post(url, **kw))  # noqa: E731
+    r = get(console + "/console/versions/ft-a/rollout?to=sideways", headers=h)
+    assert r.status_code == 400 and "to: bad rollout target 'sideways'" in r.text
+    r = get(console + "/console/versions/nope/rollout?to=all", headers=h)
+    assert r.status_code == 404 and "unknown model version 'nope'" in r.text
+    r = post(console + "/console/versions/ft-a/rollout", data={"to": "all"}, headers=h)
+    assert r.status_code == 400 and "confirm" in r.text
+    r = post(console + "/console/versions/base/rollout", data={"to": "retired", "confirm": "yes"}, headers=h)
+    assert r.status_code == 400 and "serving everyone" in r.text  # the store's own rule, unchanged
+    r = get(console + "/console/versions", headers={"Authorization": "Bearer ollm-not-a-key"})
+    assert r.status_code == 401
+    r = post(console + "/console/login", data={"key": "ollm-not-a-key"})
+    assert r.status_code == 401 and "not valid" in r.text
+    r = get(console + "/console/training/bisect/nope", headers=h)
+    assert r.status_code == 404
+
+
+def test_staff_promotes_through_the_page_with_confirmation_and_an_audit_row(browser, console, world):
+    factory = session_factory(world.db_url)
+    ctx, page, errors = open_page(browser, console, world.keys["staff"])
+    try:
+        page.goto(console + "/console/versions")
+        form = page.locator("#version-ft-a form.rollout").first
+        form.locator("select[name=to]").select_option("all")
+        form.locator("button.promote").click()
+        assert "Move ft-a from ab:50 to all?" in page.inner_text("p.confirm")
+        with factory() as s:  # nothing changes before the confirmation
+            assert store.get_version(s, "ft-a").rollout_state == RolloutState.ab
+        page.click("button.confirm-yes")
+        assert page.locator("p.done").inner_text() == "Done: ft-a: ab:50 → all"
+        with factory() as s:
+            assert store.get_version(s, "ft-a").rollout_state == RolloutState.all
+            assert store.get_version(s, "base").rollout_state == RolloutState.staff
+            assert store.running_experiment(s) is None
+            audit = s.execute(select(AuditEvent, User.name).join(User, User.id == AuditEvent.user_id)).all()
+        assert [(a.action, a.target, a.detail, name) for a, name in audit] == \
+            [("promote", "ft-a", {"from": "ab:50", "to": "all", "via": "console"}, "console-staff")]
+        assert "ft-a" in page.locator("#audit").inner_text()
+        assert page.locator('#version-ft-a .state').inner_text() == "all"
+        assert errors == []
+    finally:
+        ctx.close()
+
+
+def test_every_page_works_with_an_empty_store_and_no_reports(browser, tmp_path):
+    db = f"sqlite:///{tmp_path / 'empty.db'}"
+    upgrade(db)
+    with session_factory(db).begin() as s:
+        key = store.create_key(s, "first-staff", staff=True)
+    params = load_params(REPO / "params.yaml")
+    params = params.model_copy(update={
+        "tracking": params.tracking.model_copy(update={"reports_dir": str(tmp_path / "r")}),
+        "train": params.train.model_copy(update={"reports_dir": str(tmp_path / "r" / "train")}),
+        "bisect": params.bisect.model_copy(update={"out": str(tmp_path / "r" / "bisect")}),
+        "data": params.data.model_copy(update={"stats": params.data.stats.model_copy(
+            update={"out": str(tmp_path / "r" / "data")})})})
+    app = create_app(ServeConfig(db_url=db), params=params)
+    with live_server(app) as url:
+        ctx, page, errors = open_page(browser, url, key)
+        try:
+            expected = {"/console": "No completions in the last day", "/console/versions": "No versions registered",
+                        "/console/ab": "No experiments yet", "/console/loop": "loop.json yet",
+                        "/console/training": "loss.csv yet", "/console/data": "stats.json yet"}
+            for path, text in expected.items():
+                resp = page.goto(url + path)
+                assert resp.status == 200 and text in page.inner_text("main"), path
+            assert errors == []
+        finally:
+            ctx.close()
+
+
+def test_vendored_uplot_is_the_version_pinned_in_package_lock():
+    lock = json.loads((REPO / "package-lock.json").read_text())
+    pinned = lock["packages"]["node_modules/uplot"]["version"]
+    banner = (REPO / "feedback/console/static/vendor/uPlot.iife.min.js").read_text()[:80]
+    assert re.search(r"\(v([\d.]+)\)", banner).group(1) == pinned
