@@ -73,12 +73,15 @@ def _window(since: datetime | None, until: datetime | None, user_id: int | None 
 
 
 def acceptance(s: Session, since: datetime | None = None, until: datetime | None = None,
-               by_language: bool = True, user_id: int | None = None) -> list[dict[str, Any]]:
+               by_language: bool = True, user_id: int | None = None, by_day: bool = False) -> list[dict[str, Any]]:
     """Served, decided and accepted counts per version (x language), aggregated by the database.
 
-    ``user_id`` restricts the counts to one user's completions (the console's own-usage view)."""
+    ``user_id`` restricts the counts to one user's completions (the console's own-usage view); ``by_day``
+    splits every cell per UTC calendar day (``"day": "YYYY-MM-DD"``, the console's time series), in one query."""
     accepted = func.sum(case((FeedbackEvent.kind == FeedbackKind.accepted, 1), else_=0))
-    keys = [ModelVersion.name] + ([Completion.language] if by_language else [])
+    day = func.date(Completion.created_at)  # SQLite: 'YYYY-MM-DD' text; PostgreSQL: a date
+    names = (["day"] if by_day else []) + ["model"] + (["language"] if by_language else [])
+    keys = ([day] if by_day else []) + [ModelVersion.name] + ([Completion.language] if by_language else [])
     q = (select(*keys, func.count(Completion.id), func.count(FeedbackEvent.id), accepted)
          .select_from(Completion)
          .join(ModelVersion, ModelVersion.id == Completion.model_version_id)
@@ -87,9 +90,8 @@ def acceptance(s: Session, since: datetime | None = None, until: datetime | None
     out = []
     for row in s.execute(q):
         served, decided, acc = row[-3], row[-2], int(row[-1] or 0)
-        item = {"model": row[0], **({"language": row[1]} if by_language else {}), "served": served,
-                **_rate(acc, decided)}
-        out.append(item)
+        item = {name: str(value) for name, value in zip(names, row)}
+        out.append({**item, "served": served, **_rate(acc, decided)})
     return out
 
 

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from console_fixtures import REPO, build_console_world
 from feedback import analytics, store
 from feedback.app import create_app
 from feedback.db import session_factory, upgrade
-from feedback.models import AuditEvent, RolloutState, User, utcnow
+from feedback.models import AuditEvent, Completion, RolloutState, User, utcnow
 from gateway_fixtures import live_server
 from pipeline.config import ServeConfig, load_params
 
@@ -259,3 +259,32 @@ def test_vendored_uplot_is_the_version_pinned_in_package_lock():
     pinned = lock["packages"]["node_modules/uplot"]["version"]
     banner = (REPO / "feedback/console/static/vendor/uPlot.iife.min.js").read_text()[:80]
     assert re.search(r"\(v([\d.]+)\)", banner).group(1) == pinned
+
+
+def test_pages_on_each_database_match_the_report(empty_db_url):
+    """SQLite and PostgreSQL: a store filled through its tables (as the benchmark does), every page served,
+    the Overview's week equal to `acceptance` over the same window, users per arm equal to the routed users."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_console import fill
+
+    key = fill(empty_db_url, 3000, seed=1)
+    app = create_app(ServeConfig(db_url=empty_db_url))
+    with live_server(app) as url, httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}) as c:
+        pages = {p: c.get(p) for p in PAGES}
+        assert {p: r.status_code for p, r in pages.items()} == {p: 200 for p in PAGES}
+        with session_factory(empty_db_url)() as s:
+            week = analytics.acceptance(s, utcnow() - timedelta(days=7), None, True)
+            exp = store.running_experiment(s)
+            users = s.execute(select(func.count(func.distinct(Completion.user_id)))
+                              .where(Completion.experiment_id == exp.id)).scalar()
+        text = html.unescape(pages["/console"].text)
+        for r in week:
+            row = re.search(rf'<tr data-model="{r["model"]}" data-language="{r["language"]}">(.*?)</tr>',
+                            text.split('id="acceptance-week"')[1], re.S).group(1)
+            assert re.findall(r'<td class="n \w+">([^<]*)</td>', row)[:5] == \
+                [f"{r['served']:,}", f"{r['decided']:,}", f"{r['accepted']:,}", f"{r['rejected']:,}", fmt(r["rate"])]
+        arm_users = [int(u) for u in re.findall(r'<td class="n users">([\d,]+)</td>', pages["/console/ab"].text)]
+        assert sum(arm_users) >= users > 0  # a user can be in both arms' rows only if routed to both
+    app.state.engine.dispose()
