@@ -3,6 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+NODE_STAMP := node_modules/.installed-stamp
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
@@ -10,7 +11,7 @@ export WANDB_SILENT := true
 
 .PHONY: run test install lock clean-outputs console-assets console-screenshots
 
-install: $(STAMP)
+install: $(STAMP) $(NODE_STAMP)
 
 # Re-installs only when the lock or the project metadata changes, so a warm `make` costs seconds.
 $(STAMP): requirements.lock pyproject.toml
@@ -20,10 +21,16 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
+# package-lock.json exactly (tabby-agent, the editor client the tests drive; uPlot for console-assets); no install scripts
+# run (none of the pinned packages needs one).
+$(NODE_STAMP): package.json package-lock.json
+	npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	@touch $(NODE_STAMP)
+
 run: $(STAMP)
 	dvc repro
 
-test: $(STAMP)
+test: $(STAMP) $(NODE_STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider --timeout=900
 
 # Regenerate requirements.lock from requirements.in in a throw-away venv.
