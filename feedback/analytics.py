@@ -12,14 +12,15 @@ large dependency for them:
 from __future__ import annotations
 
 import math
-from datetime import datetime
+from datetime import datetime, timedelta
 from statistics import NormalDist
 from typing import Any
 
 from sqlalchemy import and_, case, func, select, true
 from sqlalchemy.orm import Session
 
-from feedback.models import Completion, Experiment, ExperimentArm, FeedbackEvent, FeedbackKind, ModelVersion
+from feedback.models import (Completion, Experiment, ExperimentArm, FeedbackEvent, FeedbackKind, ModelVersion,
+                             utcnow)
 
 Z95 = NormalDist().inv_cdf(0.975)
 
@@ -57,10 +58,26 @@ def needed_per_arm(p1: float, p2: float, alpha: float, power: float) -> int | No
     return math.ceil(num / (p2 - p1) ** 2)
 
 
-def _rate(accepted: int, decided: int) -> dict[str, Any]:
-    lo, hi = wilson(accepted, decided)
-    return {"accepted": accepted, "decided": decided, "rejected": decided - accepted,
-            "rate": accepted / decided if decided else None, "ci95": [lo, hi]}
+def _rate(accepted: int, decided: int, ignored: int = 0) -> dict[str, Any]:
+    """The rate's denominator is every completion the user saw and settled: decided (accept/reject) plus
+    ignored (viewed, then neither within ``feedback.ignored_after_s``). Clients without view events (the
+    simulated user, the OpenAI path) have ignored = 0, so their rate is accepted / decided as before."""
+    shown = decided + ignored
+    lo, hi = wilson(accepted, shown)
+    return {"accepted": accepted, "decided": decided, "rejected": decided - accepted, "ignored": ignored,
+            "shown": shown, "rate": accepted / shown if shown else None, "ci95": [lo, hi]}
+
+
+def _ignored(now: datetime, ignored_after_s: float):
+    """Viewed, no decision, and the view older than the window: counted when the query runs, not stored.
+
+    A query-time rule rather than a sweeper writing FeedbackKind.ignored: a late select or dismiss still
+    lands (a stored 'ignored' would contradict it), nothing has to run on a schedule, and a changed window
+    in params re-reads all history the same way. Continue's own 10 s rule is the default.
+    """
+    cutoff = now - timedelta(seconds=ignored_after_s)
+    return func.sum(case((and_(FeedbackEvent.id.is_(None), Completion.viewed_at.is_not(None),
+                               Completion.viewed_at < cutoff), 1), else_=0))
 
 
 def _window(since: datetime | None, until: datetime | None, user_id: int | None = None):
@@ -73,8 +90,9 @@ def _window(since: datetime | None, until: datetime | None, user_id: int | None 
 
 
 def acceptance(s: Session, since: datetime | None = None, until: datetime | None = None,
-               by_language: bool = True, user_id: int | None = None, by_day: bool = False) -> list[dict[str, Any]]:
-    """Served, decided and accepted counts per version (x language), aggregated by the database.
+               by_language: bool = True, user_id: int | None = None, by_day: bool = False,
+               ignored_after_s: float = 10.0) -> list[dict[str, Any]]:
+    """Served, viewed, decided, ignored and accepted counts per version (x language), aggregated by the database.
 
     ``user_id`` restricts the counts to one user's completions (the console's own-usage view); ``by_day``
     splits every cell per UTC calendar day (``"day": "YYYY-MM-DD"``, the console's time series), in one query."""
@@ -82,25 +100,27 @@ def acceptance(s: Session, since: datetime | None = None, until: datetime | None
     day = func.date(Completion.created_at)  # SQLite: 'YYYY-MM-DD' text; PostgreSQL: a date
     names = (["day"] if by_day else []) + ["model"] + (["language"] if by_language else [])
     keys = ([day] if by_day else []) + [ModelVersion.name] + ([Completion.language] if by_language else [])
-    q = (select(*keys, func.count(Completion.id), func.count(FeedbackEvent.id), accepted)
+    q = (select(*keys, func.count(Completion.id), func.count(Completion.viewed_at),
+                _ignored(until or utcnow(), ignored_after_s), func.count(FeedbackEvent.id), accepted)
          .select_from(Completion)
          .join(ModelVersion, ModelVersion.id == Completion.model_version_id)
          .outerjoin(FeedbackEvent, FeedbackEvent.completion_id == Completion.id)
          .where(_window(since, until, user_id)).group_by(*keys).order_by(*keys))
     out = []
     for row in s.execute(q):
-        served, decided, acc = row[-3], row[-2], int(row[-1] or 0)
+        served, viewed, ignored, decided, acc = row[-5], row[-4], int(row[-3] or 0), row[-2], int(row[-1] or 0)
         item = {name: str(value) for name, value in zip(names, row)}
-        out.append({**item, "served": served, **_rate(acc, decided)})
+        out.append({**item, "served": served, "viewed": viewed, **_rate(acc, decided, ignored)})
     return out
 
 
 def experiment_report(s: Session, exp: Experiment, alpha: float, power: float,
-                      since: datetime | None = None, until: datetime | None = None) -> dict[str, Any]:
+                      since: datetime | None = None, until: datetime | None = None,
+                      ignored_after_s: float = 10.0) -> dict[str, Any]:
     """Arms' acceptance on the traffic the experiment routed, the difference, the test and the verdict."""
     accepted = func.sum(case((FeedbackEvent.kind == FeedbackKind.accepted, 1), else_=0))
     q = (select(ExperimentArm.name, ModelVersion.name, ExperimentArm.traffic_share, func.count(FeedbackEvent.id),
-                accepted)
+                _ignored(until or utcnow(), ignored_after_s), accepted)
          .select_from(ExperimentArm)
          .join(ModelVersion, ModelVersion.id == ExperimentArm.model_version_id)
          .outerjoin(Completion, and_(Completion.experiment_id == ExperimentArm.experiment_id,
@@ -110,17 +130,17 @@ def experiment_report(s: Session, exp: Experiment, alpha: float, power: float,
          .where(ExperimentArm.experiment_id == exp.id)
          .group_by(ExperimentArm.id, ExperimentArm.name, ModelVersion.name, ExperimentArm.traffic_share)
          .order_by(ExperimentArm.id))
-    arms = [{"arm": a, "model": m, "traffic_share": share, **_rate(int(acc or 0), decided)}
-            for a, m, share, decided, acc in s.execute(q)]
+    arms = [{"arm": a, "model": m, "traffic_share": share, **_rate(int(acc or 0), decided, int(ignored or 0))}
+            for a, m, share, decided, ignored, acc in s.execute(q)]
     out: dict[str, Any] = {"experiment": exp.name, "status": exp.status.value, "arms": arms}
     if len(arms) != 2:
         out["verdict"] = "needs exactly two arms"
         return out
     c, t = arms
-    test = two_proportion_test(c["accepted"], c["decided"], t["accepted"], t["decided"])
+    test = two_proportion_test(c["accepted"], c["shown"], t["accepted"], t["shown"])
     out.update(test)
     if test["p_value"] is None:
-        out.update(significant=False, needed_per_arm=None, verdict="no decided completions in one of the arms yet")
+        out.update(significant=False, needed_per_arm=None, verdict="no settled completions in one of the arms yet")
         return out
     need = needed_per_arm(c["rate"], t["rate"], alpha, power)
     significant = test["p_value"] < alpha
@@ -132,19 +152,19 @@ def experiment_report(s: Session, exp: Experiment, alpha: float, power: float,
     elif need is None:
         out["verdict"] = "not significant: the arms' rates are identical"
     else:
-        have = min(c["decided"], t["decided"])
+        have = min(c["shown"], t["shown"])
         out["verdict"] = (f"not significant (p={test['p_value']:.3g}); a true difference of "
-                          f"{abs(test['diff']):.1%} needs about {need} decided completions per arm "
+                          f"{abs(test['diff']):.1%} needs about {need} settled completions per arm "
                           f"(have {have}) at alpha={alpha}, power={power}")
     return out
 
 
 def report(s: Session, since: datetime | None, until: datetime | None, alpha: float = 0.05,
-           power: float = 0.8) -> dict[str, Any]:
+           power: float = 0.8, ignored_after_s: float = 10.0) -> dict[str, Any]:
     exps = s.scalars(select(Experiment).order_by(Experiment.id)).all()
-    return {"by_version_language": acceptance(s, since, until, True),
-            "by_version": acceptance(s, since, until, False),
-            "experiments": [experiment_report(s, e, alpha, power, since, until) for e in exps]}
+    return {"by_version_language": acceptance(s, since, until, True, ignored_after_s=ignored_after_s),
+            "by_version": acceptance(s, since, until, False, ignored_after_s=ignored_after_s),
+            "experiments": [experiment_report(s, e, alpha, power, since, until, ignored_after_s) for e in exps]}
 
 
 def plot(rep: dict[str, Any], path) -> None:
@@ -154,7 +174,7 @@ def plot(rep: dict[str, Any], path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rep["by_version_language"] if r["decided"]]
+    rows = [r for r in rep["by_version_language"] if r["shown"]]
     fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(rows) + 2), 3.6))
     if rows:
         labels = [f"{r['model']}\n{r['language']}" for r in rows]
@@ -163,7 +183,7 @@ def plot(rep: dict[str, Any], path) -> None:
         ax.bar(range(len(rows)), rates, yerr=err, capsize=4, color="#4c72b0")
         ax.set_xticks(range(len(rows)), labels, fontsize=8)
         for i, r in enumerate(rows):
-            ax.text(i, min(r["ci95"][1] + 0.02, 0.95), f"n={r['decided']}", ha="center", fontsize=7)
+            ax.text(i, min(r["ci95"][1] + 0.02, 0.95), f"n={r['shown']}", ha="center", fontsize=7)
     else:
         ax.text(0.5, 0.5, "no feedback in the window", ha="center", va="center", transform=ax.transAxes)
     ax.set_ylim(0, 1)
@@ -177,10 +197,12 @@ def plot(rep: dict[str, Any], path) -> None:
 
 def render(rep: dict[str, Any]) -> str:
     """The report as a plain-text table for the terminal."""
-    lines = [f"{'model':<20} {'language':<12} {'served':>7} {'decided':>8} {'accepted':>9} {'rate':>7}  95% CI"]
+    lines = [f"{'model':<20} {'language':<12} {'served':>7} {'viewed':>7} {'decided':>8} {'ignored':>8} "
+             f"{'accepted':>9} {'rate':>7}  95% CI"]
     for r in rep["by_version_language"]:
         rate = "-" if r["rate"] is None else f"{r['rate']:.3f}"
-        lines.append(f"{r['model']:<20} {r['language']:<12} {r['served']:>7} {r['decided']:>8} {r['accepted']:>9} "
+        lines.append(f"{r['model']:<20} {r['language']:<12} {r['served']:>7} {r['viewed']:>7} {r['decided']:>8} "
+                     f"{r['ignored']:>8} {r['accepted']:>9} "
                      f"{rate:>7}  [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]")
     for e in rep["experiments"]:
         lines.append(f"A/B {e['experiment']} ({e['status']}): {e['verdict']}")

@@ -150,7 +150,8 @@ def write_report(factory, out_dir: str | Path, since, until, params: Params, win
     from feedback.analytics import plot, report
 
     with factory() as s:
-        rep = report(s, since, until, params.feedback.ab_alpha, params.feedback.ab_power)
+        rep = report(s, since, until, params.feedback.ab_alpha, params.feedback.ab_power,
+                     params.feedback.ignored_after_s)
     rep["window"] = window
     out = Path(out_dir)
     write_json(out / "acceptance.json", rep)
@@ -176,6 +177,7 @@ def report(args) -> int:
     rep = write_report(factory, out, since, until, params, window)
     print(render(rep))
     say(f"[feedback report] {sum(r['decided'] for r in rep['by_version'])} decisions, "
+        f"{sum(r['ignored'] for r in rep['by_version'])} ignored, "
         f"{len(rep['by_version_language'])} version x language cells → {out}/acceptance.json, acceptance.png")
     return 0
 

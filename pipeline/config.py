@@ -477,6 +477,11 @@ class FeedbackConfig(Section):
     report_days: float = Field(30.0, gt=0)  # default window of `ownllm feedback report`
     ab_alpha: float = Field(0.05, gt=0, lt=1)  # two-sided significance level of the A/B test
     ab_power: float = Field(0.8, gt=0, lt=1)  # power for the "needed sample size" of the A/B verdict
+    # Editors (feedback/tabby.py, feedback/continue_events.py, feedback/kept.py):
+    ignored_after_s: float = Field(10.0, gt=0)  # viewed, then neither accepted nor dismissed within this: ignored
+    derive_window_s: float = Field(600.0, gt=0)  # later requests of the same file this recent settle kept_text
+    tabby_max_tokens: int = Field(64, ge=1)  # Tabby-shaped requests carry no max_tokens
+    tabby_temperature: float = Field(0.0, ge=0, le=2)  # ... nor, usually, a temperature: greedy
 
 
 class RLHFGateConfig(Section):
