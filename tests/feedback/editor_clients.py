@@ -27,18 +27,17 @@ ROOT = Path(__file__).resolve().parents[2]
 AGENT_BIN = ROOT / "node_modules" / ".bin" / "tabby-agent"
 
 
-def agent_home(tmp: Path, endpoint: str, token: str) -> dict[str, str]:
+def agent_home(tmp: Path, endpoint: str | None = None, token: str | None = None) -> dict[str, str]:
     """A HOME for the agent with ``~/.tabby-client/agent/config.toml`` pointing at ``endpoint`` with ``token``.
 
     That file is where every Tabby IDE extension's agent reads its server and token (docs/serving.md); the
     anonymous usage tracking (which would call Tabby's own servers) is switched off, as the gateway's
-    /v1beta/server_setting also asks.
+    /v1beta/server_setting also asks. Without ``endpoint`` the editor passes the server in ``initialize``.
     """
     cfg = tmp / ".tabby-client" / "agent"
     cfg.mkdir(parents=True, exist_ok=True)
-    (cfg / "config.toml").write_text(
-        f'[server]\nendpoint = "{endpoint}"\ntoken = "{token}"\n\n'
-        '[logs]\nlevel = "silent"\n\n[anonymousUsageTracking]\ndisable = true\n')
+    server = f'[server]\nendpoint = "{endpoint}"\ntoken = "{token}"\n\n' if endpoint else ""
+    (cfg / "config.toml").write_text(server + '[logs]\nlevel = "silent"\n\n[anonymousUsageTracking]\ndisable = true\n')
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HTTP_PROXY", "HTTPS_PROXY", "http_", "https_"))}
     env.update(HOME=str(tmp), NO_PROXY="127.0.0.1,localhost")
     return env
