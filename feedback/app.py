@@ -20,27 +20,27 @@ import time
 import uuid
 from contextlib import contextmanager
 from datetime import UTC
-from typing import Annotated, Any, Iterator, Literal
+from typing import Annotated, Any, Iterator, Literal, Union
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from feedback import store
+from feedback import continue_events, store, tabby
 from feedback.backends import (Backend, BackendError, BadGenerationRequest, GenRequest, LocalBackend, StreamDelta,
                                UpstreamBackend)
 from feedback.db import check_at_head, current_revision, make_engine
 from feedback.models import Completion, FeedbackKind, ModelVersion, User, utcnow
 from feedback.requests import CompletionInput
 from feedback.routing import NoModel, Route, route, visible_versions
-from pipeline.config import ServeConfig
+from pipeline.config import FeedbackConfig, ServeConfig
 
 log = logging.getLogger("ownllm.serve")
 DB_ERRORS = (OperationalError, DBAPIError, PoolTimeout)
@@ -65,6 +65,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     parts, param = [], None
     for e in errs[:5]:
         loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+        if loc and loc[0] in REQUEST_SHAPES:  # the union's tag (which shape was parsed) is not a field
+            loc = loc[1:]
         name = ".".join(loc) or "body"
         param = param or name
         parts.append(f"{name}: {e.get('msg')}")
@@ -90,6 +92,19 @@ class CompletionRequest(BaseModel):
     echo: bool = False
     # Not in the OpenAI schema: the editor's language of the file, for acceptance-by-language analytics.
     language: str | None = Field(None, min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_+#.-]+$")
+
+
+REQUEST_SHAPES = ("openai", "tabby")
+
+
+def request_shape(body: Any) -> str:
+    """OpenAI's and Tabby's completion shapes share /v1/completions; Tabby's is the one with ``segments``."""
+    return "tabby" if isinstance(body, dict) and "segments" in body else "openai"
+
+
+AnyCompletionRequest = Annotated[Union[Annotated[CompletionRequest, Tag("openai")],
+                                       Annotated[tabby.TabbyCompletionRequest, Tag("tabby")]],
+                                 Discriminator(request_shape)]
 
 
 class FeedbackItem(BaseModel):
@@ -238,7 +253,8 @@ def create_app(cfg: ServeConfig, backends: BackendPool | None = None, check_sche
                params=None) -> FastAPI:
     """Build the gateway. Raises StoreNotAtHead at once (not on first request) if the store needs migrating.
 
-    ``params`` (a pipeline.config.Params) tells the console where the reports are; default: the defaults."""
+    ``params`` (a pipeline.config.Params) tells the console where the reports are, and the editor APIs their
+    ``feedback`` settings; default: the defaults."""
     engine = make_engine(cfg.db_url, sqlite_busy_timeout_s=cfg.sqlite_busy_timeout_s)
     if check_schema:
         check_at_head(engine)
@@ -248,6 +264,8 @@ def create_app(cfg: ServeConfig, backends: BackendPool | None = None, check_sche
     app = FastAPI(title="ownllm completion gateway", version="1")
     app.state.engine, app.state.factory, app.state.backends, app.state.metrics = engine, factory, pool, metrics
     service = app.state.service = CompletionService(cfg, factory, pool, metrics)
+    app.state.cfg = cfg
+    app.state.feedback_cfg = params.feedback if params is not None else FeedbackConfig()
     app.add_middleware(BodyLimit, limit=cfg.max_body_bytes)
     _install_error_handlers(app, metrics)
 
@@ -270,7 +288,9 @@ def create_app(cfg: ServeConfig, backends: BackendPool | None = None, check_sche
         return {"object": "list", "data": data}
 
     @app.post("/v1/completions", response_model=None)
-    def completions(body: CompletionRequest, user: UserDep) -> dict | StreamingResponse:
+    def completions(request: Request, body: AnyCompletionRequest, user: UserDep) -> dict | StreamingResponse:
+        if isinstance(body, tabby.TabbyCompletionRequest):
+            return tabby.complete(request, body, user)
         inp = openai_input(body, cfg)
         if inp.stream:
             return service.stream(inp, user)
@@ -319,6 +339,8 @@ def create_app(cfg: ServeConfig, backends: BackendPool | None = None, check_sche
     from feedback.console import mount_console
 
     mount_console(app, params)  # the web console under /console (feedback/console/)
+    app.include_router(tabby.build_router(current_user))  # /v1/health, /v1/events, /v1beta/server_setting
+    app.include_router(continue_events.build_router(current_user))  # /v1/events/continue
     return app
 
 

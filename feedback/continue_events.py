@@ -21,15 +21,13 @@ shown at ``timestamp``) plus its accept/reject; the same completionId again is a
 decision is a 409), and a batch is all or nothing. Events other than ``autocomplete`` are counted as ignored.
 """
 
-from __future__ import annotations
-
 import logging
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 from sqlalchemy import select
 
 from feedback import kept, store
@@ -53,7 +51,7 @@ class AutocompleteOutcome(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     completionId: str = Field(min_length=1, max_length=54)  # + "continue-" fits request_id's 64 characters
-    accepted: bool | None = None
+    accepted: StrictBool | None = None
     time: float = Field(ge=0)  # ms Continue waited for the completion
     prefix: str | None = None  # absent at level noCode
     suffix: str | None = None
@@ -61,7 +59,7 @@ class AutocompleteOutcome(BaseModel):
     completion: str | None = None
     modelName: str = Field(min_length=1, max_length=128)
     modelProvider: str | None = Field(None, max_length=64)
-    cacheHit: bool = False
+    cacheHit: StrictBool = False
     filepath: str = Field(max_length=1024)
     gitRepo: str | None = Field(None, max_length=1024)
     timestamp: datetime

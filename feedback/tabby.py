@@ -19,8 +19,6 @@ an accept (``select_kind=line``: ``accepted_chars`` = the characters up to the e
 ``dismiss`` a reject; ``elapsed`` (ms since shown) is the time to decision.
 """
 
-from __future__ import annotations
-
 import logging
 import os
 import platform
@@ -130,7 +128,7 @@ def tabby_input(body: TabbyCompletionRequest, cfg) -> CompletionInput:
                            filepath=seg.filepath or None, git_url=seg.git_url or None,
                            max_tokens=cfg.tabby_max_tokens,
                            temperature=cfg.tabby_temperature if body.temperature is None else body.temperature,
-                           seed=body.seed)
+                           seed=cfg.tabby_seed if body.seed is None else body.seed)
 
 
 def complete(request: Request, body: TabbyCompletionRequest, user: User) -> dict:

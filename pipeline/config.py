@@ -482,6 +482,7 @@ class FeedbackConfig(Section):
     derive_window_s: float = Field(600.0, gt=0)  # later requests of the same file this recent settle kept_text
     tabby_max_tokens: int = Field(64, ge=1)  # Tabby-shaped requests carry no max_tokens
     tabby_temperature: float = Field(0.0, ge=0, le=2)  # ... nor, usually, a temperature: greedy
+    tabby_seed: int | None = Field(None, ge=0)  # ... nor a seed: this one when sampling (None = unseeded)
 
 
 class RLHFGateConfig(Section):

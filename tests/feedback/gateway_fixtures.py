@@ -100,7 +100,7 @@ class Gateway:
             return store.counts(s)
 
 
-def start_gateway(db_url: str, backend, model_dir: Path, **cfg_overrides):
+def start_gateway(db_url: str, backend, model_dir: Path, feedback_cfg=None, **cfg_overrides):
     upgrade(db_url)
     factory = session_factory(db_url)
     keys = {}
@@ -110,6 +110,8 @@ def start_gateway(db_url: str, backend, model_dir: Path, **cfg_overrides):
             keys[name] = store.create_key(s, name, staff=staff)
     cfg = ServeConfig(db_url=db_url, **cfg_overrides)
     app = create_app(cfg, backends=PreloadedPool(cfg, backend))
+    if feedback_cfg is not None:
+        app.state.feedback_cfg = feedback_cfg  # the editor APIs' settings (params.yaml's feedback section)
     return app, keys, factory
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.orm import selectinload
 
 from feedback.models import Completion, FeedbackEvent
 
@@ -39,6 +40,7 @@ def post(gw, user, body):
 def continue_rows(gw, completion_id):
     with gw.factory() as s:
         return s.execute(select(Completion, FeedbackEvent).outerjoin(FeedbackEvent)
+                         .options(selectinload(Completion.user), selectinload(Completion.model_version))
                          .where(Completion.request_id == f"continue-{completion_id}")).all()
 
 

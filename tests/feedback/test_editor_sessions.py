@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import httpx
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from feedback.models import Completion
 
@@ -101,7 +101,7 @@ def test_same_text_in_another_file_or_by_another_user_derives_nothing(gateway):
 def test_a_file_reopened_outside_the_window_derives_nothing(gateway):
     first = request(gateway, "alice", HEAD, TAIL, filepath="geo/reopen.py")
     with gateway.factory.begin() as s:  # the session was three hours ago (derive_window_s is 600 s)
-        s.execute(update(Completion).where(Completion.request_id == first["id"])
-                  .values(created_at=Completion.created_at - timedelta(hours=3)))
+        row = s.scalar(select(Completion).where(Completion.request_id == first["id"]))
+        row.created_at -= timedelta(hours=3)
     request(gateway, "alice", HEAD + "return math.pi * r * r\n    ", TAIL, filepath="geo/reopen.py")
     assert kept(gateway, first["id"]) == (None, None)

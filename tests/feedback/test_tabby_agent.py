@@ -17,9 +17,13 @@ import os
 from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.orm import selectinload
 
+import pytest
 from editor_clients import JsonLinesClient, LspClient, agent_home
+from gateway_fixtures import Gateway, live_server, start_gateway
 from feedback.models import Completion, FeedbackEvent
+from pipeline.config import FeedbackConfig
 
 SOURCE = ('"""Text helpers."""\n'
           "\n"
@@ -36,8 +40,19 @@ SOURCE = ('"""Text helpers."""\n'
           "\n"
           "\n"
           "def shorten(text, width):\n"
-          "    return textwrap.shorten(text, width)\n")
+          "    \n")
 CURSOR = {"line": 11, "character": 4}  # inside dedent(), on the empty indented line
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory, tiny_backend, tiny_model_dir):
+    """The gateway with the tiny model. Greedy, that model only emits blank lines, which the agent rightly
+    never shows; seeded sampling gives code-like text the agent shows as it would a real model's."""
+    db = f"sqlite:///{tmp_path_factory.mktemp('agent') / 'feedback.db'}"
+    app, keys, factory = start_gateway(db, tiny_backend, tiny_model_dir,
+                                       feedback_cfg=FeedbackConfig(tabby_temperature=0.6, tabby_seed=1))
+    with live_server(app) as url:
+        yield Gateway(url, db, keys, app, factory)
 
 
 def offset(text: str, line: int, character: int) -> int:
@@ -46,7 +61,7 @@ def offset(text: str, line: int, character: int) -> int:
 
 def row_and_decision(gw, rid):
     with gw.factory() as s:
-        return s.execute(select(Completion, FeedbackEvent).outerjoin(FeedbackEvent)
+        return s.execute(select(Completion, FeedbackEvent).outerjoin(FeedbackEvent).options(selectinload(Completion.user))
                          .where(Completion.request_id == rid, Completion.choice_index == 0)).one()
 
 
@@ -112,7 +127,7 @@ def test_editor_reports_view_select_and_dismiss_through_the_agent(gateway, tmp_p
                 "git": git}, {"signal": True}, timeout=60)
 
         first = complete(**CURSOR)
-        second = complete(15, 4)  # another cursor: shorten()'s body
+        second = complete(15, 4)  # another cursor: shorten()'s empty body
         assert first["choices"] and second["choices"], agent.transcript[-4:]
         for ev in ({"type": "view", "completion_id": first["id"], "choice_index": 0, "view_id": "v-1"},
                    {"type": "select", "completion_id": first["id"], "choice_index": 0, "view_id": "v-1",

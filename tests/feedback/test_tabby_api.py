@@ -7,7 +7,8 @@ from datetime import timedelta
 
 import httpx
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import select
+from sqlalchemy.orm import selectinload
 
 from feedback.analytics import report
 from feedback.models import Completion, FeedbackEvent
@@ -30,7 +31,8 @@ def tabby_completion(gw, user="alice", language="python", prefix="def add(a, b):
 
 def rows(gw, rid):
     with gw.factory() as s:
-        return s.scalars(select(Completion).where(Completion.request_id == rid).order_by(Completion.choice_index)).all()
+        return s.scalars(select(Completion).options(selectinload(Completion.user))
+                         .where(Completion.request_id == rid).order_by(Completion.choice_index)).all()
 
 
 def decision(gw, rid, index=0):
@@ -135,8 +137,8 @@ def test_views_are_the_denominator_and_silence_counts_as_ignored(gateway):
     ev("select", 0)
     ev("dismiss", 1)
     with gateway.factory.begin() as s:  # completion 2 was shown a minute ago; 3 was just shown
-        s.execute(update(Completion).where(Completion.request_id == ids[2])
-                  .values(viewed_at=Completion.viewed_at - timedelta(seconds=60)))
+        row = s.scalar(select(Completion).where(Completion.request_id == ids[2]))
+        row.viewed_at -= timedelta(seconds=60)
     with gateway.factory() as s:
         (cell,) = [c for c in report(s, None, None, ignored_after_s=10)["by_version_language"]
                    if c["language"] == "rust"]
