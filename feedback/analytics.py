@@ -140,7 +140,7 @@ def experiment_report(s: Session, exp: Experiment, alpha: float, power: float,
     test = two_proportion_test(c["accepted"], c["shown"], t["accepted"], t["shown"])
     out.update(test)
     if test["p_value"] is None:
-        out.update(significant=False, needed_per_arm=None, verdict="no settled completions in one of the arms yet")
+        out.update(significant=False, needed_per_arm=None, verdict="no decided completions in one of the arms yet")
         return out
     need = needed_per_arm(c["rate"], t["rate"], alpha, power)
     significant = test["p_value"] < alpha
@@ -154,7 +154,7 @@ def experiment_report(s: Session, exp: Experiment, alpha: float, power: float,
     else:
         have = min(c["shown"], t["shown"])
         out["verdict"] = (f"not significant (p={test['p_value']:.3g}); a true difference of "
-                          f"{abs(test['diff']):.1%} needs about {need} settled completions per arm "
+                          f"{abs(test['diff']):.1%} needs about {need} decided completions per arm "
                           f"(have {have}) at alpha={alpha}, power={power}")
     return out
 
