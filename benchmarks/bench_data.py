@@ -30,7 +30,8 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.config import DedupConfig, Params, load_params  # noqa: E402
 from pipeline.data import minhash  # noqa: E402
-from pipeline.data.dedup import SignatureSpec, banding, compute_signatures, near_duplicates  # noqa: E402
+from pipeline.data.dedup import compute_signatures, near_duplicates  # noqa: E402
+from pipeline.data.dedup_spec import SignatureSpec, banding  # noqa: E402
 from pipeline.data.dedup_eval import build_neardup_set, pairwise_scores  # noqa: E402
 from pipeline.data.records import read_docs  # noqa: E402
 

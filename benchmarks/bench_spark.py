@@ -28,7 +28,9 @@ os.environ.setdefault("OWNLLM_WANDB_MODE", "disabled")
 import pyarrow as pa  # noqa: E402
 
 from pipeline.config import load_params, parse_params  # noqa: E402
-from pipeline.data import clean, dedup, ingest, spark_dedup, spark_engine  # noqa: E402
+from pipeline.data import dedup, spark_dedup, spark_io  # noqa: E402
+from pipeline.data.engine import LocalEngine  # noqa: E402
+from pipeline.data.spark_engine import SparkEngine  # noqa: E402
 from pipeline.data.records import CLEAN_SCHEMA, make_doc, read_docs, read_rejected, write_docs  # noqa: E402
 
 
@@ -63,11 +65,9 @@ def embedded(params, work: Path, spark) -> dict:
     times = {}
     for engine in ("local", "spark"):
         p = with_dirs(params, work / engine, engine)
-        for stage, local_fn, spark_fn in (("ingest", ingest.run_ingest, spark_engine.run_ingest_spark),
-                                          ("clean", clean.run_clean, spark_engine.run_clean_spark),
-                                          ("dedup", dedup.run_dedup, spark_dedup.run_dedup_spark)):
-            args = (p,) if engine == "local" else (p, spark)
-            _, times[(engine, stage)] = timed(local_fn if engine == "local" else spark_fn, *args)
+        runner = LocalEngine(p.workers) if engine == "local" else SparkEngine(p, spark)
+        for stage in ("ingest", "clean", "dedup"):
+            _, times[(engine, stage)] = timed(getattr(runner, stage), p)
     same = outcome(work / "local") == outcome(work / "spark")
     docs = read_docs(work / "local" / "ingest", columns=["id"]).num_rows
     return {"times": times, "identical": same, "documents": docs}
@@ -162,13 +162,14 @@ def main() -> int:
     params = load_params(args.params)
     work = Path(tempfile.mkdtemp(prefix="bench_spark_"))
     try:
-        _, startup = timed(lambda: spark_engine.spark_session(params).range(1).count())
-        spark = spark_engine.spark_session(params)
+        _, startup = timed(lambda: spark_io.spark_session(params).range(1).count())
+        spark = spark_io.spark_session(params)
         print(f"spark session start-up ({params.spark.master}): {startup:.1f}s", flush=True)
         if args.skip_embedded:
             p = with_dirs(params, work / "embedded", "local")
-            ingest.run_ingest(p)
-            clean.run_clean(p)
+            local = LocalEngine(p.workers)
+            local.ingest(p)
+            local.clean(p)
         else:
             res = embedded(params, work / "embedded", spark)
             print(f"embedded corpus: {res['documents']} documents; identical results: {res['identical']}")

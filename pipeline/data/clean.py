@@ -1,7 +1,7 @@
 """`ownllm data clean`: data/raw → data/clean (PII redacted) + data/rejected/clean (every drop, with reason).
 
-The stage is a plain list of small named steps (:func:`clean_steps`); the local engine runs it on all
-cores and the Spark engine runs exactly the same list. Order matters only for cost and for which reason
+The stage is a plain list of small named steps (:func:`clean_steps`) that an engine (pipeline/data/engine.py:
+local on all cores, or Spark) maps over record batches; this module does not know which. Order matters only for cost and for which reason
 a document is blamed: cheap path checks first, then the header and byte scans, the line-shape filters
 (statistics already in the record), the parse check, and last the PII redaction, which runs only on the
 documents that are kept.
@@ -9,14 +9,8 @@ documents that are kept.
 
 from __future__ import annotations
 
-from collections import Counter
-
-import pyarrow as pa
-import pyarrow.compute as pc
-
 from pipeline.config import Params
-from pipeline.data import engine
-from pipeline.data.records import CLEAN_SCHEMA, read_docs, reason_counts, write_docs, write_rejected
+from pipeline.data.records import CLEAN_SCHEMA, reason_counts
 from pipeline.data.steps.autogen import GeneratorMarker, LockFile, Minified, ProtobufStub
 from pipeline.data.steps.base import Step
 from pipeline.data.steps.lines import AlnumFraction, AvgLineLength, MaxLineLength
@@ -48,61 +42,13 @@ def clean_steps(params: Params) -> list[Step]:
     return steps
 
 
-def pii_totals(table: pa.Table) -> dict[str, int]:
-    if table.num_rows == 0:
-        return {k: 0 for k in PLACEHOLDERS}
-    col = table.column("pii_redactions")
-    return {k: int(pc.sum(pc.struct_field(col, k)).as_py() or 0) for k in PLACEHOLDERS}
-
-
-def run_clean(params: Params) -> dict:
-    if params.engine == "spark":  # the same clean_steps, through mapInArrow
-        from pipeline.data.spark_engine import run_clean_spark
-        return run_clean_spark(params)
+def run_clean(params: Params, engine) -> dict:
+    """data/raw → data/clean + data/rejected/clean with ``engine`` (pipeline/data/engine.py); the summary."""
     cfg = params.data.clean
-    table = read_docs(params.data.ingest.out)
-    result = engine.run_local(table, clean_steps(params), CLEAN_SCHEMA, STAGE, batch_rows=cfg.batch_rows,
-                              workers=params.workers, desc="clean")
-    write_docs(result.kept, cfg.out, params.data.ingest.row_group_rows)
-    write_rejected(result.rejected, cfg.rejected)
-    kept = result.kept
-    with_pii = 0
-    if kept.num_rows:
-        col = kept.column("pii_redactions")
-        any_pii = pc.add(pc.add(pc.struct_field(col, "email"), pc.struct_field(col, "ip_address")),
-                         pc.struct_field(col, "key"))
-        with_pii = int(pc.sum(pc.greater(any_pii, 0)).as_py() or 0)
-    by_lang = Counter(kept.column("lang").to_pylist()) if kept.num_rows else Counter()
-    return {
-        "documents_in": table.num_rows,
-        "documents": kept.num_rows,
-        "bytes": int(pc.sum(kept.column("size_bytes")).as_py() or 0) if kept.num_rows else 0,
-        "documents_by_lang": dict(sorted(by_lang.items())),
-        "rejected": result.rejected.num_rows,
-        "rejected_by_reason": reason_counts(result.rejected),
-        "pii_redactions": pii_totals(kept),
-        "documents_with_pii": with_pii,
-    }
-
-
-def main(args) -> int:
-    from pipeline.config import load_params
-    from pipeline.tracking import say, stage_run
-
-    params = load_params(args.params)
-    try:
-        clean_steps(params)  # an unknown language or a missing parser wheel: one clear error before any work
-    except ValueError as exc:
-        from pipeline.cli import UserError
-
-        raise UserError(str(exc)) from None
-    with stage_run(STAGE, params) as run:
-        summary = run_clean(params)
-        run.summary(summary)
-    for reason, n in summary["rejected_by_reason"].items():
-        say(f"[clean]   {reason:<22} {n:>6}")
-    pii = summary["pii_redactions"]
-    say(f"[clean] kept {summary['documents']}/{summary['documents_in']} documents "
-        f"({summary['bytes'] / 1e6:.1f} MB); {summary['rejected']} rejected; PII redacted: "
-        f"{pii['email']} emails, {pii['ip_address']} IPs, {pii['key']} keys in {summary['documents_with_pii']} documents")
-    return 0
+    raw = engine.read_docs(params.data.ingest.out)
+    kept, rejected = engine.map_steps(raw, clean_steps(params), CLEAN_SCHEMA, STAGE, cfg.batch_rows)
+    engine.write_docs(kept, cfg.out, CLEAN_SCHEMA, params.data.ingest.row_group_rows)
+    rejected_keys = engine.write_rejected(rejected, cfg.rejected)
+    pii, with_pii = engine.field_sums(kept, "pii_redactions", list(PLACEHOLDERS))
+    return {"documents_in": engine.count(raw), **engine.docs_summary(kept), "rejected": rejected_keys.num_rows,
+            "rejected_by_reason": reason_counts(rejected_keys), "pii_redactions": pii, "documents_with_pii": with_pii}

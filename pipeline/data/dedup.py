@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import sys
-import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -23,12 +22,10 @@ from tqdm import tqdm
 
 from pipeline.config import DedupConfig, Params
 from pipeline.data import minhash
-from pipeline.data.engine import default_workers
+from pipeline.data.dedup_spec import EXACT, NEAR, STAGE, SignatureSpec, banding, cluster_size_histogram
+from pipeline.data.pool import default_workers
 from pipeline.data.records import DOC_COLUMNS, REJECT_SCHEMA, read_docs, write_docs, write_rejected
 
-STAGE = "dedup"
-EXACT = "exact_duplicate"
-NEAR = "near_duplicate"
 # Documents per task sent to a worker: small enough for a smooth progress bar and balanced cores.
 CHUNK_DOCS = 16
 
@@ -47,25 +44,6 @@ def exact_duplicates(ids: list[str], contents: list[str]) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------- signatures
-@dataclass(frozen=True)
-class SignatureSpec:
-    """Everything a worker needs to turn text into a signature (picklable, for Spark too)."""
-
-    ngram: int
-    token_pattern: str
-    a: np.ndarray
-    b: np.ndarray
-
-    @classmethod
-    def from_config(cls, cfg: DedupConfig, seed: int) -> "SignatureSpec":
-        a, b = minhash.permutations(cfg.num_perm, seed)
-        return cls(cfg.ngram, cfg.token_pattern, a, b)
-
-    def __call__(self, text: str) -> tuple[np.ndarray, bool]:
-        sh = minhash.shingles(text, self.ngram, self.token_pattern)
-        return minhash.signature(sh, self.a, self.b), len(sh) > 0
-
-
 # Set in the parent before the pool forks, so workers read the texts without pickling them.
 _TEXTS: list[str] = []
 _SPEC: SignatureSpec | None = None
@@ -107,14 +85,6 @@ def compute_signatures(texts: list[str], spec: SignatureSpec, workers: int | Non
 
 
 # ------------------------------------------------------------------------------------- near dedup
-def banding(cfg: DedupConfig) -> tuple[int, int]:
-    """``(bands, rows)``: as configured, or the optimum for the threshold (shared with the Spark engine)."""
-    if cfg.bands and cfg.rows:
-        return cfg.bands, cfg.rows
-    w = cfg.false_negative_weight
-    return minhash.optimal_bands(cfg.threshold, cfg.num_perm, fp_weight=1 - w, fn_weight=w)
-
-
 @dataclass
 class NearResult:
     keep_of: np.ndarray  # for each input document, the index of the document kept for its cluster
@@ -147,21 +117,6 @@ def rejected_table(table: pa.Table, rows: np.ndarray, reasons: list[str], kept_i
                 .append_column("reason", pa.array(reasons, pa.string()))
                 .append_column("detail", pa.array(kept_ids, pa.string()))
                 .cast(REJECT_SCHEMA))
-
-
-def cluster_size_histogram(keep_of: np.ndarray) -> dict[str, int]:
-    """How many clusters (of two or more documents) have each size, bucketed 2, 3, 4-7, 8-15, ..."""
-    sizes = Counter(Counter(keep_of.tolist()).values())
-    out: Counter[str] = Counter()
-    for size, count in sizes.items():
-        if size < 2:
-            continue
-        if size <= 3:
-            out[str(size)] += count
-        else:
-            lo = 1 << (size.bit_length() - 1)
-            out[f"{lo}-{2 * lo - 1}"] += count
-    return dict(sorted(out.items(), key=lambda kv: int(kv[0].split("-")[0])))
 
 
 def dedup_table(table: pa.Table, cfg: DedupConfig, seed: int, workers: int | None = None) -> tuple[pa.Table, pa.Table, dict]:
@@ -217,34 +172,11 @@ def dedup_table(table: pa.Table, cfg: DedupConfig, seed: int, workers: int | Non
     return kept, rejected, metrics
 
 
-def run_dedup(params: Params) -> dict:
-    if params.engine == "spark":  # the same minhash functions, as Spark jobs (pipeline/data/spark_dedup.py)
-        from pipeline.data.spark_dedup import run_dedup_spark
-
-        return run_dedup_spark(params)
+def run_dedup(params: Params, workers: int | None = None) -> dict:
+    """The stage on this machine: data/clean → data/dedup + data/rejected/dedup; returns the metrics."""
     cfg = params.data.dedup
     table = read_docs(cfg.input)
-    kept, rejected, metrics = dedup_table(table, cfg, params.seed, params.workers)
+    kept, rejected, metrics = dedup_table(table, cfg, params.seed, workers)
     write_docs(kept, cfg.out)
     write_rejected(rejected, cfg.rejected)
     return metrics
-
-
-def main(args) -> int:
-    from pipeline.config import load_params
-    from pipeline.tracking import say, stage_run
-
-    params = load_params(args.params)
-    start = time.perf_counter()
-    with stage_run(STAGE, params) as run:
-        try:
-            summary = run_dedup(params)
-        except FileNotFoundError as exc:
-            from pipeline.cli import UserError
-
-            raise UserError(str(exc)) from None
-        run.summary(summary)
-    say(f"[dedup] {summary['documents_in']} → {summary['documents_out']} documents: "
-        f"{summary['exact_duplicates']} exact and {summary['near_duplicates']} near duplicates removed "
-        f"({summary['cross_source_duplicates']} across sources) in {time.perf_counter() - start:.1f}s")
-    return 0

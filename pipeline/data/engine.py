@@ -1,56 +1,99 @@
-"""The local engine: run steps over a table on all cores with multiprocessing.
+"""Where the data stages run: an engine object, local (default) or Spark, chosen by the CLI from ``engine:``.
 
-Batches are processed in parallel but results are gathered in input order and the outputs are sorted
-canonically by the writers, so the result does not depend on the number of workers.
+As datatrove's executors do, an engine takes a stage's steps and maps them over record batches; the steps
+(pipeline/data/steps/) and the stage modules (ingest, clean, dedup) know nothing of where they run, and
+never import Spark code. Every engine offers the same methods:
+
+- ``read_docs(dir)``, ``write_docs(docs, dir, schema, row_group_rows)``, ``write_rejected(rejected, dir)``:
+  document datasets in the layout of pipeline/data/records.py (an Arrow table here, a DataFrame on Spark);
+  ``write_rejected`` returns an Arrow table with (at least) the ``reason`` of every rejected record;
+- ``map_steps(docs, steps, schema, stage, batch_rows)`` → ``(kept, rejected)``: the steps over every batch;
+- ``count``, ``docs_summary``, ``field_sums``: the numbers a stage reports;
+- ``ingest(params)``, ``clean(params)``, ``dedup(params)``: the stages. Clean is the steps mapped by the
+  engine (:func:`pipeline.data.clean.run_clean`); ingest and dedup have a distributed form of their own on
+  Spark (pipeline/data/spark_ingest.py, spark_dedup.py) built from the same functions as the local one.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
-import sys
-from functools import partial
+from collections import Counter
+from pathlib import Path
 from typing import Sequence
 
 import pyarrow as pa
-from tqdm import tqdm
+import pyarrow.compute as pc
 
-from pipeline.data.records import REJECT_SCHEMA
-from pipeline.data.steps.base import BatchResult, Step, apply_steps
-
-
-def default_workers(requested: int | None = None) -> int:
-    return max(1, requested or len(os.sched_getaffinity(0)))
-
-
-def _run_batch(batch: pa.Table, steps: Sequence[Step], out_schema: pa.Schema, stage: str) -> BatchResult:
-    return apply_steps(batch, steps, out_schema, stage)
+from pipeline.config import Params
+from pipeline.data import clean, dedup, ingest
+from pipeline.data.pool import default_workers, run_local
+from pipeline.data.records import read_docs, write_docs, write_rejected
+from pipeline.data.steps.base import Step
 
 
-def run_local(
-    table: pa.Table,
-    steps: Sequence[Step],
-    out_schema: pa.Schema,
-    stage: str,
-    batch_rows: int = 128,
-    workers: int | None = None,
-    desc: str | None = None,
-) -> BatchResult:
-    batches = [table.slice(i, batch_rows) for i in range(0, table.num_rows, batch_rows)]
-    fn = partial(_run_batch, steps=steps, out_schema=out_schema, stage=stage)
-    n = min(default_workers(workers), max(1, len(batches)))
-    bar = tqdm(total=table.num_rows, desc=desc or stage, unit="doc", mininterval=1.0, file=sys.stderr)
-    results: list[BatchResult] = []
-    if n == 1:
-        for b in batches:
-            results.append(fn(b))
-            bar.update(b.num_rows)
-    else:
-        with mp.get_context("fork").Pool(n) as pool:
-            for b, res in zip(batches, pool.imap(fn, batches)):
-                results.append(res)
-                bar.update(b.num_rows)
-    bar.close()
-    kept = pa.concat_tables([r.kept for r in results]) if results else out_schema.empty_table()
-    rejected = pa.concat_tables([r.rejected for r in results]) if results else REJECT_SCHEMA.empty_table()
-    return BatchResult(kept, rejected)
+class LocalEngine:
+    """This machine: batches on all cores (multiprocessing), tables in memory."""
+
+    name = "local"
+
+    def __init__(self, workers: int | None = None):
+        self.workers = default_workers(workers)
+
+    # -- documents ------------------------------------------------------------------------------------
+    def read_docs(self, in_dir: str | Path) -> pa.Table:
+        return read_docs(in_dir)
+
+    def write_docs(self, docs: pa.Table, out_dir: str | Path, schema: pa.Schema, row_group_rows: int) -> None:
+        write_docs(docs, out_dir, row_group_rows)
+
+    def write_rejected(self, rejected: pa.Table, out_dir: str | Path) -> pa.Table:
+        write_rejected(rejected, out_dir)
+        return rejected
+
+    def map_steps(self, docs: pa.Table, steps: Sequence[Step], out_schema: pa.Schema, stage: str,
+                  batch_rows: int) -> tuple[pa.Table, pa.Table]:
+        res = run_local(docs, steps, out_schema, stage, batch_rows=batch_rows, workers=self.workers, desc=stage)
+        return res.kept, res.rejected
+
+    # -- numbers --------------------------------------------------------------------------------------
+    def count(self, docs: pa.Table) -> int:
+        return docs.num_rows
+
+    def docs_summary(self, docs: pa.Table) -> dict:
+        by_lang = Counter(docs.column("lang").to_pylist()) if docs.num_rows else Counter()
+        return {"documents": docs.num_rows,
+                "bytes": int(pc.sum(docs.column("size_bytes")).as_py() or 0) if docs.num_rows else 0,
+                "documents_by_lang": dict(sorted(by_lang.items()))}
+
+    def field_sums(self, docs: pa.Table, column: str, keys: list[str]) -> tuple[dict[str, int], int]:
+        """Sums of the integer fields ``keys`` of struct ``column``, and how many rows have any of them > 0."""
+        if docs.num_rows == 0:
+            return {k: 0 for k in keys}, 0
+        col = docs.column(column)
+        fields = [pc.fill_null(pc.struct_field(col, k), 0) for k in keys]
+        total = fields[0]
+        for f in fields[1:]:
+            total = pc.add(total, f)
+        return ({k: int(pc.sum(f).as_py() or 0) for k, f in zip(keys, fields)},
+                int(pc.sum(pc.greater(total, 0)).as_py() or 0))
+
+    # -- stages ---------------------------------------------------------------------------------------
+    def ingest(self, params: Params) -> dict:
+        return ingest.run_ingest(params)
+
+    def clean(self, params: Params) -> dict:
+        return clean.run_clean(params, self)
+
+    def dedup(self, params: Params) -> dict:
+        return dedup.run_dedup(params, self.workers)
+
+    def close(self) -> None:
+        pass
+
+
+def make_engine(params: Params):
+    """The engine ``params.engine`` names: :class:`LocalEngine`, or the Spark engine (imported only then)."""
+    if params.engine == "spark":
+        from pipeline.data.spark_engine import SparkEngine
+
+        return SparkEngine(params)
+    return LocalEngine(params.workers)

@@ -228,9 +228,7 @@ def manifest_entry(src: SourceConfig, res: SourceResult) -> dict:
 
 
 def run_ingest(params: Params) -> dict:
-    if params.engine == "spark":  # the same checks, file by file on the executors
-        from pipeline.data.spark_engine import run_ingest_spark
-        return run_ingest_spark(params)
+    """The stage on this machine: every source → data/raw, data/rejected/ingest and the manifest."""
     cfg = params.data.ingest
     docs: list[dict] = []
     rejected: list[dict] = []
@@ -257,21 +255,3 @@ def run_ingest(params: Params) -> dict:
         "rejected": len(rejected),
         "rejected_by_reason": reason_counts(rej_table),
     }
-
-
-def main(args) -> int:
-    from pipeline.config import load_params
-    from pipeline.tracking import say, stage_run
-
-    params = load_params(args.params)
-    with stage_run("ingest", params) as run:
-        try:
-            summary = run_ingest(params)
-        except SourceError as exc:
-            from pipeline.cli import UserError
-
-            raise UserError(str(exc)) from None
-        run.summary(summary)
-    say(f"[ingest] {summary['documents']} documents ({summary['bytes'] / 1e6:.1f} MB) from "
-        f"{len(params.data.sources)} sources; {summary['rejected']} rejected {summary['rejected_by_reason']}")
-    return 0

@@ -1,9 +1,9 @@
 """`ownllm data dedup` on Spark: exact, then MinHash-LSH near-duplicates, the BigCode way, same answer.
 
-The steps are those of pipeline/data/dedup.py, distributed:
+The steps are those of pipeline/data/dedup.py, distributed, from the pieces both share (pipeline/data/dedup_spec.py):
 
 1. exact: :func:`minhash.content_hash` per document (mapInArrow), the smallest id per hash is kept;
-2. signatures: :class:`dedup.SignatureSpec` per document (mapInArrow), the same hash functions and seed;
+2. signatures: :class:`dedup_spec.SignatureSpec` per document (mapInArrow), the same hash functions and seed;
 3. candidates: :func:`minhash.band_hashes`, then ``groupBy(band, key)``; each bucket emits its pairs
    with the rule of :func:`minhash.candidate_pairs` (all pairs up to ``max_bucket``, else first and
    neighbour, in the local engine's document order: lang, then id);
@@ -26,10 +26,9 @@ import pyarrow as pa
 
 from pipeline.config import DedupConfig, Params
 from pipeline.data import minhash
-from pipeline.data.dedup import EXACT, NEAR, STAGE, SignatureSpec, cluster_size_histogram
+from pipeline.data.dedup_spec import EXACT, NEAR, STAGE, SignatureSpec, banding, cluster_size_histogram
 from pipeline.data.records import CLEAN_SCHEMA, DOC_COLUMNS, REJECT_SCHEMA
-from pipeline.data.spark_engine import (read_docs_df, spark_session, spread, write_docs_df,
-                                        write_rejected_df)
+from pipeline.data.spark_io import read_docs_df, spread, write_docs_df, write_rejected_df
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -177,7 +176,7 @@ def decide(docs: "DataFrame", cfg: DedupConfig, seed: int, max_iterations: int) 
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    bands, rows = (cfg.bands, cfg.rows) if cfg.bands and cfg.rows else minhash.optimal_bands(cfg.threshold, cfg.num_perm)
+    bands, rows = banding(cfg)
     lsh = {"bands": bands, "rows": rows, "candidate_pairs": 0, "verified_pairs": 0, "docs_without_shingles": 0}
     base = docs.select("id", "lang", "content")
     if cfg.exact:
@@ -212,7 +211,7 @@ def decide(docs: "DataFrame", cfg: DedupConfig, seed: int, max_iterations: int) 
 
 
 def _histogram(decided: "DataFrame", keep_col: str, where: str | None = None) -> dict[str, int]:
-    """dedup.cluster_size_histogram from cluster sizes counted by Spark (only clusters of 2+ are sent back)."""
+    """dedup_spec.cluster_size_histogram from cluster sizes counted by Spark (only clusters of 2+ are sent back)."""
     from pyspark.sql import functions as F
 
     df = decided.where(where) if where else decided
@@ -254,12 +253,11 @@ def dedup_metrics(docs: "DataFrame", decided: "DataFrame", lsh: dict) -> dict:
     }
 
 
-def run_dedup_spark(params: Params, spark: "SparkSession | None" = None) -> dict:
+def run_dedup_spark(params: Params, spark: "SparkSession") -> dict:
     """dedup.run_dedup on Spark: the same data/dedup, data/rejected/dedup and metrics."""
     from pyspark.sql import functions as F
 
     cfg = params.data.dedup
-    spark = spark or spark_session(params)
     docs = read_docs_df(spark, cfg.input)
     decided, lsh = decide(docs, cfg, params.seed, params.spark.cc_max_iterations)
     with_docs = docs.join(decided.select("id", "reason", "final"), "id")

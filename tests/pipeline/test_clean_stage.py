@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from pipeline.config import load_params
-from pipeline.data import clean
+from pipeline.data import clean, commands
+from pipeline.data.engine import LocalEngine
 from pipeline.data.ingest import run_ingest
 from pipeline.data.records import CLEAN_SCHEMA, line_stats, read_docs
 
@@ -66,7 +67,7 @@ def _params(tmp: Path, src: Path) -> Path:
 def test_clean_stage_on_real_corpus(corpus, tmp_path, capsys):
     params = load_params(_params(tmp_path, corpus))
     run_ingest(params)
-    assert clean.main(argparse.Namespace(params=str(tmp_path / "params.yaml"))) == 0
+    assert commands.clean(argparse.Namespace(params=str(tmp_path / "params.yaml"))) == 0
 
     rejected = pq.read_table(tmp_path / "rej/clean/rejected.parquet").to_pylist()
     by_path = {r["path"]: r for r in rejected}
@@ -104,7 +105,7 @@ def test_clean_stage_on_real_corpus(corpus, tmp_path, capsys):
     # Rerun: byte-identical outputs.
     before = {p: p.read_bytes() for p in sorted((tmp_path / "clean").rglob("*.parquet"))}
     before[tmp_path / "rej/clean/rejected.parquet"] = (tmp_path / "rej/clean/rejected.parquet").read_bytes()
-    clean.run_clean(params)
+    clean.run_clean(params, LocalEngine(params.workers))
     assert all(p.read_bytes() == b for p, b in before.items())
 
 
@@ -126,5 +127,5 @@ def test_unknown_parse_language_is_one_clear_error(tmp_path, corpus):
     data["data"]["clean"]["parse_check_languages"] = ["python", "cobol"]
     p.write_text(yaml.safe_dump(data))
     with pytest.raises(UserError, match="cobol"):
-        clean.main(argparse.Namespace(params=str(p)))
+        commands.clean(argparse.Namespace(params=str(p)))
     assert not (tmp_path / "clean").exists()  # nothing was written

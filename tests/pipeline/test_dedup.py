@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from pipeline.config import DedupConfig, parse_params
-from pipeline.data import dedup
+from pipeline.data import commands, dedup
+from pipeline.data.dedup_spec import banding
 from pipeline.data.dedup_eval import build_neardup_set, pairwise_scores
 from pipeline.data.records import CLEAN_SCHEMA, make_doc, read_docs, read_rejected, to_table, write_docs
 from tests.conftest import REPO, stdlib_files
@@ -128,7 +129,7 @@ def test_config_rejects_inconsistent_banding():
         DedupConfig(bands=16)
     with pytest.raises(ValueError, match="exceeds num_perm"):
         DedupConfig(bands=64, rows=8)
-    assert dedup.banding(DedupConfig(bands=16, rows=16)) == (16, 16)
+    assert banding(DedupConfig(bands=16, rows=16)) == (16, 16)
 
 
 def test_stage_writes_outputs_byte_identically_and_reports_a_missing_input(tmp_path, capsys):
@@ -143,7 +144,7 @@ def test_stage_writes_outputs_byte_identically_and_reports_a_missing_input(tmp_p
     path.write_text(yaml.safe_dump(params))
     outputs = []
     for _ in range(2):
-        assert dedup.main(argparse.Namespace(params=str(path))) == 0
+        assert commands.dedup(argparse.Namespace(params=str(path))) == 0
         outputs.append([p.read_bytes() for p in sorted(tmp_path.glob("*/**/*.parquet")) if "clean" not in str(p)]
                        + [(tmp_path / "reports" / "dedup.json").read_bytes()])
     assert outputs[0] == outputs[1] and len(outputs[0]) == 3
@@ -158,5 +159,5 @@ def test_stage_writes_outputs_byte_identically_and_reports_a_missing_input(tmp_p
     params["data"]["dedup"]["input"] = str(tmp_path / "missing")
     path.write_text(yaml.safe_dump(params))
     with pytest.raises(UserError, match="missing"):
-        dedup.main(argparse.Namespace(params=str(path)))
+        commands.dedup(argparse.Namespace(params=str(path)))
     parse_params(params)  # the file itself is valid: only the input is missing

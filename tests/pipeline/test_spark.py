@@ -89,7 +89,7 @@ def params_dict(corpus: Path, out: Path, engine: str, **dedup) -> dict:
 
 @pytest.fixture(scope="module")
 def spark(tmp_path_factory):
-    from pipeline.data.spark_engine import spark_session
+    from pipeline.data.spark_io import spark_session
 
     params = make_params(Path("/nonexistent"), tmp_path_factory.mktemp("unused"), "spark")
     session = spark_session(params)
@@ -116,18 +116,15 @@ def rejected_keys(root: Path) -> list[tuple[str, str, str, str]]:
 @pytest.fixture(scope="module")
 def both_engines(corpus, tmp_path_factory, spark):
     """ingest (local, shared input), then clean and dedup under each engine into its own tree."""
-    from pipeline.data import clean, dedup, ingest, spark_dedup, spark_engine
+    from pipeline.data.engine import LocalEngine
+    from pipeline.data.spark_engine import SparkEngine
 
     trees = {}
-    for engine in ("local", "spark"):
-        out = tmp_path_factory.mktemp(engine)
-        params = make_params(corpus, out, engine)
-        if engine == "local":
-            summaries = (ingest.run_ingest(params), clean.run_clean(params), dedup.run_dedup(params))
-        else:
-            summaries = (spark_engine.run_ingest_spark(params, spark), spark_engine.run_clean_spark(params, spark),
-                         spark_dedup.run_dedup_spark(params, spark))
-        trees[engine] = (out, summaries)
+    for name in ("local", "spark"):
+        out = tmp_path_factory.mktemp(name)
+        params = make_params(corpus, out, name)
+        engine = LocalEngine(params.workers) if name == "local" else SparkEngine(params, spark)
+        trees[name] = (out, (engine.ingest(params), engine.clean(params), engine.dedup(params)))
     return trees
 
 
@@ -211,7 +208,7 @@ def test_connected_components_converge_to_the_smallest_id_on_a_long_chain(spark)
 
 
 def test_writer_splits_a_language_by_id_range_and_readers_see_one_sorted_table(both_engines, spark, tmp_path):
-    from pipeline.data.spark_engine import read_docs_df, write_docs_df
+    from pipeline.data.spark_io import read_docs_df, write_docs_df
 
     local_out, _ = both_engines["local"]
     df = read_docs_df(spark, local_out / "raw")
@@ -224,7 +221,7 @@ def test_writer_splits_a_language_by_id_range_and_readers_see_one_sorted_table(b
 
 def test_nothing_rejected_writes_the_same_empty_file_as_the_local_engine(spark, tmp_path):
     from pipeline.data.records import REJECT_SCHEMA, write_rejected
-    from pipeline.data.spark_engine import spark_schema, write_rejected_df
+    from pipeline.data.spark_io import spark_schema, write_rejected_df
 
     empty = spark.createDataFrame([], spark_schema(REJECT_SCHEMA))
     path, keys = write_rejected_df(empty, tmp_path / "spark")
@@ -233,7 +230,7 @@ def test_nothing_rejected_writes_the_same_empty_file_as_the_local_engine(spark, 
 
 
 def test_an_empty_dataset_is_a_clear_error(spark, tmp_path):
-    from pipeline.data.spark_engine import read_docs_df
+    from pipeline.data.spark_io import read_docs_df
 
     (tmp_path / "raw").mkdir()
     with pytest.raises(FileNotFoundError, match="empty"):
