@@ -11,6 +11,7 @@ Failure rules:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import socket
@@ -18,6 +19,7 @@ import os
 import threading
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC
 from typing import Annotated, Any, Iterator, Literal, Union
@@ -25,19 +27,22 @@ from typing import Annotated, Any, Iterator, Literal, Union
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+import anyio
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from feedback import continue_events, store, tabby
-from feedback.backends import (Backend, BackendError, BadGenerationRequest, GenRequest, LocalBackend, StreamDelta,
+from feedback.backends import (Backend, BackendError, BadGenerationRequest, Generation, GenRequest, LocalBackend,
+                               StreamDelta,
                                UpstreamBackend)
 from feedback.db import check_at_head, current_revision, make_engine
-from feedback.models import Completion, FeedbackKind, ModelVersion, User, utcnow
+from feedback.models import Completion, FeedbackKind, ModelVersion, ServeStatus, User, utcnow
 from feedback.requests import CompletionInput
 from feedback.routing import NoModel, Route, route, visible_versions
 from pipeline.config import FeedbackConfig, ServeConfig
@@ -146,6 +151,11 @@ class Metrics:
         self.feedback = Counter("ownllm_feedback", "feedback events stored", ["model", "language", "event"],
                                 registry=self.registry)
         self.errors = Counter("ownllm_http_errors", "error responses", ["status"], registry=self.registry)
+        # The autoscaler's signal (deploy/): completions being generated or streamed by this process now.
+        self.inflight = Gauge("ownllm_inflight_completions", "completions in progress (generating or streaming)",
+                              registry=self.registry)
+        self.unlogged = Counter("ownllm_completion_log_failures", "completion rows the store could not complete "
+                                "(they stay 'pending' until a retry marks them)", registry=self.registry)
 
 
 # ------------------------------------------------------------------------------------------------ backends
@@ -249,6 +259,21 @@ UserDep = Annotated[User, Depends(current_user)]
 
 
 # ------------------------------------------------------------------------------------------------ the app
+SERVE_CONFIG_ENV = "OWNLLM_SERVE_PARAMS"  # the parameters as JSON, for each `ownllm serve --workers N` process
+APP_FACTORY = "feedback.app:app_from_env"
+
+
+def app_from_env() -> FastAPI:
+    """The app of one ``ownllm serve`` worker process (uvicorn calls this, ``factory=True``)."""
+    from pipeline.config import Params
+
+    raw = os.environ.get(SERVE_CONFIG_ENV)
+    if not raw:
+        raise RuntimeError(f"${SERVE_CONFIG_ENV} is not set: start the gateway with `ownllm serve`")
+    params = Params.model_validate_json(raw)
+    return create_app(params.serve, params=params)
+
+
 def create_app(cfg: ServeConfig, backends: BackendPool | None = None, check_schema: bool = True,
                params=None) -> FastAPI:
     """Build the gateway. Raises StoreNotAtHead at once (not on first request) if the store needs migrating.
@@ -269,13 +294,16 @@ def create_app(cfg: ServeConfig, backends: BackendPool | None = None, check_sche
     app.add_middleware(BodyLimit, limit=cfg.max_body_bytes)
     _install_error_handlers(app, metrics)
 
+    # Health, metrics and feedback never wait behind generation: generation runs in the engine's own thread
+    # (CTranslate2's batcher) or the service's generation pool, never in AnyIO's thread pool, which is left to
+    # the short store queries of every endpoint.
     @app.get("/healthz")
-    def healthz() -> dict:
-        rev = current_revision(engine)  # a DB error here is a 503 like everywhere else
-        return {"status": "ok", "db_revision": rev, "backend": cfg.backend}
+    async def healthz() -> dict:
+        rev = await run_in_threadpool(current_revision, engine)  # a DB error here is a 503 like everywhere else
+        return {"status": "ok", "db_revision": rev, "backend": cfg.backend, "pid": os.getpid()}
 
     @app.get("/metrics")
-    def prometheus() -> Response:
+    async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
@@ -288,13 +316,13 @@ def create_app(cfg: ServeConfig, backends: BackendPool | None = None, check_sche
         return {"object": "list", "data": data}
 
     @app.post("/v1/completions", response_model=None)
-    def completions(request: Request, body: AnyCompletionRequest, user: UserDep) -> dict | StreamingResponse:
-        if isinstance(body, tabby.TabbyCompletionRequest):
-            return tabby.complete(request, body, user)
+    async def completions(request: Request, body: AnyCompletionRequest, user: UserDep) -> dict | StreamingResponse:
+        if isinstance(body, tabby.TabbyCompletionRequest):  # sync (it settles kept text too): the service's pool
+            return await asyncio.wrap_future(service.generate_pool.submit(tabby.complete, request, body, user))
         inp = openai_input(body, cfg)
         if inp.stream:
-            return service.stream(inp, user)
-        out = service.complete(inp, user)
+            return await service.astream(inp, user)
+        out = await service.acomplete(inp, user)
         return {"id": out["id"], "object": "text_completion", "created": out["created"], "model": out["model"],
                 "choices": [{"text": c["text"], "index": c["index"], "logprobs": None,
                              "finish_reason": c["finish_reason"]} for c in out["choices"]],
@@ -383,12 +411,21 @@ class CompletionService:
     """Every client API's completions: validate limits, route (rollout, A/B), generate, log, count.
 
     Client shapes (OpenAI here, Tabby in feedback/tabby.py) build a :class:`CompletionInput` and call
-    :meth:`complete` or :meth:`stream`; the result is client-neutral (``id``, ``model``, ``created``,
-    ``choices`` with ``index``/``text``/``finish_reason``, ``usage``) for the caller to shape.
+    :meth:`acomplete` / :meth:`astream` from an ``async def`` endpoint (:meth:`complete` / :meth:`stream`
+    from sync code); the result is client-neutral (``id``, ``model``, ``created``, ``choices`` with
+    ``index``/``text``/``finish_reason``, ``usage``) for the caller to shape.
+
+    Nothing is served unlogged: a non-streamed completion is returned only after its rows are committed; a
+    streamed one gets its rows (status ``pending``) before the first byte is sent, completed afterwards as
+    ``served``, ``disconnected`` (the client left, or the request was cancelled) or ``failed`` (the backend
+    or the store failed; a row the store could not complete is retried in the background).
     """
 
     def __init__(self, cfg: ServeConfig, factory: sessionmaker[Session], pool: BackendPool, metrics: Metrics):
         self.cfg, self.factory, self.pool, self.metrics = cfg, factory, pool, metrics
+        # Backends without a batcher of their own (transformers, upstream HTTP) generate here, and streamed
+        # deltas are pulled here; neither ever occupies AnyIO's pool.
+        self.generate_pool = ThreadPoolExecutor(cfg.max_concurrent_generations, thread_name_prefix="ownllm-generate")
 
     def _route(self, inp: CompletionInput, user: User) -> Route:
         with self.factory() as s:
@@ -397,17 +434,17 @@ class CompletionService:
             except NoModel as exc:
                 raise ApiError(404, str(exc), "invalid_request_error", "model") from None
 
-    def complete(self, inp: CompletionInput, user: User) -> dict:
-        gen = gen_request(inp, self.cfg)
+    def _backend(self, inp: CompletionInput, user: User) -> tuple[Route, Backend]:
         r = self._route(inp, user)
-        backend = self.pool.get(r.version)
-        rid = f"cmpl-{uuid.uuid4().hex}"
-        t0 = time.perf_counter()
-        out = backend.complete(gen)
-        latency = time.perf_counter() - t0
+        return r, self.pool.get(r.version)
+
+    def _log(self, rid: str, inp: CompletionInput, gen: GenRequest, r: Route, user: User, out: Generation,
+             latency: float) -> None:
         with self.factory.begin() as s:
             s.add_all(completion_rows(rid, inp, gen, r, user, [(c.text, c.finish_reason, c.completion_tokens)
                                                                for c in out.choices], out.prompt_tokens, latency))
+
+    def _result(self, rid: str, r: Route, inp: CompletionInput, out: Generation, latency: float) -> dict:
         self.metrics.latency.labels(r.version.name, inp.language).observe(latency)
         self.metrics.completions.labels(r.version.name, inp.language).inc(len(out.choices))
         n_comp = sum(c.completion_tokens for c in out.choices)
@@ -417,11 +454,182 @@ class CompletionService:
                 "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": n_comp,
                           "total_tokens": out.prompt_tokens + n_comp}}
 
-    def stream(self, inp: CompletionInput, user: User) -> StreamingResponse:
+    def complete(self, inp: CompletionInput, user: User) -> dict:
         gen = gen_request(inp, self.cfg)
-        r = self._route(inp, user)
-        backend = self.pool.get(r.version)
-        return _stream_response(f"cmpl-{uuid.uuid4().hex}", inp, gen, backend, r, user, self.factory, self.metrics)
+        r, backend = self._backend(inp, user)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        t0 = time.perf_counter()
+        with _counting(self.metrics.inflight):
+            out = backend.complete(gen)
+        latency = time.perf_counter() - t0
+        self._log(rid, inp, gen, r, user, out, latency)
+        return self._result(rid, r, inp, out, latency)
+
+    async def acomplete(self, inp: CompletionInput, user: User) -> dict:
+        gen = gen_request(inp, self.cfg)
+        r, backend = await run_in_threadpool(self._backend, inp, user)  # a model load waits here, off the loop
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        t0 = time.perf_counter()
+        with _counting(self.metrics.inflight):
+            out = await self._generate(backend, gen)
+        latency = time.perf_counter() - t0
+        await run_in_threadpool(self._log, rid, inp, gen, r, user, out, latency)
+        return self._result(rid, r, inp, out, latency)
+
+    async def _generate(self, backend: Backend, gen: GenRequest) -> Generation:
+        submit = getattr(backend, "complete_future", None)  # the CTranslate2 engine: its batcher resolves it
+        fut = submit(gen) if submit is not None else None
+        if fut is None:
+            fut = self.generate_pool.submit(backend.complete, gen)
+        return await asyncio.wrap_future(fut)
+
+    def stream(self, inp: CompletionInput, user: User) -> StreamingResponse:
+        """:meth:`astream` for a sync endpoint (it runs in an AnyIO worker thread, as FastAPI runs them)."""
+        return anyio.from_thread.run(self.astream, inp, user)
+
+    async def astream(self, inp: CompletionInput, user: User) -> StreamingResponse:
+        gen = gen_request(inp, self.cfg)
+        r, backend = await run_in_threadpool(self._backend, inp, user)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        stream = await run_in_threadpool(backend.stream, gen)  # validates the prompt: a bad one is still a 400
+        # Written before the first byte: if this fails, the client gets a 503 and nothing was served.
+        await run_in_threadpool(self._write_pending, rid, inp, gen, r, user, stream.prompt_tokens)
+        return LoggedStream(self._events(rid, inp, gen, r, user, stream), media_type="text/event-stream",
+                            headers={"Cache-Control": "no-cache"})
+
+    def _write_pending(self, rid, inp, gen, r, user, prompt_tokens: int) -> None:
+        rows = completion_rows(rid, inp, gen, r, user, [("", "", 0)] * gen.n, prompt_tokens, 0.0)
+        for row in rows:
+            row.status = ServeStatus.pending.value
+        with self.factory.begin() as s:
+            s.add_all(rows)
+
+    def _complete_rows(self, rid: str, user: User, choices: list[tuple[str, str, int]], prompt_tokens: int,
+                       latency: float, status: str) -> None:
+        keep = user.store_code is not False
+        with self.factory.begin() as s:
+            for i, (text, finish, n_tok) in enumerate(choices):
+                s.execute(update(Completion).where(Completion.request_id == rid, Completion.choice_index == i)
+                          .values(completion=text if keep else None, finish_reason=finish, completion_tokens=n_tok,
+                                  prompt_tokens=prompt_tokens, latency_ms=latency * 1000, status=status))
+
+    def _retry_complete_rows(self, *args) -> None:
+        """The store failed as a stream ended: keep trying (in the background) to record what was sent,
+        as ``failed``, so a transient outage still ends with a row that says what happened."""
+        def retry():
+            for wait in (0.5, 1, 2, 4, 8, 15, 30):
+                time.sleep(wait)
+                try:
+                    self._complete_rows(*args)
+                    return
+                except DB_ERRORS:
+                    continue
+            log.error("completion %s stays 'pending': the store did not come back", args[0])
+
+        threading.Thread(target=retry, name="ownllm-log-retry", daemon=True).start()
+
+    async def _events(self, rid, inp, gen, r, user, stream):
+        t0 = time.perf_counter()
+        texts: dict[int, list[str]] = {i: [] for i in range(gen.n)}
+        finals: dict[int, StreamDelta] = {}
+        created = int(time.time())
+        deltas = iter(stream.deltas)
+        pending: Future | None = None
+        status = ServeStatus.disconnected.value  # until the stream ends: a cancel or a dropped client
+        error: dict | None = None
+        end = object()
+
+        def choices() -> list[tuple[str, str, int]]:
+            return [("".join(texts[i]), finals[i].finish_reason if i in finals else "length",
+                     finals[i].completion_tokens if i in finals else 0) for i in sorted(texts)]
+
+        async def record(status: str) -> bool:
+            args = (rid, user, choices(), stream.prompt_tokens, time.perf_counter() - t0, status)
+            with anyio.CancelScope(shield=True):  # runs even when the request was cancelled
+                try:
+                    await run_in_threadpool(self._complete_rows, *args)
+                    return True
+                except DB_ERRORS as exc:
+                    log.error("could not complete the log of streamed completion %s: %s", rid, exc)
+                    self.metrics.unlogged.inc()
+                    self._retry_complete_rows(*args[:-1], ServeStatus.failed.value)
+                    return False
+
+        self.metrics.inflight.inc()
+        try:
+            try:
+                while True:
+                    pending = self.generate_pool.submit(next, deltas, end)
+                    d = await asyncio.wrap_future(pending)
+                    pending = None
+                    if d is end:
+                        break
+                    texts.setdefault(d.index, []).append(d.text)
+                    if d.finish_reason:
+                        finals[d.index] = d
+                    yield _sse({"id": rid, "object": "text_completion", "created": created, "model": r.version.name,
+                                "choices": [{"text": d.text, "index": d.index, "logprobs": None,
+                                             "finish_reason": d.finish_reason}]})
+                status = ServeStatus.served.value
+            except BackendError as exc:
+                status, error = ServeStatus.failed.value, error_body(str(exc), "backend_error")
+                self.metrics.errors.labels("502").inc()
+            except Exception:
+                status = ServeStatus.failed.value
+                raise
+            logged = await record(status)
+            if error is not None:
+                yield _sse(error)
+                return
+            if not logged:
+                self.metrics.errors.labels("503").inc()
+                yield _sse(error_body("feedback store unavailable; this completion could not be logged as served",
+                                      "store_unavailable"))
+                return
+            self.metrics.latency.labels(r.version.name, inp.language).observe(time.perf_counter() - t0)
+            self.metrics.completions.labels(r.version.name, inp.language).inc(len(texts))
+            yield "data: [DONE]\n\n"
+        finally:
+            self.metrics.inflight.dec()
+            if status != ServeStatus.served.value and error is None:
+                # The client left mid-stream (or something unexpected broke): stop generating, say so in the row.
+                self._close_later(deltas, pending)
+                await record(status)
+
+    def _close_later(self, deltas, pending: Future | None) -> None:
+        """Close the backend's delta iterator (which cancels its generation) once no thread is inside it."""
+        def close():
+            if pending is not None:
+                try:
+                    pending.result()
+                except BaseException:  # noqa: BLE001 - only waiting for the thread to leave the iterator
+                    pass
+            close_it = getattr(deltas, "close", None)
+            if close_it is not None:
+                close_it()
+
+        self.generate_pool.submit(close)
+
+
+class LoggedStream(StreamingResponse):
+    """A StreamingResponse that always closes its body iterator, so the stream's ``finally`` (completing the
+    log rows as ``disconnected``, cancelling generation) runs as soon as the client is gone, not when the
+    iterator happens to be garbage-collected (Starlette only stops iterating when a send fails)."""
+
+    async def stream_response(self, send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+@contextmanager
+def _counting(gauge: Gauge) -> Iterator[None]:
+    gauge.inc()
+    try:
+        yield
+    finally:
+        gauge.dec()
 
 
 def completion_rows(rid: str, inp: CompletionInput, gen: GenRequest, r: Route, user: User,
@@ -442,44 +650,6 @@ def completion_rows(rid: str, inp: CompletionInput, gen: GenRequest, r: Route, u
 
 def _sse(payload: Any) -> str:
     return f"data: {json.dumps(payload)}\n\n"
-
-
-def _stream_response(rid, inp, gen, backend, r, user, factory, metrics) -> StreamingResponse:
-    stream = backend.stream(gen)  # validates the prompt now, so a bad request is still a plain 400
-    lang = inp.language
-
-    def events() -> Iterator[str]:
-        t0 = time.perf_counter()
-        texts: dict[int, list[str]] = {i: [] for i in range(gen.n)}
-        finals: dict[int, StreamDelta] = {}
-        created = int(time.time())
-        try:
-            for d in stream.deltas:
-                texts.setdefault(d.index, []).append(d.text)
-                if d.finish_reason:
-                    finals[d.index] = d
-                yield _sse({"id": rid, "object": "text_completion", "created": created, "model": r.version.name,
-                            "choices": [{"text": d.text, "index": d.index, "logprobs": None,
-                                         "finish_reason": d.finish_reason}]})
-            latency = time.perf_counter() - t0
-            choices = [("".join(texts[i]), finals[i].finish_reason if i in finals else "length",
-                        finals[i].completion_tokens if i in finals else 0) for i in sorted(texts)]
-            with factory.begin() as s:
-                s.add_all(completion_rows(rid, inp, gen, r, user, choices, stream.prompt_tokens, latency))
-        except DB_ERRORS as exc:
-            log.error("could not log streamed completion %s: %s", rid, exc)
-            metrics.errors.labels("503").inc()
-            yield _sse(error_body("feedback store unavailable; this completion was not logged", "store_unavailable"))
-            return
-        except BackendError as exc:
-            metrics.errors.labels("502").inc()
-            yield _sse(error_body(str(exc), "backend_error"))
-            return
-        metrics.latency.labels(r.version.name, lang).observe(latency)
-        metrics.completions.labels(r.version.name, lang).inc(len(choices))
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -65,7 +66,7 @@ def ensure_model_registered(factory, model_dir: str, name: str, repo: str = ".")
 def serve(args) -> int:
     import uvicorn
 
-    from feedback.app import create_app
+    from feedback.app import APP_FACTORY, SERVE_CONFIG_ENV, create_app
     from feedback.db import StoreNotAtHead
 
     params, url = _setup(args)
@@ -84,12 +85,18 @@ def serve(args) -> int:
             name, _ = ensure_model_registered(factory, cfg.model_dir, Path(cfg.model_dir).name)
             say(f"[serve] registered {cfg.model_dir} as model version {name!r} (serving everyone)")
     try:
-        app = create_app(cfg, params=params)
+        app = create_app(cfg, params=params)  # built here once so a bad store or config fails now, clearly
     except StoreNotAtHead as exc:
         raise UserError(str(exc)) from None
-    say(f"[serve] http://{cfg.host}:{cfg.port}/v1 backend={cfg.backend} store={app.state.engine.url!r}")
+    workers = args.workers or 1
+    say(f"[serve] http://{cfg.host}:{cfg.port}/v1 backend={cfg.backend} engine={cfg.engine} workers={workers} "
+        f"store={app.state.engine.url!r}")
     say(f"[serve] console: http://{cfg.host}:{cfg.port}/console (sign in with a key from `ownllm feedback create-key`)")
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
+    del app
+    # Each worker process builds its own app from the same parameters (uvicorn needs an import string, not an
+    # app object, to start several), so N workers serve N times the store traffic.
+    os.environ[SERVE_CONFIG_ENV] = params.model_copy(update={"serve": cfg}).model_dump_json()
+    uvicorn.run(APP_FACTORY, factory=True, host=cfg.host, port=cfg.port, workers=workers, log_level="info")
     return 0
 
 

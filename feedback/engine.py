@@ -233,20 +233,38 @@ class CT2Backend(LocalBackend):
         return check
 
     def complete(self, req: GenRequest) -> Generation:
-        if self.needs_own_generator(req):
-            return super().complete(req)
-        ids = self.prompt_ids(req)
-        rows = self.submit_wait(self._job(req, ids, self._stop_check(req)))
-        return Generation([self._finish(r, req) for r in rows], len(ids))
+        fut = self.complete_future(req)
+        return super().complete(req) if fut is None else fut.result()
 
-    def submit_wait(self, job: Job) -> list[list[int]]:
-        fut = self.engine.submit(job)
-        try:
-            return fut.result()
-        except BackendError:
-            raise
-        except Exception as exc:
-            raise BackendError(f"generation failed: {exc}") from None
+    def complete_future(self, req: GenRequest) -> Future | None:
+        """A future of the :class:`Generation`, resolved by the batcher thread (an async caller awaits it
+        without holding a thread); None when the request needs the transformers path (seeded sampling)."""
+        if self.needs_own_generator(req):
+            return None
+        ids = self.prompt_ids(req)
+        job = self._job(req, ids, self._stop_check(req))
+        out: Future = Future()
+
+        def done(f: Future) -> None:
+            if out.done():  # the caller cancelled first
+                return
+            if f.cancelled():
+                out.cancel()
+            elif f.exception() is not None:
+                out.set_exception(f.exception())
+            else:
+                try:
+                    out.set_result(Generation([self._finish(r, req) for r in f.result()], len(ids)))
+                except Exception as exc:  # a decoding error is the request's, not the batcher's
+                    out.set_exception(BackendError(f"decoding the completion failed: {exc}"))
+
+        def cancel_job(f: Future) -> None:  # the caller gave up (client gone): drop the rows
+            if f.cancelled():
+                job.cancelled.set()
+
+        out.add_done_callback(cancel_job)
+        self.engine.submit(job).add_done_callback(done)
+        return out
 
     def stream(self, req: GenRequest) -> Stream:
         if self.needs_own_generator(req):

@@ -441,6 +441,9 @@ class ServeConfig(Section):
     quantization: Literal["float32", "int8"] = "float32"  # CTranslate2 compute type, applied at load
     batch_wait_ms: float = Field(5.0, ge=0, le=1000)  # requests arriving this close share a decoding batch
     max_batch: int = Field(32, ge=1)  # rows (prompts x n) per decoding batch
+    # Threads for generation without a batcher of its own (transformers, upstream HTTP) and for relaying
+    # streams; AnyIO's pool is left to the store queries, so health, metrics and feedback never wait.
+    max_concurrent_generations: int = Field(256, ge=1)
     max_prompt_chars: int = Field(32_000, ge=1)
     max_tokens_limit: int = Field(512, ge=1)
     max_n: int = Field(8, ge=1)

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from feedback import store
@@ -28,8 +29,9 @@ def test_ownllm_serve_process(tmp_path, tiny_model_dir):
     with session_factory(url).begin() as s:
         key = store.create_key(s, "erin")
     port = free_port()
-    proc = subprocess.Popen(cmd + ["--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env)
+    # --workers 2: uvicorn gets an app factory, so several processes serve (each its own app and engine).
+    proc = subprocess.Popen(cmd + ["--port", str(port), "--workers", "2"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
@@ -44,6 +46,9 @@ def test_ownllm_serve_process(tmp_path, tiny_model_dir):
         r = httpx.post(base + "/v1/completions", json={"model": "auto", "prompt": "import os\n", "max_tokens": 4},
                        headers={"Authorization": f"Bearer {key}"}, timeout=60)
         assert r.status_code == 200 and r.json()["model"] == tiny_model_dir.name
+        workers = {c.pid for c in psutil.Process(proc.pid).children(recursive=True)
+                   if "spawn_main" in " ".join(c.cmdline())}  # uvicorn's worker processes
+        assert httpx.get(base + "/healthz").json()["pid"] in workers and len(workers) >= 2
     finally:
         proc.terminate()
         proc.wait(30)
