@@ -39,8 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from feedback import continue_events, store, tabby
 from feedback.backends import (Backend, BackendError, BadGenerationRequest, Generation, GenRequest, LocalBackend,
-                               StreamDelta,
-                               UpstreamBackend)
+                               StreamDelta, UpstreamBackend)
 from feedback.db import check_at_head, current_revision, make_engine
 from feedback.models import Completion, FeedbackKind, ModelVersion, ServeStatus, User, utcnow
 from feedback.requests import CompletionInput
