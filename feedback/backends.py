@@ -401,14 +401,3 @@ class UpstreamBackend:
                         yield StreamDelta(i, c.get("text", ""), fin, counts[i] if fin else 0)
         except httpx.HTTPError as exc:
             raise BackendError(f"upstream {self.url} failed while streaming: {exc}") from None
-
-
-def make_backend(kind: str, model_dir: str, upstream_url: str | None = None, upstream_model: str | None = None,
-                 upstream_api_key: str | None = None) -> Backend:
-    if kind == "local":
-        return LocalBackend(model_dir)
-    if kind == "openai":
-        if not upstream_url:
-            raise BackendError("serve.backend is 'openai' but serve.upstream_url is not set")
-        return UpstreamBackend(upstream_url, upstream_model or Path(model_dir).name, upstream_api_key)
-    raise BackendError(f"unknown backend {kind!r} (expected local or openai)")

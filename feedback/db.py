@@ -8,9 +8,7 @@ need no ``alembic.ini`` and no particular working directory.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
@@ -76,13 +74,6 @@ def session_factory(url_or_engine: str | Engine) -> sessionmaker[Session]:
     """``sessionmaker`` bound to an engine for the URL; use as ``with factory.begin() as s: ...``."""
     engine = make_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
     return sessionmaker(engine, expire_on_commit=False)
-
-
-@contextmanager
-def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
-    """One transaction: commit on success, roll back on any error (nothing half-written)."""
-    with factory.begin() as session:
-        yield session
 
 
 # ---------------------------------------------------------------------------------------- migrations

@@ -36,7 +36,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from tqdm import tqdm
 
@@ -377,8 +377,3 @@ def python_job(program: str, limits: Limits | None = None, isolation: Isolation 
 
 def sandbox_from_config(cfg: SandboxConfig) -> Sandbox:
     return Sandbox(Limits.from_config(cfg), workers=cfg.workers, root=cfg.root)
-
-
-def run_all(programs: Iterable[str], sandbox: Sandbox, desc: str = "sandbox") -> list[Execution]:
-    """Convenience for Python programs (HumanEval)."""
-    return sandbox.map([python_job(p, isolation=sandbox.isolation) for p in programs], desc=desc)

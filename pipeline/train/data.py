@@ -203,14 +203,6 @@ class StepBatch:
     batch: dict[str, Any]
 
 
-def batches_per_epoch(params: Params) -> int:
-    ds = make_dataset(params, "train", params.train.global_batch_size)
-    try:
-        return ds.size // params.train.global_batch_size
-    finally:
-        release(ds)
-
-
 def batch_for_step(params: Params, step: int, tokenizer=None) -> StepBatch:
     """Rebuild the global batch that training step ``step`` (0-based) consumed, from params alone.
 
