@@ -8,7 +8,7 @@ Reads data/raw (running `ownllm data ingest` first when it is missing). Prints
 - near dedup on the corpus, text → clusters: ours (vectorised, all cores) vs datasketch ``MinHash`` +
   ``MinHashLSH`` (its documented usage: one ``MinHash`` per document, ``update_batch`` over the
   shingles, ``insert`` then ``query``), same shingles, ``num_perm``, threshold and seed, in the same run;
-- F1 (pairwise over clusters) of both on the labelled near-duplicate set of pipeline/data/dedup_eval.py.
+- F1 (pairwise over clusters) of both on the labelled near-duplicate set of benchmarks/dedup_labelled.py.
 
 Each baseline is run twice: with datasketch's default banding (its optimum for equal false positive and
 negative weights) and with our banding, so that the speed ratio is not a banding artefact.
@@ -28,11 +28,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.dedup_labelled import build_neardup_set, pairwise_scores  # noqa: E402
 from pipeline.config import DedupConfig, Params, load_params  # noqa: E402
 from pipeline.data import minhash  # noqa: E402
 from pipeline.data.dedup import compute_signatures, near_duplicates  # noqa: E402
 from pipeline.data.dedup_spec import SignatureSpec, banding  # noqa: E402
-from pipeline.data.dedup_eval import build_neardup_set, pairwise_scores  # noqa: E402
 from pipeline.data.records import read_docs  # noqa: E402
 
 

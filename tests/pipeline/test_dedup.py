@@ -12,7 +12,7 @@ import yaml
 from pipeline.config import DedupConfig, parse_params
 from pipeline.data import commands, dedup
 from pipeline.data.dedup_spec import banding
-from pipeline.data.dedup_eval import build_neardup_set, pairwise_scores
+from benchmarks.dedup_labelled import build_neardup_set, pairwise_scores
 from pipeline.data.records import CLEAN_SCHEMA, make_doc, read_docs, read_rejected, to_table, write_docs
 from tests.conftest import REPO, stdlib_files
 

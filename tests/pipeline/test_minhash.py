@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.data import minhash as mh
-from pipeline.data.dedup_eval import jaccard, shingle_set
+from benchmarks.dedup_labelled import jaccard, shingle_set
 from tests.conftest import STDLIB, stdlib_files
 
 A, B = mh.permutations(256, 1234)

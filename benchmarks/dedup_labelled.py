@@ -1,6 +1,7 @@
 """A labelled near-duplicate set built from real code, and how well a clustering recovers it.
 
-Shared by the tests (precision/recall floors) and benchmarks/bench_data.py (F1 next to datasketch).
+An evaluation harness, not a pipeline stage (so it lives beside the benchmarks, not in pipeline/data/): shared
+by the tests (precision/recall floors) and benchmarks/bench_data.py (F1 next to datasketch).
 Every originals is a real standard-library file; its variants are what near dedup exists to catch:
 
 - ``rename``: a few identifiers (functions, arguments, assigned names) renamed everywhere;
