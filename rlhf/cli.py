@@ -1,4 +1,4 @@
-"""`ownllm rlhf snapshot|sft|dpo|gate|register|refresh` and `ownllm lineage VERSION`."""
+"""`ownllm rlhf snapshot|sft|preference|gate|register|refresh` and `ownllm lineage VERSION`."""
 
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ def register(sub) -> None:
     add_params_arg(p)
     p.set_defaults(func=lazy("rlhf.commands:sft"))
 
-    p = cmds.add_parser("dpo", help="DPO (or KTO) on accepted vs rejected completions (TRL) → models/tuned/")
+    p = cmds.add_parser("preference", aliases=["dpo"],
+                        help="preference tuning (TRL): DPO on accepted vs rejected completions, KTO when pairs are "
+                             "few, a copy of the SFT model when there is no preference → models/tuned/")
     add_params_arg(p)
     p.set_defaults(func=lazy("rlhf.commands:dpo"))
 
@@ -37,7 +39,7 @@ def register(sub) -> None:
                    help="failed gate: exit 1 (default) or only record it (the DVC stage, so `dvc repro` completes)")
     p.set_defaults(func=lazy("rlhf.commands:register"))
 
-    p = cmds.add_parser("refresh", help="the periodic job: snapshot → sft → dpo → gate → register, if there is new feedback")
+    p = cmds.add_parser("refresh", help="the periodic job: snapshot → sft → preference → gate → register, if there is new feedback")
     add_params_arg(p)
     _db_arg(p)
     p.add_argument("--runner", choices=["dvc", "direct"], help="default: rlhf.refresh_runner in params")

@@ -46,7 +46,7 @@ def reproduce_commands(git_rev: str | None, exp_name: str | None) -> list[str]:
     if exp_name:
         cmds.append(f"dvc exp apply {exp_name}   # the refresh experiment: its params and dvc.lock")
     cmds += ["dvc checkout   # the snapshot data/feedback and the parent model, from the DVC cache",
-             "dvc repro --force --single-item sft dpo   # retrain from the snapshot: same weights"]
+             "dvc repro --force --single-item sft preference   # retrain from the snapshot: same weights"]
     return cmds
 
 

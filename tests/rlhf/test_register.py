@@ -62,7 +62,7 @@ def test_registered_version_lineage_reproduces_weights(tmp_path, tiny_model_dir)
     assert res.registered and _versions(url) == ["base", res.version]
     info = describe(url, res.version)
     assert info["parents"] == ["base"] and info["snapshot_hash"] == snap.content_hash
-    assert info["rollout"] == "staff" and "dvc repro --force --single-item sft dpo" in render(info)
+    assert info["rollout"] == "staff" and "dvc repro --force --single-item sft preference" in render(info)
     # Registering the same weights again is a no-op, not a second version.
     assert register_tuned(params, url).version == res.version and len(_versions(url)) == 2
 
