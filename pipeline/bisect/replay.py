@@ -207,8 +207,8 @@ def replay(params: Params, window: Window, load_path: Path | None, drop: set[str
         if rparams.train.num_threads:
             torch.set_num_threads(rparams.train.num_threads)
         device, precision = resolve_device(rparams)
-        trainer, tokenizer, skip = build_trainer(rparams, device, precision)
-        cb = _drop_callback_class()(window, set(drop), tokenizer.pad_token_id, skip)
+        trainer, tokenizer, callbacks = build_trainer(rparams, device, precision)
+        cb = _drop_callback_class()(window, set(drop), tokenizer.pad_token_id, callbacks.skip)
         trainer.state.callbacks.append(cb)
         trainer.fit()
         trainer.close()

@@ -5,8 +5,9 @@ callbacks → ``Trainer.fit()`` → final model and reports. Composer brings the
 checkpointing with autoresume and the monitors; our code adds the FIM collator (data.py), the per-step
 records (batchlog.py) and the loss-spike detector (spike.py).
 
-Run it under Composer's launcher for several processes (``composer -n 2 -m pipeline.train.launch``);
-the global batch stays ``train.global_batch_size`` whatever the process count.
+``ownllm train --nproc N`` re-runs itself under Composer's launcher (:func:`launch`:
+``composer -n N -m pipeline.train.trainer``); the global batch stays ``train.global_batch_size`` whatever the
+process count.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -87,17 +88,21 @@ def _check_shapes(params: Params) -> None:
                          f"{params.model.max_seq_len}: the model cannot attend over a whole sample")
 
 
-def build_trainer(params: Params, device: str, precision: str, extra_callbacks: list | None = None):
+class BuiltTrainer(NamedTuple):
+    trainer: Any  # composer.Trainer
+    tokenizer: Any
+    callbacks: Any  # pipeline.train.callbacks.TrainCallbacks: skip, recorder, spike, monitors by name
+
+
+def build_trainer(params: Params, device: str, precision: str, extra_callbacks: list | None = None) -> BuiltTrainer:
     from composer import Evaluator, Trainer
     from composer.algorithms import GradientClipping
-    from composer.callbacks import LRMonitor, MemoryMonitor, RuntimeEstimator, SpeedMonitor
     from composer.core import DataSpec
     from composer.optim import CosineAnnealingWithWarmupScheduler
     from composer.utils import dist
     from torch.utils.data import DataLoader
 
-    from pipeline.train.batchlog import SkipSteps, StepRecorder
-    from pipeline.train.spike import LossSpikeDetector
+    from pipeline.train.callbacks import build_callbacks
     from pipeline.tracking import wandb_mode
 
     t = params.train
@@ -128,38 +133,17 @@ def build_trainer(params: Params, device: str, precision: str, extra_callbacks: 
     evaluator = Evaluator(label="eval", dataloader=val_dl, metric_names=["LanguageCrossEntropy", "LanguagePerplexity"],
                           subset_num_batches=t.eval_batches)
 
-    skip = SkipSteps(t.skip_steps)
-    optimizer = _optimizer_class()(cmodel.parameters(), skip, lr=t.lr, betas=t.betas, eps=t.eps,
+    callbacks = build_callbacks(params, device, extra_callbacks)
+    optimizer = _optimizer_class()(cmodel.parameters(), callbacks.skip, lr=t.lr, betas=t.betas, eps=t.eps,
                                    weight_decay=t.weight_decay)
     scheduler = CosineAnnealingWithWarmupScheduler(t_warmup=t.warmup, alpha_f=t.lr_min_ratio)
 
-    out = Path(t.reports_dir)
-    callbacks = [skip, SpeedMonitor(window_size=t.log_every), LRMonitor(), RuntimeEstimator(),
-                 StepRecorder(out, skip), LossSpikeDetector(t.spike, out, skip)]
-    if device == "gpu":
-        callbacks.append(MemoryMonitor())
-    callbacks += extra_callbacks or []
     loggers = []
     mode = wandb_mode(params)
     if mode != "disabled":
-        import wandb
-        from composer.loggers import WandBLogger
+        from pipeline.train.wandb_logger import wandb_logger
 
-        # Composer 0.32's WandBLogger calls Run.get_url(), which wandb 0.31 removed (it is the `url`
-        # property now); restore the old spelling rather than pin an older wandb.
-        if not hasattr(wandb.sdk.wandb_run.Run, "get_url"):
-            wandb.sdk.wandb_run.Run.get_url = lambda run: run.url
-        class LocalCheckpointsWandBLogger(WandBLogger):
-            """Checkpoints stay in save_folder (log_artifacts is off): autoresume must not ask W&B for them,
-            which needs an API key even in offline mode."""
-
-            def download_file(self, *args, **kwargs):
-                raise NotImplementedError("checkpoints are not stored in W&B")
-
-        Path(params.tracking.wandb_dir).mkdir(parents=True, exist_ok=True)
-        loggers.append(LocalCheckpointsWandBLogger(project=params.tracking.project, name=t.run_name, init_kwargs={
-            "mode": mode, "dir": params.tracking.wandb_dir, "job_type": "train",
-            "config": params.model_dump(mode="json")}))
+        loggers.append(wandb_logger(params, mode))
 
     trainer = Trainer(
         model=cmodel,
@@ -170,7 +154,7 @@ def build_trainer(params: Params, device: str, precision: str, extra_callbacks: 
         optimizers=optimizer,
         schedulers=scheduler,
         algorithms=[GradientClipping(clipping_type="norm", clipping_threshold=t.grad_clip_norm)],
-        callbacks=callbacks,
+        callbacks=callbacks.ordered(),
         loggers=loggers,
         device=device,
         precision=precision,
@@ -189,12 +173,11 @@ def build_trainer(params: Params, device: str, precision: str, extra_callbacks: 
         console_log_interval=f"{t.log_every}ba",
         parallelism_config={"fsdp": t.fsdp} if t.fsdp else None,
     )
-    return trainer, tokenizer, skip
+    return BuiltTrainer(trainer, tokenizer, callbacks)
 
 
-def final_metrics(trainer) -> dict[str, float]:
+def final_metrics(trainer, recorder) -> dict[str, float]:
     """Validation loss and perplexity over the configured validation batches, with the final weights."""
-    recorder = next(c for c in trainer.state.callbacks if type(c).__name__ == "StepRecorder")
     if recorder.last_eval_step != int(trainer.state.timestamp.batch.value):  # not evaluated at the last step
         trainer.eval()
     metrics = trainer.state.eval_metrics["eval"]
@@ -239,14 +222,15 @@ def train(params: Params) -> dict[str, Any]:
         torch.set_num_threads(params.train.num_threads)
     device, precision = resolve_device(params)
     started = time.perf_counter()
-    trainer, tokenizer, skip = build_trainer(params, device, precision)
+    trainer, tokenizer, callbacks = build_trainer(params, device, precision)
+    skip, recorder = callbacks.skip, callbacks.recorder
     resumed_from = int(trainer.state.timestamp.batch.value)
     max_duration = trainer.state.max_duration
     if trainer.state.timestamp.get(max_duration.unit) < max_duration:
         trainer.fit()
     # else: autoresume found the run already complete; only the outputs are written again.
     fit_seconds = time.perf_counter() - started
-    final = final_metrics(trainer)
+    final = final_metrics(trainer, recorder)
     # Every rank takes part: streaming datasets synchronise their processes when they open.
     baseline = unigram_baseline(params, len(tokenizer))
     state = trainer.state
@@ -261,7 +245,6 @@ def train(params: Params) -> dict[str, Any]:
         curve = read_curve(params.train.reports_dir)
         trained = [float(r["train_loss"]) for r in curve if r["skipped"] == "0"]
         last = trained[-params.train.log_every:] or [float("nan")]
-        recorder = next(c for c in state.callbacks if type(c).__name__ == "StepRecorder")
         spikes = json.loads((Path(params.train.reports_dir) / "spikes.json").read_text())
         summary = {
             "steps": steps,
