@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from pipeline.cli import UserError
 from pipeline.config import Params, SimulateConfig, load_params
+from pipeline.eval.fim import normalise  # one rule for "the same line": FIM exact match and the simulated user
 from pipeline.fim_prompt import SPECIAL_TOKENS
 from pipeline.tracking import say, stage_run
 
@@ -46,10 +47,6 @@ class Cursor:
     prefix: str  # everything before the cursor line
     suffix: str  # everything after the cursor line (the line itself is what the user is about to type)
     truth: str  # the real text from the cursor to the end of the file
-
-
-def normalise(line: str) -> str:
-    return " ".join(line.split())
 
 
 def common_prefix(completion: str, truth: str) -> int:

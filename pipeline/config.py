@@ -24,7 +24,7 @@ class Section(BaseModel):
 
 
 # --------------------------------------------------------------------------------------------- data
-PLACEHOLDERS = {
+PATH_PLACEHOLDERS = {
     # The running interpreter's standard library: real Python code present on every machine.
     "stdlib": lambda: sysconfig.get_paths()["stdlib"],
 }
@@ -47,7 +47,7 @@ class SourceConfig(Section):
 
     def resolved_path(self) -> str:
         out = self.path
-        for key, fn in PLACEHOLDERS.items():
+        for key, fn in PATH_PLACEHOLDERS.items():
             out = out.replace("{" + key + "}", fn())
         return out
 

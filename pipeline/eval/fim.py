@@ -34,6 +34,7 @@ def heldout_docs(params: Params, columns: tuple[str, ...] = ("id", "lang", "path
 
 
 def normalise(line: str) -> str:
+    """A line as exact match compares it: whitespace runs collapsed (also the simulated user's rule)."""
     return " ".join(line.split())
 
 
