@@ -171,8 +171,21 @@ class BackendPool:
         self.lock = threading.Lock()  # guards the two dicts only, never held while loading
         self.loading: dict[str, threading.Lock] = {}
 
+    def upstream_of(self, version: ModelVersion):
+        """The version's own upstream (serve.upstreams), else the default one when backend is openai."""
+        from pipeline.config import UpstreamConfig
+
+        own = self.cfg.upstreams.get(version.name)
+        if own is not None:
+            return own
+        if self.cfg.backend == "openai":
+            if not self.cfg.upstream_url:
+                raise BackendError("serve.backend is 'openai' but serve.upstream_url is not set")
+            return UpstreamConfig(url=self.cfg.upstream_url, fim=self.cfg.upstream_fim)
+        return None
+
     def get(self, version: ModelVersion) -> Backend:
-        key = version.path if self.cfg.backend == "local" else version.name
+        key = version.path if self.upstream_of(version) is None else f"upstream:{version.name}"
         backend = self.cache.get(key)
         if backend is not None:
             return backend
@@ -185,6 +198,10 @@ class BackendPool:
 
     def create(self, version: ModelVersion) -> Backend:
         cfg = self.cfg
+        up = self.upstream_of(version)
+        if up is not None:
+            key = os.environ.get(up.api_key_env or cfg.upstream_api_key_env)
+            return UpstreamBackend(up.url, up.model or version.name, key, fim=up.fim)
         if cfg.backend == "local":
             from feedback.engine import CT2Backend, has_ct2
 
@@ -195,9 +212,7 @@ class BackendPool:
                 log.warning("model version %s has no CTranslate2 conversion in %s/ct2: serving it with "
                             "transformers", version.name, version.path)
             return LocalBackend(version.path, device=cfg.device, num_threads=cfg.num_threads)
-        if not cfg.upstream_url:
-            raise BackendError("serve.backend is 'openai' but serve.upstream_url is not set")
-        return UpstreamBackend(cfg.upstream_url, version.name, os.environ.get(cfg.upstream_api_key_env))
+        raise BackendError(f"unknown serve.backend {cfg.backend!r}")
 
 
 # --------------------------------------------------------------------------------------------- body limit

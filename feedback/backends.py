@@ -16,7 +16,7 @@ from typing import Iterator, Protocol
 
 # Serving, evaluation and tuning build the very same prompts: the one builder in pipeline/fim_prompt.py.
 from pipeline.fim_prompt import (EOS, FIM_MIDDLE, FIM_PAD, FIM_PREFIX, FIM_SUFFIX, FimPromptBuilder, NoFimTokens,
-                                 PromptTooLong)
+                                 PromptTooLong, fim_text)
 
 
 class BackendError(RuntimeError):
@@ -328,22 +328,43 @@ class LocalBackend:
 
 
 # ------------------------------------------------------------------------------------------- upstream
-class UpstreamBackend:
-    """Forwards to an OpenAI-compatible ``/v1/completions`` (vLLM, TGI, Triton, or another ownllm gateway)."""
+FIM_MODES = ("template", "suffix")
 
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout_s: float = 60.0):
+
+class UpstreamBackend:
+    """Forwards to an OpenAI-compatible ``/v1/completions`` (vLLM, TGI, Triton, or another ownllm gateway).
+
+    ``fim`` says how a suffix reaches the server. ``template`` (the default): the gateway builds the prompt
+    itself with the one builder (:func:`pipeline.fim_prompt.fim_text`, the model's own FIM tokens; a plain
+    prompt starts after ``<|endoftext|>`` as in training) and sends it as a plain ``prompt``, the way Tabby's
+    ``prompt_template`` does, because vLLM rejects ``suffix`` (400, "suffix is not currently supported") and
+    TGI ignores it. ``suffix``: OpenAI's ``suffix`` field is forwarded, for servers that build FIM prompts
+    themselves (another ownllm gateway; llama.cpp's infill).
+    """
+
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout_s: float = 60.0,
+                 fim: str = "template"):
         import httpx
 
+        if fim not in FIM_MODES:
+            raise BackendError(f"upstream fim mode {fim!r} is not one of {', '.join(FIM_MODES)}")
         self.name = model
         self.model = model
+        self.fim = fim
         self.url = base_url.rstrip("/") + "/completions"
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.Client(timeout=timeout_s, headers=headers)
 
+    def prompt(self, req: GenRequest) -> str:
+        """The ``prompt`` sent upstream: in ``template`` mode the full FIM (or plain) layout as text."""
+        if self.fim == "suffix":
+            return req.prompt
+        return fim_text(req.prompt, req.suffix) if req.suffix else EOS + req.prompt
+
     def _body(self, req: GenRequest, stream: bool) -> dict:
-        body = {"model": self.model, "prompt": req.prompt, "max_tokens": req.max_tokens,
+        body = {"model": self.model, "prompt": self.prompt(req), "max_tokens": req.max_tokens,
                 "temperature": req.temperature, "top_p": req.top_p, "n": req.n, "stream": stream}
-        if req.suffix:
+        if req.suffix and self.fim == "suffix":
             body["suffix"] = req.suffix
         if req.stop:
             body["stop"] = list(req.stop)

@@ -424,6 +424,17 @@ class EvalConfig(Section):
 
 
 # --------------------------------------------------------------------------- serving and feedback
+class UpstreamConfig(Section):
+    """One model version's own upstream server (an A/B test can compare two vLLM deployments)."""
+
+    url: str  # OpenAI-compatible base URL, e.g. http://vllm-tuned:8000/v1
+    # template: the gateway sends the FIM prompt as plain `prompt` (vLLM rejects `suffix`); suffix: forwards
+    # OpenAI's `suffix` (servers that build FIM prompts themselves, e.g. another ownllm gateway).
+    fim: Literal["template", "suffix"] = "template"
+    model: str | None = None  # the name the upstream serves it under (default: the version's name)
+    api_key_env: str | None = None  # env var with its key (default: serve.upstream_api_key_env)
+
+
 class ServeConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -433,6 +444,9 @@ class ServeConfig(Section):
     model_dir: str = "models/base"
     upstream_url: str | None = None  # e.g. http://vllm:8000/v1
     upstream_api_key_env: str = "OWNLLM_UPSTREAM_API_KEY"  # name of the env var holding the upstream key
+    upstream_fim: Literal["template", "suffix"] = "template"  # how a suffix reaches upstream_url (UpstreamConfig.fim)
+    # Per model version (by name): its own upstream, whatever `backend` says; others use the default.
+    upstreams: dict[str, UpstreamConfig] = {}
     device: str = "cpu"
     num_threads: int | None = Field(None, ge=1)  # torch threads of the local backend; None = torch default
     # The in-process engine for a version whose directory has the CTranslate2 conversion (<dir>/ct2/, written

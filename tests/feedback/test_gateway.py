@@ -198,6 +198,7 @@ def test_upstream_backend_forwards_to_an_openai_compatible_server(gateway, tmp_p
         key = store.create_key(s, "dave")
     monkeypatch.setenv("OWNLLM_TEST_UPSTREAM_KEY", gateway.keys["bob"])
     front = create_app(ServeConfig(db_url=url, backend="openai", upstream_url=gateway.url + "/v1",
+                                   upstream_fim="suffix",  # an ownllm gateway builds FIM prompts itself
                                    upstream_api_key_env="OWNLLM_TEST_UPSTREAM_KEY"))
     body = {"model": "auto", "prompt": "import re\n", "suffix": "\nprint(1)\n", "max_tokens": 6, "temperature": 0}
     direct = post(gateway, "bob", "/v1/completions", body).json()
