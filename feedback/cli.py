@@ -37,6 +37,9 @@ def register(sub) -> None:
     _db_arg(p)
     p.add_argument("--user", required=True, metavar="NAME")
     p.add_argument("--staff", action="store_true", help="staff users get `staff` model versions first")
+    p.add_argument("--store-code", choices=["yes", "no"],
+                   help="no: keep counts, ids and hashes of this user's completions but no code text (like "
+                        "Continue's noCode level); default: unchanged (new users: yes)")
     p.set_defaults(func=lazy("feedback.commands:create_key"))
 
     p = cmds.add_parser("import-bounties", help="add bounties from a JSONL file (title, instruction, language, solution)")

@@ -114,11 +114,14 @@ def create_key(args) -> int:
     from feedback import store
 
     _, url = _setup(args)
+    store_code = getattr(args, "store_code", None)
     with _factory(url).begin() as s:
         key = store.create_key(s, args.user, staff=True if args.staff else None)
+        if store_code is not None:
+            store.get_or_create_user(s, args.user).store_code = store_code == "yes"
     print(key)  # the only time the key is ever shown: only its hash is stored
-    say(f"[feedback create-key] key for {args.user!r}{' (staff)' if args.staff else ''}; store it now, "
-        f"it cannot be shown again")
+    say(f"[feedback create-key] key for {args.user!r}{' (staff)' if args.staff else ''}"
+        f"{' (no code text stored)' if store_code == 'no' else ''}; store it now, it cannot be shown again")
     return 0
 
 
