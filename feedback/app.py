@@ -37,7 +37,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from feedback import continue_events, store, tabby
+from feedback import continue_events, kept, store, tabby
 from feedback.backends import (Backend, BackendError, BadGenerationRequest, Generation, GenRequest, LocalBackend,
                                StreamDelta, UpstreamBackend)
 from feedback.db import check_at_head, current_revision, make_engine
@@ -96,6 +96,8 @@ class CompletionRequest(BaseModel):
     echo: bool = False
     # Not in the OpenAI schema: the editor's language of the file, for acceptance-by-language analytics.
     language: str | None = Field(None, min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_+#.-]+$")
+    # Nor this: the file's path, as Tabby's segments.filepath (kept_text is derived per user and file).
+    filepath: str | None = Field(None, min_length=1, max_length=1024)
 
 
 REQUEST_SHAPES = ("openai", "tabby")
@@ -334,6 +336,8 @@ def create_app(cfg: ServeConfig, backends: BackendPool | None = None, check_sche
         if isinstance(body, tabby.TabbyCompletionRequest):  # sync (it settles kept text too): the service's pool
             return await asyncio.wrap_future(service.generate_pool.submit(tabby.complete, request, body, user))
         inp = openai_input(body, cfg)
+        if inp.filepath:  # feedback/kept.py: what the user kept at earlier cursors of this file, derived
+            await run_in_threadpool(kept.settle_from_request, app.state, inp, user)
         if inp.stream:
             return await service.astream(inp, user)
         out = await service.acomplete(inp, user)
@@ -400,8 +404,8 @@ def openai_input(body: CompletionRequest, cfg: ServeConfig) -> CompletionInput:
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     return CompletionInput(prefix=prompt, suffix=body.suffix or None, model=body.model,
                            language=body.language or "unknown", client="openai", end_user=body.user,
-                           max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, n=body.n,
-                           stop=tuple(stops), seed=body.seed, stream=body.stream)
+                           filepath=body.filepath, max_tokens=body.max_tokens, temperature=body.temperature,
+                           top_p=body.top_p, n=body.n, stop=tuple(stops), seed=body.seed, stream=body.stream)
 
 
 def gen_request(inp: CompletionInput, cfg: ServeConfig) -> GenRequest:

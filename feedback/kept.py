@@ -33,7 +33,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from feedback.models import Completion, User
+from feedback.models import Completion, User, utcnow
 
 ANCHOR_CHARS = 200
 
@@ -113,3 +113,13 @@ def derive_from_request(s: Session, user: User, filepath: str | None, prefix: st
         row.kept_text, row.kept_source, row.kept_at = kept, "derived", now
         changed += 1
     return changed
+
+
+def settle_from_request(app_state, inp, user: User) -> int:
+    """Before serving a request that names its file (Tabby's ``segments.filepath``, the OpenAI shape's
+    ``filepath`` extension), let its prefix settle what the user kept at their earlier cursors in that file."""
+    if not inp.filepath:
+        return 0
+    with app_state.factory.begin() as s:
+        me = s.get(User, user.id)
+        return derive_from_request(s, me, inp.filepath, inp.prefix, utcnow(), app_state.feedback_cfg.derive_window_s)

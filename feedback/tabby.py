@@ -132,16 +132,11 @@ def tabby_input(body: TabbyCompletionRequest, cfg) -> CompletionInput:
 
 
 def complete(request: Request, body: TabbyCompletionRequest, user: User) -> dict:
-    """Serve a Tabby-shaped request; then let it settle what the user kept at their earlier cursors."""
+    """Serve a Tabby-shaped request (which first settles what the user kept at earlier cursors of the file)."""
     app = request.app
-    cfg = app.state.feedback_cfg
-    inp = tabby_input(body, cfg)
+    inp = tabby_input(body, app.state.feedback_cfg)
+    kept.settle_from_request(app.state, inp, user)
     out = app.state.service.complete(inp, user)
-    if inp.filepath:
-        with app.state.factory.begin() as s:
-            me = s.get(User, user.id)
-            kept.derive_from_request(s, me, inp.filepath, inp.prefix, utcnow(), cfg.derive_window_s,
-                                     exclude_request_id=out["id"])
     return {"id": out["id"], "choices": [{"index": c["index"], "text": c["text"]} for c in out["choices"]]}
 
 

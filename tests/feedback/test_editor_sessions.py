@@ -105,3 +105,20 @@ def test_a_file_reopened_outside_the_window_derives_nothing(gateway):
         row.created_at -= timedelta(hours=3)
     request(gateway, "alice", HEAD + "return math.pi * r * r\n    ", TAIL, filepath="geo/reopen.py")
     assert kept(gateway, first["id"]) == (None, None)
+
+
+def test_openai_shape_with_a_filepath_derives_too(gateway):
+    def openai(prefix):
+        r = httpx.post(gateway.url + "/v1/completions", headers=gateway.headers("alice"), timeout=60,
+                       json={"model": "auto", "prompt": prefix, "suffix": TAIL, "max_tokens": 8, "temperature": 0,
+                             "n": 2, "filepath": "geo/openai.py", "language": "python"})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    first = openai(HEAD)
+    openai(HEAD + "return math.pi * r * r\n    ")
+    with gateway.factory() as s:
+        rows = s.scalars(select(Completion).where(Completion.request_id == first["id"])).all()
+        assert [(r.choice_index, r.kept_text, r.kept_source) for r in rows] == [
+            (0, "return math.pi * r * r", "derived"), (1, "return math.pi * r * r", "derived")]
+        assert rows[0].filepath == "geo/openai.py" and rows[0].client == "openai"
