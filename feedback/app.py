@@ -333,8 +333,8 @@ def create_app(cfg: ServeConfig, backends: BackendPool | None = None, check_sche
 
     @app.post("/v1/completions", response_model=None)
     async def completions(request: Request, body: AnyCompletionRequest, user: UserDep) -> dict | StreamingResponse:
-        if isinstance(body, tabby.TabbyCompletionRequest):  # sync (it settles kept text too): the service's pool
-            return await asyncio.wrap_future(service.generate_pool.submit(tabby.complete, request, body, user))
+        if isinstance(body, tabby.TabbyCompletionRequest):
+            return await tabby.complete(request, body, user)
         inp = openai_input(body, cfg)
         if inp.filepath:  # feedback/kept.py: what the user kept at earlier cursors of this file, derived
             await run_in_threadpool(kept.settle_from_request, app.state, inp, user)

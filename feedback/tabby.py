@@ -30,6 +30,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
 
 from feedback import kept, store
 from feedback.models import Completion, FeedbackEvent, FeedbackKind, User, utcnow
@@ -131,12 +132,13 @@ def tabby_input(body: TabbyCompletionRequest, cfg) -> CompletionInput:
                            seed=cfg.tabby_seed if body.seed is None else body.seed)
 
 
-def complete(request: Request, body: TabbyCompletionRequest, user: User) -> dict:
+async def complete(request: Request, body: TabbyCompletionRequest, user: User) -> dict:
     """Serve a Tabby-shaped request (which first settles what the user kept at earlier cursors of the file)."""
     app = request.app
     inp = tabby_input(body, app.state.feedback_cfg)
-    kept.settle_from_request(app.state, inp, user)
-    out = app.state.service.complete(inp, user)
+    if inp.filepath:
+        await run_in_threadpool(kept.settle_from_request, app.state, inp, user)
+    out = await app.state.service.acomplete(inp, user)
     return {"id": out["id"], "choices": [{"index": c["index"], "text": c["text"]} for c in out["choices"]]}
 
 
