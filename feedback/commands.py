@@ -259,13 +259,14 @@ def models_promote(args) -> int:
 
     _, url = _setup(args)
     _target(args.to)
+    import getpass
+
     with _factory(url).begin() as s:
-        try:
-            mv = store.promote(s, args.version, args.to)
+        try:  # the audit row names the operating-system user: the CLI has no API key
+            before, after = store.promote_audited(s, args.version, args.to, None, "cli", os_user=getpass.getuser())
         except store.StoreError as exc:
             raise UserError(str(exc)) from None
-        state = mv.rollout_state.value
-    say(f"[models promote] {args.version} → {state}{':' + args.to[3:] if state == 'ab' else ''}")
+    say(f"[models promote] {args.version} {before} → {after}")
     return 0
 
 

@@ -15,8 +15,8 @@ from typing import Any, Iterable
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from feedback.models import (ApiKey, Bounty, Completion, Experiment, ExperimentArm, ExperimentStatus, FeedbackEvent,
-                             FeedbackKind, ModelVersion, RolloutState, User, utcnow)
+from feedback.models import (ApiKey, AuditEvent, Bounty, Completion, Experiment, ExperimentArm, ExperimentStatus,
+                             FeedbackEvent, FeedbackKind, ModelVersion, RolloutState, User, utcnow)
 
 KEY_PREFIX = "ollm-"
 
@@ -179,6 +179,23 @@ def running_experiment(s: Session) -> Experiment | None:
 
 def list_versions(s: Session) -> list[ModelVersion]:
     return list(s.scalars(select(ModelVersion).order_by(ModelVersion.id)))
+
+
+def rollout_label(v: ModelVersion) -> str:
+    """``staff`` | ``ab:PCT`` | ``all`` | ``retired``: a version's state in the syntax of a rollout target."""
+    if v.rollout_state == RolloutState.ab and v.ab_percent is not None:
+        return f"ab:{v.ab_percent:g}"
+    return v.rollout_state.value
+
+
+def promote_audited(s: Session, name: str, target: str, user: User | None, via: str, **detail: Any) -> tuple[str, str]:
+    """:func:`promote` plus an audit row (who, what, from → to, through which tool); returns (before, after)."""
+    before = rollout_label(get_version(s, name))
+    after = rollout_label(promote(s, name, target))
+    s.add(AuditEvent(user_id=user.id if user else None, action="retire" if target == "retired" else "promote",
+                     target=name, detail={"from": before, "to": after, "via": via, **detail}, created_at=utcnow()))
+    s.flush()
+    return before, after
 
 
 # --------------------------------------------------------------------------------------------- feedback

@@ -100,3 +100,11 @@ def loop_rounds(loop: dict) -> list[dict]:
     if isinstance(rounds, list):
         return [r for r in rounds if isinstance(r, dict)]
     return [loop]
+
+
+def rounds_chart(rounds: list[dict]) -> dict:
+    """Each metric's tuned value per round (None where a round lacks it), for the Loop page's chart."""
+    names = sorted({m for r in rounds for m in (r.get("metrics") or {})})
+    series = [{"label": m, "values": [((r.get("metrics") or {}).get(m) or {}).get("tuned") for r in rounds]}
+              for m in names]
+    return {"x": list(range(1, len(rounds) + 1)), "series": series}

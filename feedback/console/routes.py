@@ -55,7 +55,16 @@ def _fmt_num(v, digits: int = 3) -> str:
     return str(v)
 
 
+def _percentiles(dist: dict) -> list[tuple[str, str]]:
+    """A stats.json distribution ({p50, p90, p99, max}, keys sorted by the writer) as p-order then max,
+    values over 100 without decimals (bytes, lengths) and fractions with two."""
+    keys = sorted((k for k in dist if k.startswith("p")), key=lambda k: float(k[1:])) + \
+        [k for k in dist if not k.startswith("p")]
+    return [(k, f"{dist[k]:,.0f}" if abs(dist[k]) >= 100 else f"{dist[k]:.2f}") for k in keys]
+
+
 templates.env.filters["rate"] = _fmt_rate
+templates.env.filters["percentiles"] = _percentiles
 templates.env.filters["num"] = _fmt_num
 templates.env.filters["short"] = lambda v, n=12: "–" if not v else str(v)[:n]
 
@@ -66,10 +75,11 @@ def _page(request: Request, template: str, v: Viewer | None, page: str, status: 
 
 
 def build_router(params=None) -> APIRouter:
-    from pipeline.config import FeedbackConfig
+    from pipeline.config import FeedbackConfig, StatsConfig
 
     paths = reports.ReportPaths.from_params(params)
     fb = params.feedback if params else FeedbackConfig()
+    funnel_order = list((params.data.stats if params else StatsConfig()).funnel)  # raw → clean → dedup
     router = APIRouter(prefix=PREFIX, include_in_schema=False)
 
     # ---------------------------------------------------------------------------------------- sign in/out
@@ -119,7 +129,7 @@ def build_router(params=None) -> APIRouter:
         target = _target(to, pct)
         with request.app.state.factory() as s:
             mv = _version(s, name)
-            current = views.state_label(mv)
+            current = store.rollout_label(mv)
             control = store.current_all(s)
         return _page(request, "confirm.html", v, "versions", name=name, current=current, target=target,
                      control=control.name if control else None)
@@ -134,16 +144,11 @@ def build_router(params=None) -> APIRouter:
         if confirm != "yes":
             raise ConsoleError(400, "confirm: the rollout form must be confirmed (confirm=yes)")
         with request.app.state.factory.begin() as s:
-            mv = _version(s, name)
-            before = views.state_label(mv)
+            _version(s, name)
             try:
-                mv = store.promote(s, name, target)
+                before, after = store.promote_audited(s, name, target, v.user, "console")
             except store.StoreError as exc:
                 raise ConsoleError(400, str(exc)) from None
-            after = views.state_label(mv)
-            s.add(AuditEvent(user_id=v.user.id, action="retire" if target == "retired" else "promote",
-                             target=name, detail={"from": before, "to": after, "via": "console"},
-                             created_at=utcnow()))
         return RedirectResponse(f"{PREFIX}/versions?done={quote(f'{name}: {before} → {after}')}", status_code=303)
 
     @router.get("/ab")
@@ -158,7 +163,8 @@ def build_router(params=None) -> APIRouter:
     def loop(request: Request, v: ViewerDep) -> HTMLResponse:
         loaded = reports.load_json(paths.loop)
         rounds = reports.loop_rounds(loaded.data) if isinstance(loaded.data, dict) else []
-        return _page(request, "loop.html", v, "loop", loaded=loaded, rounds=rounds)
+        return _page(request, "loop.html", v, "loop", loaded=loaded, rounds=rounds,
+                     chart=reports.rounds_chart(rounds) if len(rounds) > 1 else None)
 
     @router.get("/training")
     def training(request: Request, v: ViewerDep) -> HTMLResponse:
@@ -184,7 +190,13 @@ def build_router(params=None) -> APIRouter:
 
     @router.get("/data")
     def data(request: Request, v: ViewerDep) -> HTMLResponse:
-        return _page(request, "data.html", v, "data", loaded=reports.load_json(paths.data_stats))
+        loaded = reports.load_json(paths.data_stats)
+        funnel = (loaded.data or {}).get("funnel") or {} if isinstance(loaded.data, dict) else {}
+        # Params order (raw → clean → dedup), then by size: each stage only removes documents, and a params
+        # file written by a YAML dumper that sorts keys must not reorder the funnel.
+        stages = [st for st in funnel_order if st in funnel] + [st for st in funnel if st not in funnel_order]
+        stages.sort(key=lambda st: -int((funnel[st] or {}).get("documents") or 0))
+        return _page(request, "data.html", v, "data", loaded=loaded, funnel_stages=stages)
 
     return router
 

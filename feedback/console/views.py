@@ -24,18 +24,11 @@ def day_start(t: datetime) -> datetime:
     return t.replace(hour=0, minute=0, second=0, microsecond=0)
 
 
-def state_label(v: ModelVersion) -> str:
-    """``staff`` | ``ab:PCT`` | ``all`` | ``retired``: the rollout target syntax of `ownllm models promote`."""
-    if v.rollout_state == RolloutState.ab and v.ab_percent is not None:
-        return f"ab:{v.ab_percent:g}"
-    return v.rollout_state.value
-
-
 def deployed(s: Session) -> dict[str, list[str]]:
     """Version names per rollout state, in the order staff → ab → all → retired."""
     out: dict[str, list[str]] = {st.value: [] for st in RolloutState}
     for v in store.list_versions(s):
-        label = f"{v.name} ({state_label(v)})" if v.rollout_state == RolloutState.ab else v.name
+        label = f"{v.name} ({store.rollout_label(v)})" if v.rollout_state == RolloutState.ab else v.name
         out[v.rollout_state.value].append(label)
     return out
 
@@ -68,7 +61,7 @@ def versions(s: Session) -> list[dict[str, Any]]:
     for v in store.list_versions(s):
         ev = v.eval_results or {}
         gate = ev.get("gate") if isinstance(ev.get("gate"), dict) else None
-        rows.append({"name": v.name, "state": state_label(v), "rollout_state": v.rollout_state.value,
+        rows.append({"name": v.name, "state": store.rollout_label(v), "rollout_state": v.rollout_state.value,
                      "parent": v.parent.name if v.parent else None, "git_rev": v.git_rev,
                      "dvc_lock_hash": v.dvc_lock_hash, "snapshot_hash": v.snapshot_hash, "model_hash": v.model_hash,
                      "path": v.path, "created_at": v.created_at, "promoted_at": v.promoted_at, "gate": gate,

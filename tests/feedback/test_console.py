@@ -137,6 +137,7 @@ def test_every_page_shows_the_stores_and_the_reports_numbers(browser, console, w
         page.goto(console + "/console/data")
         assert page.locator('#funnel tr[data-stage="dedup"] td.documents').inner_text() == \
             f"{stats['funnel']['dedup']['documents']:,}"
+        assert page.locator("#funnel tbody tr").count() == len(stats["funnel"])
         for lang, row in stats["by_lang"].items():
             assert page.locator(f'#by-lang tr[data-language="{lang}"] td.documents').inner_text() == f"{row['documents']:,}"
         assert errors == []
@@ -249,6 +250,16 @@ def test_every_page_works_with_an_empty_store_and_no_reports(browser, tmp_path):
             for path, text in expected.items():
                 resp = page.goto(url + path)
                 assert resp.status == 200 and text in page.inner_text("main"), path
+            # A loop report with several refresh rounds: a section per round and a chart across them.
+            metric = {"base": 0.1, "delta": 0.05, "tolerance": 0.05, "ok": True}
+            rounds = [{"round": i, "gate_passed": True, "parent": f"v{i}", "snapshot": {"sft": 10 * i},
+                       "metrics": {"heldout.acceptance": {**metric, "tuned": 0.1 + 0.05 * i}}} for i in (1, 2, 3)]
+            (tmp_path / "r").mkdir(exist_ok=True)
+            (tmp_path / "r" / "loop.json").write_text(json.dumps({"rounds": rounds}))
+            page.goto(url + "/console/loop")
+            assert page.locator("section.round").count() == 3
+            assert page.locator('#round-3 tr[data-metric="heldout.acceptance"] td').nth(2).inner_text() == "0.250"
+            assert page.locator("#rounds-chart canvas").count() >= 1
             assert errors == []
         finally:
             ctx.close()

@@ -154,4 +154,10 @@ def test_cli_keys_bounties_models_purge(tmp_path, capsys):
     assert rows["v1"]["state"] == "all" and rows["v2"]["state"] == "ab:10" and rows["v2"]["parent"] == "v1"
     assert rows["v1"]["model_hash"]
     assert ownllm(["models", "retire", "v2", "--db-url", url]) == 0
+    with session_factory(url)() as s:  # every rollout change is in the audit trail, as the console's are
+        from feedback.models import AuditEvent
+
+        audit = [(a.action, a.target, a.detail["from"], a.detail["to"], a.detail["via"], a.user_id)
+                 for a in s.scalars(select(AuditEvent).order_by(AuditEvent.id))]
+    assert audit == [("promote", "v2", "staff", "ab:10", "cli", None), ("retire", "v2", "ab:10", "retired", "cli", None)]
     assert ownllm(["feedback", "purge", "--days", "0", "--db-url", url]) == 0

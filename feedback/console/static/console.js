@@ -45,6 +45,18 @@
               [steps, get(train), get(val)], el);
   }
 
+  function roundsChart() {
+    var d = json("rounds-data"), el = document.getElementById("rounds-chart");
+    if (!d || !el) return;
+    var series = [{ label: "round" }].concat(d.series.map(function (s, k) {
+      return { label: s.label, stroke: COLORS[k % COLORS.length], width: 2, spanGaps: true, points: { show: true, size: 6 } };
+    }));
+    new uPlot({ width: Math.min(900, el.parentNode.clientWidth - 30), height: 260, series: series,
+                scales: { x: { time: false } }, axes: [{ label: "round", incrs: [1] }, { size: 50 }] },
+              [d.x].concat(d.series.map(function (s) { return s.values; })), el);
+  }
+
   dailyCharts();
   lossChart();
+  roundsChart();
 })();
