@@ -44,8 +44,7 @@ lock:
 # The copy is committed, so `pip install` and `ownllm serve` need neither Node nor the network; run this
 # after changing uPlot's version in package.json (tests check the copy is the locked version).
 CONSOLE_VENDOR := feedback/console/static/vendor
-console-assets:
-	npm ci --ignore-scripts --no-audit --no-fund
+console-assets: $(NODE_STAMP)
 	cp node_modules/uplot/dist/uPlot.iife.min.js node_modules/uplot/dist/uPlot.min.css $(CONSOLE_VENDOR)/
 	cp node_modules/uplot/LICENSE $(CONSOLE_VENDOR)/uPlot.LICENSE
 
