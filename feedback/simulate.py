@@ -260,7 +260,10 @@ def _check(r, what: str) -> None:
 
 
 def main(args) -> int:
+    from pipeline import numerics
+
     params = load_params(args.params)
+    numerics.apply(params.numerics)  # the simulated users' completions come from the model
     db_url = args.db_url or params.serve.db_url
     with stage_run(STAGE, params) as run:
         summary = simulate(params, db_url)

@@ -15,6 +15,10 @@ from importlib.metadata import entry_points
 from typing import Callable
 
 DEFAULT_PARAMS = "params.yaml"
+# Commands that run a model: their floating point is pinned by params `numerics` before torch loads
+# (pipeline/numerics.py). Matched against the leading words of the command line; `serve` stays native.
+NUMERICS_COMMANDS = {("train",), ("export",), ("eval",), ("bisect",), ("rlhf", "sft"), ("rlhf", "dpo"),
+                     ("rlhf", "gate"), ("rlhf", "refresh"), ("feedback", "simulate"), ("repro", "probe")}
 
 
 def add_params_arg(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.config import ParamsError
 
     try:
+        pin_numerics(args, sys.argv[1:] if argv is None else list(argv), reexec=argv is None)
         return int(args.func(args) or 0)
     except ParamsError as exc:
         print(f"ownllm: {exc}", file=sys.stderr)
@@ -67,6 +72,24 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"ownllm: error: {exc}", file=sys.stderr)
         return 2
+
+
+def pin_numerics(args: argparse.Namespace, words: list[str], reexec: bool) -> None:
+    """Set params `numerics` in the environment before the command imports torch (see pipeline/numerics.py).
+
+    ``reexec``: this is the console script, so when torch is already loaded it re-executes itself with the
+    variables set; an in-process caller (a test, a library user) gets a warning instead.
+    """
+    leading = tuple(w for w in words[:2] if not w.startswith("-"))
+    if not any(leading[:len(c)] == c for c in NUMERICS_COMMANDS) or not getattr(args, "params", None):
+        return
+    from pipeline import numerics
+    from pipeline.config import load_params
+
+    try:
+        numerics.pin_environment(load_params(args.params).numerics, words if reexec else None)
+    except numerics.NumericsError as exc:
+        raise UserError(str(exc)) from None
 
 
 class UserError(Exception):

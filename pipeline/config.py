@@ -549,6 +549,56 @@ class BisectConfig(Section):
     min_candidates: int = Field(1, ge=1)
 
 
+# -------------------------------------------------------------------------------------- numerics
+# Pinned values of portable mode (pipeline/numerics.py; measured in docs/BENCHMARKS.md). "default" is ATen's
+# baseline x86-64 dispatch and COMPATIBLE MKL's SSE2 branch: the only branch MKL runs alike on Intel and AMD.
+PORTABLE_NUMERICS = {"cpu_capability": "default", "mkl_cbwr": "COMPATIBLE", "intra_op_threads": 2,
+                     "inter_op_threads": 1, "onednn": False, "flush_denormal": False, "compile": False}
+
+
+class NumericsConfig(Section):
+    """Floating-point pins for the stages that run a model (train, export, eval, bisect, tuning, simulate).
+
+    portable: the knobs below default to PORTABLE_NUMERICS, so training is bit-identical on any x86-64 CPU.
+    native: unset knobs are left to the libraries (fastest on this CPU; bit-identical only on the same kind).
+    """
+
+    mode: Literal["portable", "native"] = "native"
+    cpu_capability: Literal["default", "avx2", "avx512"] | None = None  # ATEN_CPU_CAPABILITY
+    mkl_cbwr: str | None = Field(None, pattern=r"^(AUTO|COMPATIBLE|SSE2|SSE4_2|AVX|AVX2|AVX512|AVX512_E1)(,STRICT)?$")
+    intra_op_threads: int | None = Field(None, ge=1)  # torch / OpenMP / MKL threads (a stage's own num_threads wins)
+    inter_op_threads: int | None = Field(None, ge=1)
+    onednn: bool | None = None  # torch.backends.mkldnn.enabled
+    flush_denormal: bool | None = None  # torch.set_flush_denormal
+    compile: bool | None = None  # false: torch.compile is a no-op (TORCH_COMPILE_DISABLE)
+
+    def settings(self) -> dict[str, Any]:
+        """The knobs in effect: explicit values, else portable mode's pins, else None (library default)."""
+        out = {k: getattr(self, k) for k in PORTABLE_NUMERICS}
+        if self.mode == "portable":
+            out = {k: PORTABLE_NUMERICS[k] if v is None else v for k, v in out.items()}
+        return out
+
+
+class ReproConfig(Section):
+    """`ownllm repro check` (pipeline/repro/check.py): a rebuilt workspace against the committed dvc.lock."""
+
+    # How far a metric may move when the numerics fingerprint differs from the committed run's:
+    # "<report path>:<metric>", fnmatch patterns, nested keys joined with dots. Other metrics are only shown.
+    tolerances: dict[str, float] = {"reports/train.json:val_loss": 0.02}
+    lock_rev: str = "HEAD"  # the git revision whose dvc.lock is the reference
+
+    @field_validator("tolerances")
+    @classmethod
+    def _tolerance_keys(cls, v: dict[str, float]) -> dict[str, float]:
+        for key, tol in v.items():
+            if ":" not in key:
+                raise ValueError(f"tolerance key {key!r} must be '<report path>:<metric>'")
+            if tol < 0:
+                raise ValueError(f"tolerance of {key!r} is negative")
+        return v
+
+
 # ---------------------------------------------------------------------------------------------- root
 class Params(Section):
     seed: int = 1234
@@ -568,6 +618,8 @@ class Params(Section):
     feedback: FeedbackConfig = FeedbackConfig()
     rlhf: RLHFConfig = RLHFConfig()
     bisect: BisectConfig = BisectConfig()
+    numerics: NumericsConfig = NumericsConfig()
+    repro: ReproConfig = ReproConfig()
 
     # Where the file was loaded from; not part of the schema.
     source_file: str | None = Field(None, exclude=True)

@@ -38,10 +38,14 @@ def _tune(stage: str, params: Params, fn) -> dict:
 
     if _report_to(params) == "wandb":
         os.environ["WANDB_MODE"] = wandb_mode(params)
+    from pipeline import numerics
+    from rlhf.tune import _use_cpu
+
+    numerics.apply(params.numerics)
     with stage_run(stage, params) as run:
         res = fn(params, report_to=_report_to(params))
         run.log({"tokens_per_s": res.tokens_per_s, "seconds": res.seconds})
-        run.summary(res.metrics())
+        run.summary({**res.metrics(), "numerics": numerics.record(params.numerics, "cpu" if _use_cpu(params.rlhf) else "gpu")})
     say(f"[{stage.replace('_', ' ')}] {res.method}: {res.examples} examples, {res.steps} steps, "
         f"loss {res.train_loss if res.train_loss is not None else '-'}, {res.tokens} tokens in {res.seconds:.1f}s "
         f"({res.tokens_per_s:.0f} tok/s) → {res.out_dir}")

@@ -186,7 +186,10 @@ def main(args) -> int:
     from pipeline.config import load_params
     from pipeline.tracking import say, write_json
 
+    from pipeline import numerics
+
     params = load_params(args.params)
+    numerics.apply(params.numerics)  # a replay is bit-identical only under the numerics of the run it replays
     try:
         spike = pick_spike(params, args.step, args.spikes)
         report, timings = bisect_spike(params, spike)

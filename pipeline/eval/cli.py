@@ -13,7 +13,10 @@ def run_eval(args, command: str, evaluate) -> tuple[str, dict]:
     from pipeline.config import load_params
     from pipeline.tracking import stage_run
 
+    from pipeline import numerics
+
     params = load_params(args.params)
+    numerics.apply(params.numerics)  # eval.num_threads, when set, still wins for generation
     name = args.name or params.eval.name
     with stage_run(f"eval {command}", params, write_metrics=False) as run:
         try:

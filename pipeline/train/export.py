@@ -134,13 +134,17 @@ def main(args) -> int:
     from pipeline.config import load_params
     from pipeline.tracking import say, write_json
 
+    from pipeline import numerics
+
     params = load_params(args.params)
+    numerics.apply(params.numerics)
     try:
         result = export(params, getattr(args, "checkpoint", None))
     except (FileNotFoundError, ValueError) as exc:
         from pipeline.cli import UserError
 
         raise UserError(str(exc)) from None
+    result["numerics"] = numerics.record(params.numerics, "cpu")  # the smoke completions depend on it
     write_json(Path(params.tracking.reports_dir) / "export.json", result)
     say(f"[export] {result['params']:,}-parameter model → {result['model_dir']}; "
         f"completes {SMOKE_PREFIX.splitlines()[-1].strip() or 'with'!r} with {result['sample_completion'][:40]!r}")

@@ -216,8 +216,10 @@ def train(params: Params) -> dict[str, Any]:
     """Train (or resume) the run params describe; returns the summary written to reports/train.json."""
     from composer.utils import dist
 
+    from pipeline import numerics
     from pipeline.tracking import write_json
 
+    numerics.apply(params.numerics)  # the environment half was pinned by the `ownllm` command before torch loaded
     if params.train.num_threads:
         torch.set_num_threads(params.train.num_threads)
     device, precision = resolve_device(params)
@@ -269,11 +271,14 @@ def train(params: Params) -> dict[str, Any]:
             "checkpoints": str(checkpoint_dir(params)),
         }
         write_json(Path(params.tracking.reports_dir) / "train.json", summary)
+        # The numerics fingerprint is a DVC output: the committed lock says what numerics made the weights.
+        write_json(Path(params.train.reports_dir) / "numerics.json", numerics.record(params.numerics, device))
         # Timings differ run to run, so they stay out of the DVC-tracked metrics (see pipeline/tracking.py).
         new_tokens = tokens * (steps - resumed_from) / max(1, steps)
         speed = {"fit_seconds": fit_seconds, "tokens_per_second": new_tokens / fit_seconds,
                  "mfu_flops_per_second": new_tokens * flops_per_token(model, params.shards.max_seq_len) / fit_seconds,
-                 "device": device, "precision": precision, "resumed_from_step": resumed_from}
+                 "device": device, "precision": precision, "resumed_from_step": resumed_from,
+                 "machine": numerics.machine()}
         write_json(Path(params.train.reports_dir) / "speed.json", speed)
         trainer.logger.log_metrics({f"summary/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
         summary["_speed"] = speed
