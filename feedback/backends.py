@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Iterator, Protocol
 
 # Serving, evaluation and tuning build the very same prompts: the one builder in pipeline/fim_prompt.py.
-from pipeline.fim_prompt import (EOS, FIM_MIDDLE, FIM_PAD, FIM_PREFIX, FIM_SUFFIX, FimPromptBuilder, NoFimTokens,
-                                 PromptTooLong, fim_text)
+from pipeline.fim_prompt import (EOS, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, FimPromptBuilder, NoFimTokens,
+                                 PromptTooLong, end_token_ids, fim_text)
 
 
 class BackendError(RuntimeError):
@@ -184,8 +184,7 @@ class LocalBackend:
         self.fim_ids = {t: vocab.get(t) for t in (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE)}
         self.eos_id = self.tok.eos_token_id if self.tok.eos_token_id is not None else vocab.get(EOS)
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
-        # Generation ends at end-of-text and at any FIM control token (the middle is over).
-        self.stop_ids = sorted({i for i in [self.eos_id, *self.fim_ids.values(), vocab.get(FIM_PAD)] if i is not None})
+        self.stop_ids = end_token_ids(self.tok)  # the same end tokens as evaluation (pipeline/fim_prompt.py)
         self.prompts = FimPromptBuilder(self.tok, self.max_context)
         self.lock = threading.Lock()
         self._model = None

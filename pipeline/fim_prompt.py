@@ -22,10 +22,22 @@ from __future__ import annotations
 from pipeline.tokenizer import EOS, FIM_MIDDLE, FIM_PAD, FIM_PREFIX, FIM_SUFFIX, SPECIAL_TOKENS
 
 __all__ = ["EOS", "FIM_MIDDLE", "FIM_PAD", "FIM_PREFIX", "FIM_SUFFIX", "SPECIAL_TOKENS", "FimPromptBuilder",
-           "NoFimTokens", "PromptTooLong", "fim_text", "parse_fim_text"]
+           "NoFimTokens", "PromptTooLong", "END_TOKENS", "end_token_ids", "fim_text", "parse_fim_text"]
 FIM_TOKENS = (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE)
 
 MIN_PROMPT_TOKENS = 8  # below this a completion has no context worth the name
+
+
+# What ends a completion, in serving and in evaluation alike: end-of-text, and any FIM control token (the
+# middle is over; what a model writes after one is not part of it).
+END_TOKENS = (EOS, FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE, FIM_PAD)
+
+
+def end_token_ids(tok) -> list[int]:
+    """The ids of :data:`END_TOKENS` (and the tokenizer's own end-of-text) that ``tok`` has, sorted."""
+    vocab = tok.get_vocab()
+    ids = {vocab.get(t) for t in END_TOKENS} | {getattr(tok, "eos_token_id", None)}
+    return sorted(i for i in ids if i is not None)
 
 
 class PromptTooLong(ValueError):

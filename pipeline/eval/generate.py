@@ -2,6 +2,8 @@
 
 Prompts are sorted by length and cut into batches so that left padding wastes little; each batch runs
 one ``model.generate`` call (KV cache on, per-row stop strings), and results come back in input order.
+A completion ends where a served one ends: at end-of-text or any FIM control token
+(:func:`pipeline.fim_prompt.end_token_ids`, which the gateway's backends use too), or at a stop string.
 Sampling is seeded per batch from params, so a rerun reproduces every sample.
 """
 
@@ -13,6 +15,8 @@ from pathlib import Path
 from typing import Sequence
 
 from tqdm import tqdm
+
+from pipeline.fim_prompt import end_token_ids
 
 
 @dataclass(frozen=True)
@@ -83,13 +87,14 @@ def _stop_criteria(tok, prompt_len: int, stop: Sequence[str], leading: str):
 
 def generate(model, tok, prompts: Sequence[str], settings: GenerationSettings, desc: str = "generate",
              stats: GenerationStats | None = None) -> list[str]:
-    """Completions of ``prompts`` (new text only, cut at the first stop string or end of text)."""
+    """Completions of ``prompts`` (new text only, cut at the first end token or stop string)."""
     import torch
 
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
     out: list[str] = [""] * len(prompts)
     batches = [order[i:i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
     max_len = getattr(model.config, "max_position_embeddings", None)
+    ends = end_token_ids(tok)
     start = time.perf_counter()
     for b, idx in enumerate(tqdm(batches, desc=desc, unit="batch", leave=False, disable=None)):
         enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
@@ -98,7 +103,7 @@ def generate(model, tok, prompts: Sequence[str], settings: GenerationSettings, d
             keep = max(1, max_len - settings.max_new_tokens)  # keep the end of the prompt: it is what gets continued
             enc = {k: v[:, -keep:] for k, v in enc.items()}
         kwargs = dict(max_new_tokens=settings.max_new_tokens, use_cache=settings.use_cache,
-                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                      pad_token_id=tok.pad_token_id, eos_token_id=ends)
         if settings.stop:
             kwargs.update(stopping_criteria=_stop_criteria(tok, enc["input_ids"].shape[1], settings.stop,
                                                            settings.leading))
@@ -112,8 +117,9 @@ def generate(model, tok, prompts: Sequence[str], settings: GenerationSettings, d
         new = seqs[:, enc["input_ids"].shape[1]:]
         for row, i in enumerate(idx):
             ids = new[row].tolist()
+            ids = ids[:next((k for k, t in enumerate(ids) if t in ends), len(ids))]
             if stats is not None:
-                stats.new_tokens += sum(1 for t in ids if t != tok.pad_token_id)
+                stats.new_tokens += len(ids)
             text = tok.decode(ids, skip_special_tokens=True)
             out[i] = truncate_at_stop(text, settings.stop, settings.leading)
     if stats is not None:
