@@ -8,19 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
+from pipeline.tools import git_revision as git_rev  # also imported from here by rlhf.register
+
 WEIGHT_GLOBS = ("*.safetensors", "*.bin", "config.json", "tokenizer.json")
-
-
-def git_rev(repo: str | Path = ".") -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def file_hash(path: str | Path) -> str | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -45,3 +46,12 @@ def tool_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     if own not in path.split(os.pathsep):
         path = os.pathsep.join(p for p in (own, path) if p)
     return {**os.environ, "PATH": path, **(extra or {})}
+
+
+def git_revision(repo: str | Path = ".") -> str | None:
+    """The commit checked out in ``repo``; None outside a git checkout or without git (lineage stays optional)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None

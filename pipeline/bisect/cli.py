@@ -79,7 +79,8 @@ def bisect_spike(params: Params, spike: dict[str, Any]) -> tuple[dict[str, Any],
     """Replay, confirm and narrow down one spike; returns (report, timings)."""
     from pipeline.bisect.ddmin import ddmin
     from pipeline.bisect.replay import checkpoint_before, load_window, replay
-    from pipeline.bisect.report import document_table, git_revision
+    from pipeline.bisect.report import document_table
+    from pipeline.tools import git_revision
     from pipeline.train.data import load_tokenizer
 
     cfg, step = params.bisect, int(spike["step"])

@@ -7,7 +7,6 @@ length, alphanumeric fraction and the model's own loss on it at the spike step.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import zlib
 from pathlib import Path
@@ -17,15 +16,6 @@ from typing import Any
 from pipeline.config import Params
 
 SNIPPET_CHARS = 160
-
-
-def git_revision(cwd: str | Path = ".") -> str | None:
-    """The commit to compare the excluded re-run against (None outside a git checkout)."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def features(content: str) -> dict[str, float | int]:
