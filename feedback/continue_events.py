@@ -128,14 +128,16 @@ def _first_error(exc: ValidationError) -> str:
 
 
 def store_outcomes(s, user: User, outcomes: list[tuple[AutocompleteOutcome, str]], max_prompt_chars: int,
-                   derive_window_s: float) -> list[dict]:
-    """One completion row + decision per outcome, idempotent on completionId."""
+                   derive_window_s: float) -> tuple[list[dict], list[tuple[str, str, str]]]:
+    """One completion row + decision per outcome, idempotent on completionId.
+
+    Returns the per-event results and (model, language, decision) of each decision newly stored (metrics)."""
     from feedback.app import ApiError
     from feedback.routing import NoModel, route
 
     me = s.get(User, user.id)
     keep_code = getattr(me, "store_code", True)
-    results, batch_rows = [], {}
+    results, batch_rows, counted = [], {}, []
     for i, (o, level) in enumerate(outcomes):
         size = sum(len(t or "") for t in (o.prefix, o.suffix))
         if size > max_prompt_chars:
@@ -156,6 +158,7 @@ def store_outcomes(s, user: User, outcomes: list[tuple[AutocompleteOutcome, str]
             if prior is None and kind is not None:
                 s.add(FeedbackEvent(completion_id=row.id, kind=kind, created_at=utcnow()))
                 s.flush()
+                counted.append((row.model_version.name, row.language, kind.value))
                 results.append({"completionId": o.completionId, "stored": True, "decision": kind.value})
             else:
                 results.append({"completionId": o.completionId, "stored": False, "duplicate": True})
@@ -165,7 +168,7 @@ def store_outcomes(s, user: User, outcomes: list[tuple[AutocompleteOutcome, str]
         except NoModel:
             r = route(s, me, "auto")  # a name the registry does not know (Continue's own label): who served it
         shown = _naive_utc(o.timestamp)
-        prefix = o.prefix if o.prefix is not None else None
+        prefix = o.prefix
         code = keep_code and level == "all"
         row = Completion(request_id=rid, choice_index=0, user_id=me.id, end_user=None, model_version_id=r.version.id,
                          experiment_id=r.experiment_id, language=language_of(o.filepath), client="continue",
@@ -181,11 +184,12 @@ def store_outcomes(s, user: User, outcomes: list[tuple[AutocompleteOutcome, str]
         if kind is not None:
             s.add(FeedbackEvent(completion_id=row.id, kind=kind, created_at=utcnow()))
             s.flush()
+            counted.append((r.version.name, row.language, kind.value))
         if code and prefix:
             kept.derive_from_request(s, me, o.filepath, prefix, shown, derive_window_s, exclude_request_id=rid)
         results.append({"completionId": o.completionId, "stored": True,
                         "decision": kind.value if kind else None})
-    return results
+    return results, counted
 
 
 def build_router(user_dep) -> APIRouter:
@@ -198,7 +202,9 @@ def build_router(user_dep) -> APIRouter:
         cfg, fcfg = app.state.cfg, app.state.feedback_cfg
         outcomes, skipped = parse_outcomes(payload, cfg.max_feedback_batch)
         with app.state.factory.begin() as s:
-            results = store_outcomes(s, user, outcomes, cfg.max_prompt_chars, fcfg.derive_window_s)
+            results, counted = store_outcomes(s, user, outcomes, cfg.max_prompt_chars, fcfg.derive_window_s)
+        for model, language, kind in counted:
+            app.state.metrics.feedback.labels(model, language, kind).inc()
         return {"events": results, "skipped": skipped}
 
     return router

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 from sqlalchemy.orm import selectinload
 
@@ -49,7 +50,17 @@ def count_continue(gw) -> int:
         return s.scalar(select(func.count()).select_from(Completion).where(Completion.client == "continue"))
 
 
+def feedback_counter(gw, language: str, event: str) -> float:
+    want = {"model": "tiny", "language": language, "event": event}
+    for family in text_string_to_metric_families(httpx.get(gw.url + "/metrics").text):
+        for sample in family.samples:
+            if sample.name == "ownllm_feedback_total" and sample.labels == want:
+                return sample.value
+    return 0.0
+
+
 def test_an_accepted_outcome_as_continue_posts_it(gateway):
+    before = feedback_counter(gateway, "python", "accepted")
     r = post(gateway, "alice", ALL)
     assert r.status_code == 200, r.text
     assert r.json() == {"events": [{"completionId": ALL["data"]["completionId"], "stored": True,
@@ -61,10 +72,11 @@ def test_an_accepted_outcome_as_continue_posts_it(gateway):
     assert (row.prompt, row.suffix, row.completion) == (d["prefix"], d["suffix"], d["completion"])
     assert row.model_version.name == "tiny" and row.latency_ms == pytest.approx(184.2)
     assert row.viewed_at == row.created_at and row.created_at.isoformat().startswith("2026-11-30T00:50:12.345")
-    assert fb.kind.value == "accepted"
+    assert fb.kind.value == "accepted" and feedback_counter(gateway, "python", "accepted") == before + 1
     # Continue retries and replays: the same outcome again stores nothing twice.
     again = post(gateway, "alice", ALL).json()
     assert again["events"][0]["duplicate"] is True and len(continue_rows(gateway, d["completionId"])) == 1
+    assert feedback_counter(gateway, "python", "accepted") == before + 1
     # ... and a contradicting decision for the same completionId is a conflict, not an overwrite.
     r = post(gateway, "alice", envelope(d["completionId"], accepted=False))
     assert r.status_code == 409 and "already accepted" in r.json()["error"]["message"]
