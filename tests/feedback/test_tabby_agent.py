@@ -151,3 +151,14 @@ def test_editor_reports_view_select_and_dismiss_through_the_agent(gateway, tmp_p
     row2, fb2 = row_and_decision(gateway, second["id"])
     assert row2.viewed_at is not None and fb2.kind.value == "rejected" and fb2.time_to_decision_ms == 1500
     assert row2.user.name == "alice" and row2.prompt.endswith("def shorten(text, width):\n    ")
+
+
+def test_a_wrong_key_shows_as_unauthorized_in_the_editor(gateway, tmp_path):
+    agent = JsonLinesClient(agent_home(tmp_path))
+    try:
+        agent.call("initialize", {"config": {"server": {"endpoint": gateway.url, "token": "ollm-not-a-key"}}})
+        agent.wait_status("unauthorized")  # the gateway's 401 on /v1/health, as the agent reads it
+        seen = [n.get("event") for n in list(agent.notifications.queue)]
+        assert "authRequired" in seen
+    finally:
+        agent.close()
