@@ -1,20 +1,30 @@
-"""Gateway latency vs direct `generate`, and feedback-event ingest rate into the store.
+"""Serving at completion speed: the engine, the gateway, concurrency, and feedback ingest, each against its
+baseline in the same run (interleaved, so both sides see the same machine load), reported as ratios.
 
-    python benchmarks/bench_serve.py [--model-dir models/base] [--requests 30] [--pg-url URL]
+    python benchmarks/bench_serve.py [--model-dir models/base] [--pg-url URL] [--only engine,gateway,load,ingest]
 
-1. p50/p95 latency of a 32-token completion through `ownllm serve` (a separate process, real HTTP on
-   127.0.0.1, auth + routing + logging to SQLite included) next to calling the same model's `generate`
-   directly in this process, interleaved so both see the same machine load. Target: overhead <= 10%.
-2. Sustained feedback ingest (POST /v1/feedback) into PostgreSQL (--pg-url, default $OWNLLM_TEST_PG_URL):
-   one event per request from concurrent clients, and batches of 100 events per request. Target: >= 1000/s.
+1. engine   greedy 32 new tokens (forced: min = max = 32) after a ~200-token prompt of real stdlib code, p50/p90:
+            Hugging Face `generate` vs CTranslate2 float32 vs int8, for the default model and a 125M-shaped
+            Llama (d768 x 12 layers, vocab 2048, random weights). Target: CT2 >= 3x lower p50 at 125M.
+2. gateway  the same completion through `ownllm serve` (real HTTP, auth, routing, logging to SQLite):
+            engine=ctranslate2 vs engine=transformers, and the CT2 gateway vs the CT2 backend called directly
+            in this process (the gateway's overhead; target <= 10%).
+3. load     1, 8, 32 and 128 concurrent clients against `ownllm serve` on the default model: the batched CT2
+            engine vs the transformers backend (one at a time): throughput, p50/p99, 5xx. Target at 32: >= 4x
+            throughput, p99 < 2 s, no 5xx.
+4. ingest   one feedback event per request from 32 clients into PostgreSQL (--pg-url, default
+            $OWNLLM_TEST_PG_URL) through `ownllm serve --workers 1` vs `--workers N`; 100-event batches for
+            reference. Target >= 1,000 events/s, none lost.
 
-Without models/base, a model with the architecture of params.yaml `model:` (random weights) and a BPE
-tokenizer fitted on stdlib code are built in a temp dir: latency depends on the shape, not the weights.
+Without --model-dir (or when it is missing), models of params.yaml's shape and the 125M shape with random
+weights and a BPE tokenizer fitted on stdlib code are built in a temp dir: latency depends on the shape, not
+the weights. Clients are asyncio + httpx in this process, on the same cores as the server.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import statistics
 import subprocess
@@ -22,7 +32,6 @@ import sys
 import sysconfig
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -30,50 +39,126 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `ownllm serve` sets it: the baselines run alike
 
 from feedback import store  # noqa: E402
 from feedback.db import session_factory, upgrade  # noqa: E402
 from pipeline.fim_prompt import SPECIAL_TOKENS  # noqa: E402
 
-PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    "
-SPECIAL = list(SPECIAL_TOKENS)
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+NEW_TOKENS = 32
+PROMPT_TOKENS = 200
 
 
-def build_model(out: Path) -> Path:
-    """params.yaml's model shape with random weights, plus a BPE tokenizer fitted on stdlib code."""
-    import torch
+# ------------------------------------------------------------------------------------------------ models
+def fit_tokenizer(out: Path, vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    from pipeline.config import load_params
-
-    p = load_params(REPO / "params.yaml")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    texts = [f.read_text(encoding="utf-8", errors="replace") for f in sorted(stdlib.glob("*.py"))[:60]]
+    texts = [f.read_text(encoding="utf-8", errors="replace") for f in sorted(STDLIB.glob("*.py"))[:60]]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=p.tokenizer.vocab_size, special_tokens=SPECIAL,
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                                        show_progress=False))
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=SPECIAL[0], pad_token=SPECIAL[4],
-                                 additional_special_tokens=SPECIAL[1:])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=SPECIAL_TOKENS[0], bos_token=SPECIAL_TOKENS[0],
+                                 pad_token="<fim_pad>",
+                                 additional_special_tokens=list(SPECIAL_TOKENS[1:]))
     hf.save_pretrained(out)
+    return hf
+
+
+def build_model(out: Path, d_model: int | None = None, n_layers: int | None = None, n_heads: int | None = None,
+                intermediate: int | None = None, max_pos: int | None = None) -> Path:
+    """A Llama of params.yaml's shape (or the given one) with random weights, plus its CT2 conversion."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.config import load_params
+    from pipeline.train.export import convert_to_ct2
+
+    p = load_params(REPO / "params.yaml")
     m = p.model
+    hf = fit_tokenizer(out, p.tokenizer.vocab_size)
+    d = d_model or m.d_model
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(hf), hidden_size=m.d_model, num_hidden_layers=m.n_layers,
-                      num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads,
-                      intermediate_size=m.intermediate_size or 4 * m.d_model, max_position_embeddings=m.max_seq_len,
-                      eos_token_id=hf.eos_token_id, pad_token_id=hf.pad_token_id, tie_word_embeddings=True)
+    cfg = LlamaConfig(vocab_size=len(hf), hidden_size=d, num_hidden_layers=n_layers or m.n_layers,
+                      num_attention_heads=n_heads or m.n_heads, num_key_value_heads=n_heads or m.n_kv_heads,
+                      intermediate_size=intermediate or m.intermediate_size or 64 * -(-8 * d // 3 // 64),
+                      max_position_embeddings=max_pos or m.max_seq_len, eos_token_id=hf.eos_token_id,
+                      pad_token_id=hf.pad_token_id, bos_token_id=hf.eos_token_id, tie_word_embeddings=True)
     LlamaForCausalLM(cfg).save_pretrained(out)
+    convert_to_ct2(out)
     return out
 
 
-def start_server(db_url: str, model_dir: Path, port: int, threads: int) -> subprocess.Popen:
+def real_prompt(tok) -> str:
+    """~PROMPT_TOKENS tokens of real stdlib code (the start of textwrap.py), cut at a token boundary."""
+    ids = tok((STDLIB / "textwrap.py").read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    return tok.decode(ids[:PROMPT_TOKENS])
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+
+
+def ms(x: float) -> str:
+    return f"{x * 1000:8.1f} ms"
+
+
+# ------------------------------------------------------------------------------------------------ 1. engine
+def bench_engine(label: str, model_dir: Path, runs: int, threads: int) -> dict:
+    import torch
+
+    from feedback.backends import GenRequest, LocalBackend
+    from feedback.engine import CT2Engine
+
+    hf = LocalBackend(model_dir, num_threads=threads)
+    prompt = real_prompt(hf.tok)
+    ids = hf.prompt_ids(GenRequest(prompt=prompt, max_tokens=NEW_TOKENS, temperature=0))
+    toks = hf.tok.convert_ids_to_tokens(ids)
+    engines = {q: CT2Engine(model_dir, q, threads, tok=hf.tok) for q in ("float32", "int8")}
+    x = torch.tensor([ids])
+
+    def run_hf() -> int:
+        with torch.inference_mode():
+            out = hf.model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS,
+                                    min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=hf.pad_id)
+        return out.shape[1] - len(ids)
+
+    def run_ct2(q: str) -> int:
+        res = engines[q].generator.generate_batch([toks], max_length=NEW_TOKENS, min_length=NEW_TOKENS,
+                                                  include_prompt_in_result=False)
+        return len(res[0].sequences_ids[0])
+
+    fns = {"HF generate": run_hf, "CT2 float32": lambda: run_ct2("float32"), "CT2 int8": lambda: run_ct2("int8")}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for i in range(runs + 2):  # 2 warm-up rounds, then interleaved
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            n = fn()
+            if i >= 2:
+                times[name].append(time.perf_counter() - t0)
+                assert n == NEW_TOKENS, (name, n)
+    params = sum(p.numel() for p in hf.model.parameters())
+    print(f"\n[engine] {label}: {params / 1e6:.1f}M params, prompt {len(ids)} tokens, {NEW_TOKENS} new tokens, "
+          f"{runs} runs, {threads} threads")
+    base = pct(times["HF generate"], .5)
+    for name, xs in times.items():
+        print(f"  {name:12s} p50 {ms(pct(xs, .5))}  p90 {ms(pct(xs, .9))}  speed-up p50 {base / pct(xs, .5):5.2f}x")
+    for e in engines.values():
+        e.close()
+    return {k: pct(v, .5) for k, v in times.items()}
+
+
+# ------------------------------------------------------------------------------------------------ servers
+def start_server(db_url: str, model_dir: Path, port: int, threads: int, *extra: str) -> subprocess.Popen:
     cmd = [str(Path(sys.executable).parent / "ownllm"), "serve", "--db-url", db_url, "--model-dir", str(model_dir),
-           "--port", str(port), "--params", str(REPO / "params.yaml"), "--num-threads", str(threads)]
+           "--port", str(port), "--params", str(REPO / "params.yaml"), "--num-threads", str(threads), *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
@@ -84,7 +169,17 @@ def start_server(db_url: str, model_dir: Path, port: int, threads: int) -> subpr
             raise SystemExit(f"ownllm serve exited: {proc.stderr.read()[-2000:]}")
         time.sleep(0.3)
     proc.kill()
-    raise SystemExit("ownllm serve did not come up in 180 s")
+    raise SystemExit("ownllm serve did not come up in 300 s")
+
+
+def stop(*procs: subprocess.Popen) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
 
 
 def free_port() -> int:
@@ -95,71 +190,169 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
-
-
-def bench_latency(model_dir: Path, n: int, max_tokens: int, threads: int) -> None:
-    import torch
-
-    from feedback.backends import GenRequest, LocalBackend
-
-    tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    db = f"sqlite:///{tmp / 'feedback.db'}"
+def fresh_store(tmp: Path, name: str) -> tuple[str, str]:
+    db = f"sqlite:///{tmp / f'{name}.db'}"
     upgrade(db)
     with session_factory(db).begin() as s:
         key = store.create_key(s, "bench")
-    port = free_port()
-    server = start_server(db, model_dir, port, threads)
-    backend = LocalBackend(model_dir, num_threads=threads)  # same threads as the server: a like-for-like baseline
-    req = GenRequest(prompt=PROMPT, max_tokens=max_tokens, temperature=0)
-    body = {"model": "auto", "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "language": "python"}
-    direct, gateway, toks_d, toks_g = [], [], [], []
+    return db, key
+
+
+def two_gateways(model_dir: Path, threads: int) -> tuple[dict, list[subprocess.Popen]]:
+    """`ownllm serve` with engine=ctranslate2 and engine=transformers, each with its own SQLite store."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    urls, procs = {}, []
+    for engine in ("ctranslate2", "transformers"):
+        db, key = fresh_store(tmp, engine)
+        port = free_port()
+        procs.append(start_server(db, model_dir, port, threads, "--engine", engine))
+        urls[engine] = (f"http://127.0.0.1:{port}/v1", key)
+    return urls, procs
+
+
+# ------------------------------------------------------------------------------------------------ 2. gateway
+def bench_gateway(label: str, model_dir: Path, runs: int, threads: int) -> None:
+    from feedback.backends import GenRequest
+    from feedback.engine import CT2Backend
+
+    direct = CT2Backend(model_dir, num_threads=threads)
+    prompt = real_prompt(direct.tok)
+    req = GenRequest(prompt=prompt, max_tokens=NEW_TOKENS, temperature=0)
+    body = {"model": "auto", "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0, "language": "python"}
+    urls, procs = two_gateways(model_dir, threads)
+    times: dict[str, list[float]] = {"CT2 backend, direct": [], "gateway, ctranslate2": [],
+                                     "gateway, transformers": []}
+    tokens: dict[str, list[int]] = {k: [] for k in times}
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}/v1", headers={"Authorization": f"Bearer {key}"},
-                          timeout=120) as client:
-            for i in range(n + 3):  # 3 warm-up rounds, then interleaved measurements
-                t0 = time.perf_counter()
-                ids = backend.prompt_ids(req)  # tokenisation is part of a direct call too
-                with torch.inference_mode():
-                    out = backend.model.generate(**backend._gen_kwargs(req, ids))
-                t1 = time.perf_counter()
-                r = client.post("/completions", json=body)
-                t2 = time.perf_counter()
+        clients = {e: httpx.Client(base_url=u, headers={"Authorization": f"Bearer {k}"}, timeout=300)
+                   for e, (u, k) in urls.items()}
+        for i in range(runs + 3):
+            t0 = time.perf_counter()
+            out = direct.complete(req)
+            t1 = time.perf_counter()
+            got = {}
+            for engine, c in clients.items():
+                s0 = time.perf_counter()
+                r = c.post("/completions", json=body)
+                got[engine] = (time.perf_counter() - s0, r)
                 r.raise_for_status()
-                if i >= 3:
-                    direct.append(t1 - t0)
-                    gateway.append(t2 - t1)
-                    toks_d.append(out.shape[1] - len(ids))
-                    toks_g.append(r.json()["usage"]["completion_tokens"])
+            if i >= 3:
+                times["CT2 backend, direct"].append(t1 - t0)
+                tokens["CT2 backend, direct"].append(out.choices[0].completion_tokens)
+                for engine, (dt, r) in got.items():
+                    times[f"gateway, {engine}"].append(dt)
+                    tokens[f"gateway, {engine}"].append(r.json()["usage"]["completion_tokens"])
     finally:
-        server.terminate()
-        server.wait(30)
-    d50, d95, g50, g95 = pct(direct, .5), pct(direct, .95), pct(gateway, .5), pct(gateway, .95)
-    print(f"model: {model_dir}  torch threads: {threads}  requests: {n}  tokens/completion: direct {statistics.mean(toks_d):.1f}, "
-          f"gateway {statistics.mean(toks_g):.1f}")
-    print(f"direct generate   p50 {d50 * 1000:8.1f} ms   p95 {d95 * 1000:8.1f} ms")
-    print(f"gateway (HTTP)    p50 {g50 * 1000:8.1f} ms   p95 {g95 * 1000:8.1f} ms")
-    print(f"gateway overhead  p50 {100 * (g50 / d50 - 1):+.1f}%   p95 {100 * (g95 / d95 - 1):+.1f}%   "
-          f"(ratio p50 {g50 / d50:.3f})  target <= +10%")
+        stop(*procs)
+        direct.engine.close()
+    print(f"\n[gateway] {label}: {runs} sequential requests, prompt ~{PROMPT_TOKENS} tokens, max_tokens {NEW_TOKENS}")
+    for name, xs in times.items():
+        print(f"  {name:22s} p50 {ms(pct(xs, .5))}  p90 {ms(pct(xs, .9))}  tokens {statistics.mean(tokens[name]):.1f}")
+    ct2, hf, d = (pct(times[k], .5) for k in ("gateway, ctranslate2", "gateway, transformers", "CT2 backend, direct"))
+    print(f"  gateway ctranslate2 vs transformers: p50 {hf / ct2:.2f}x faster")
+    print(f"  gateway overhead over the CT2 backend called directly: p50 {100 * (ct2 / d - 1):+.1f}%  "
+          f"p90 {100 * (pct(times['gateway, ctranslate2'], .9) / pct(times['CT2 backend, direct'], .9) - 1):+.1f}%"
+          f"  (target <= +10%)")
 
 
-def bench_ingest(pg_url: str, model_dir: Path, singles: int, batches: int, clients: int, threads: int) -> None:
-    """Feedback events/s over HTTP into PostgreSQL, through a gateway process."""
+# ------------------------------------------------------------------------------------------------ 3. load
+async def _load(url: str, key: str, body: dict, clients: int, total: int) -> tuple[float, list[float], int, int]:
+    lat: list[float] = []
+    errors_5xx = other = 0
+    queue: asyncio.Queue = asyncio.Queue()
+    for i in range(total):
+        queue.put_nowait(i)
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=600,
+                                 limits=limits) as c:
+        async def client():
+            nonlocal errors_5xx, other
+            while True:
+                try:
+                    queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                t0 = time.perf_counter()
+                r = await c.post("/completions", json=body)
+                lat.append(time.perf_counter() - t0)
+                if r.status_code >= 500:
+                    errors_5xx += 1
+                elif r.status_code != 200:
+                    other += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(clients)))
+        wall = time.perf_counter() - t0
+    return wall, lat, errors_5xx, other
+
+
+def bench_load(model_dir: Path, threads: int, levels: list[int]) -> None:
+    from transformers import AutoTokenizer
+
+    prompt = real_prompt(AutoTokenizer.from_pretrained(model_dir))
+    body = {"model": "auto", "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0, "language": "python"}
+    urls, procs = two_gateways(model_dir, threads)
+    for url, key in urls.values():  # warm-up: the model loads on the first request
+        for _ in range(3):
+            httpx.post(url + "/completions", json=body, headers={"Authorization": f"Bearer {key}"},
+                       timeout=300).raise_for_status()
+    print(f"\n[load] default model through `ownllm serve`, max_tokens {NEW_TOKENS}, greedy; requests per level = "
+          f"max(32, 2 x clients); batched CT2 engine vs transformers (one generation at a time)")
+    print(f"  {'clients':>7} {'engine':>13} {'req/s':>8} {'p50':>11} {'p99':>11} {'5xx':>4} {'4xx':>4}  ratio req/s")
+    try:
+        for clients in levels:
+            total = max(32, 2 * clients)
+            rates = {}
+            for engine in ("transformers", "ctranslate2"):
+                url, key = urls[engine]
+                wall, lat, e5, e4 = asyncio.run(_load(url, key, body, clients, total))
+                rates[engine] = total / wall
+                ratio = f"{rates[engine] / rates['transformers']:.2f}x" if engine == "ctranslate2" else ""
+                print(f"  {clients:>7} {engine:>13} {rates[engine]:8.1f} {ms(pct(lat, .5))} {ms(pct(lat, .99))} "
+                      f"{e5:>4} {e4:>4}  {ratio}")
+    finally:
+        stop(*procs)
+
+
+# ------------------------------------------------------------------------------------------------ 4. ingest
+async def _feedback(url: str, key: str, ids: list[str], clients: int, batch: int) -> float:
+    chunks = [ids[i:i + batch] for i in range(0, len(ids), batch)]
+    queue: asyncio.Queue = asyncio.Queue()
+    for ch in chunks:
+        queue.put_nowait(ch)
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120,
+                                 limits=limits) as c:
+        async def client():
+            while True:
+                try:
+                    ch = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                body = ({"id": ch[0], "event": "accepted", "time_to_decision_ms": 500} if batch == 1 else
+                        {"events": [{"id": i, "event": "accepted"} for i in ch]})
+                (await c.post("/feedback", json=body)).raise_for_status()
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(clients)))
+        return time.perf_counter() - t0
+
+
+def bench_ingest(pg_url: str, model_dir: Path, singles: int, clients: int, workers: int, rounds: int) -> None:
+    """Feedback events/s over HTTP into PostgreSQL: `ownllm serve --workers 1` vs `--workers N`, interleaved."""
     from sqlalchemy import insert, text
 
-    from feedback.models import Completion, utcnow
     from feedback.db import make_engine
+    from feedback.models import Completion, utcnow
 
-    # A fresh schema state: the bench owns this database (never point it at production).
-    upgrade(pg_url)
+    upgrade(pg_url)  # a fresh state: the bench owns this database (never point it at production)
     eng = make_engine(pg_url)
     with eng.begin() as c:
         c.execute(text("TRUNCATE feedback_events, completions, api_keys, users, experiment_arms, experiments, "
                        "bounties, model_versions RESTART IDENTITY CASCADE"))
     f = session_factory(eng)
-    total = singles + batches * 100
+    per_round = singles + 100 * 20
+    total = per_round * rounds * 2
     with f.begin() as s:
         key = store.create_key(s, "bench")
         user = store.authenticate(s, key)
@@ -170,68 +363,83 @@ def bench_ingest(pg_url: str, model_dir: Path, singles: int, batches: int, clien
                                             prompt_hash="h", finish_reason="stop", prompt_tokens=1,
                                             completion_tokens=1, latency_ms=1.0, created_at=now)
                                        for i in range(total)])
-    port = free_port()
-    server = start_server(pg_url, model_dir, port, threads)
-    base, headers = f"http://127.0.0.1:{port}/v1", {"Authorization": f"Bearer {key}"}
+    servers = {}
+    for n in (1, workers):
+        port = free_port()
+        servers[n] = (start_server(pg_url, model_dir, port, 1, "--workers", str(n)), f"http://127.0.0.1:{port}/v1")
+    rates: dict[tuple[int, int], list[float]] = {}
+    nxt = 0
     try:
-        def send_singles(chunk: range) -> None:
-            with httpx.Client(base_url=base, headers=headers, timeout=60) as c:
-                for i in chunk:
-                    c.post("/feedback", json={"id": f"cmpl-bench-{i}", "event": "accepted" if i % 3 else "rejected",
-                                              "time_to_decision_ms": 500}).raise_for_status()
-
-        step = singles // clients
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(clients) as pool:
-            list(pool.map(send_singles, [range(k * step, (k + 1) * step) for k in range(clients)]))
-        single_rate = clients * step / (time.perf_counter() - t0)
-
-        def send_batches(chunk: range) -> None:
-            with httpx.Client(base_url=base, headers=headers, timeout=60) as c:
-                for b in chunk:
-                    ids = range(singles + b * 100, singles + (b + 1) * 100)
-                    c.post("/feedback", json={"events": [{"id": f"cmpl-bench-{i}", "event": "accepted"}
-                                                         for i in ids]}).raise_for_status()
-
-        bstep = batches // 4
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(4) as pool:
-            list(pool.map(send_batches, [range(k * bstep, (k + 1) * bstep) for k in range(4)]))
-        batch_rate = 4 * bstep * 100 / (time.perf_counter() - t0)
+        for _ in range(rounds):
+            for n, (_, url) in servers.items():
+                for batch, count in ((1, singles), (100, 100 * 20)):
+                    ids = [f"cmpl-bench-{i}" for i in range(nxt, nxt + count)]
+                    nxt += count
+                    wall = asyncio.run(_feedback(url, key, ids, clients if batch == 1 else 4, batch))
+                    rates.setdefault((n, batch), []).append(count / wall)
     finally:
-        server.terminate()
-        server.wait(30)
+        stop(*(p for p, _ in servers.values()))
     with f() as s:
         stored = store.counts(s)["feedback_events"]
-    print(f"feedback ingest into PostgreSQL ({pg_url.split('@')[-1]}), HTTP via ownllm serve:")
-    print(f"  1 event/request, {clients} clients   {single_rate:8.0f} events/s")
-    print(f"  100 events/request, 4 clients  {batch_rate:8.0f} events/s   target >= 1000/s")
-    print(f"  stored {stored} of {clients * step + 4 * bstep * 100} sent")
+    print(f"\n[ingest] feedback into PostgreSQL ({pg_url.split('@')[-1]}) via `ownllm serve`, {rounds} interleaved "
+          f"rounds; 1 event/request from {clients} clients, 100 events/request from 4")
+    for (n, batch), xs in sorted(rates.items()):
+        print(f"  --workers {n}  {batch:>3} event(s)/request  {statistics.median(xs):8.0f} events/s  "
+              f"(runs: {', '.join(f'{x:.0f}' for x in xs)})")
+    one, many = statistics.median(rates[(1, 1)]), statistics.median(rates[(workers, 1)])
+    print(f"  1 event/request: --workers {workers} / --workers 1 = {many / one:.2f}x   target >= 1000 events/s")
+    print(f"  stored {stored} of {nxt} sent")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-dir", default=str(REPO / "models" / "base"))
-    ap.add_argument("--requests", type=int, default=30)
-    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--only", default="engine,gateway,load,ingest", help="comma-separated sections to run")
+    ap.add_argument("--runs", type=int, default=20, help="runs per side at the default size (125M: half)")
+    ap.add_argument("--threads", type=int, default=2, help="engine threads, server and baseline alike")
+    ap.add_argument("--levels", default="1,8,32,128", help="concurrent clients of the load test")
     ap.add_argument("--pg-url", default=os.environ.get("OWNLLM_TEST_PG_URL"))
-    ap.add_argument("--singles", type=int, default=2000)
-    ap.add_argument("--batches", type=int, default=100)
-    ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--skip-latency", action="store_true")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads, server and baseline alike (1: stable on a shared machine)")
+    ap.add_argument("--singles", type=int, default=2000, help="one-event requests per ingest round")
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=4, help="server processes of the ingest comparison")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved ingest rounds")
+    ap.add_argument("--skip-125m", action="store_true")
     args = ap.parse_args()
+    only = set(args.only.split(","))
     model_dir = Path(args.model_dir)
     if not (model_dir / "config.json").is_file():
         model_dir = build_model(Path(tempfile.mkdtemp(prefix="bench-model-")))
-        print(f"{args.model_dir} not found: using a random-weight model of params.yaml's shape in {model_dir}")
-    if not args.skip_latency:
-        bench_latency(model_dir, args.requests, args.max_tokens, args.threads)
-    if args.pg_url:
-        bench_ingest(args.pg_url, model_dir, args.singles, args.batches, args.clients, args.threads)
+        print(f"{args.model_dir} not found: a random-weight model of params.yaml's shape in {model_dir}")
     else:
-        print("feedback ingest: skipped (no --pg-url / $OWNLLM_TEST_PG_URL)")
+        from pipeline.train.export import convert_to_ct2, has_ct2
+
+        if not has_ct2(model_dir):
+            model_dir = Path(tempfile.mkdtemp(prefix="bench-model-")) / model_dir.name
+            import shutil
+
+            shutil.copytree(args.model_dir, model_dir)
+            convert_to_ct2(model_dir)
+    big = None
+    if not args.skip_125m and only & {"engine", "gateway"}:
+        big = build_model(Path(tempfile.mkdtemp(prefix="bench-125m-")), d_model=768, n_layers=12, n_heads=12,
+                          max_pos=1024)  # intermediate 8/3 x d = 2048: 86.5M params with vocab 2048
+    print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start")
+    if "engine" in only:
+        bench_engine("default", model_dir, args.runs, args.threads)
+        if big:
+            bench_engine("125M-shaped", big, max(args.runs // 2, 3), args.threads)
+    if "gateway" in only:
+        bench_gateway("default", model_dir, args.runs, args.threads)
+        if big:
+            bench_gateway("125M-shaped", big, max(args.runs // 2, 3), args.threads)
+    if "load" in only:
+        bench_load(model_dir, args.threads, [int(x) for x in args.levels.split(",")])
+    if "ingest" in only:
+        if args.pg_url:
+            bench_ingest(args.pg_url, model_dir, args.singles, args.clients, args.workers, args.rounds)
+        else:
+            print("[ingest] skipped (no --pg-url / $OWNLLM_TEST_PG_URL)")
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ def register(sub) -> None:
     p.add_argument("--upstream-url", help="OpenAI-compatible base URL for --backend openai, e.g. http://vllm:8000/v1")
     p.add_argument("--num-threads", type=int, help="torch threads of the local backend (default: serve.num_threads)")
     p.add_argument("--workers", type=int, help="server processes, each with its own app and engine (default: 1)")
+    p.add_argument("--engine", choices=["ctranslate2", "transformers"], help="in-process engine (default: serve.engine)")
+    p.add_argument("--quantization", choices=["float32", "int8"], help="CTranslate2 compute type (default: serve.quantization)")
     p.set_defaults(func=lazy("feedback.commands:serve"))
 
     fb = sub.add_parser("feedback", help="the feedback store: keys, bounties, reports, simulated users, retention")

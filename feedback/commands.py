@@ -64,6 +64,10 @@ def ensure_model_registered(factory, model_dir: str, name: str, repo: str = ".")
 
 # ------------------------------------------------------------------------------------------------ serve
 def serve(args) -> int:
+    # OpenMP threads that spin while waiting (libgomp's default) starve the event loop and the engine's own
+    # Python callbacks on a busy machine: 8 concurrent completions ran at 1.9 req/s spinning, 33.6 passive
+    # (docs/BENCHMARKS.md). Set before the engines load; an explicit setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import uvicorn
 
     from feedback.app import APP_FACTORY, SERVE_CONFIG_ENV, create_app
@@ -72,7 +76,8 @@ def serve(args) -> int:
     params, url = _setup(args)
     overrides = {k: v for k, v in (("db_url", url), ("host", args.host), ("port", args.port),
                                    ("backend", args.backend), ("model_dir", args.model_dir),
-                                   ("upstream_url", args.upstream_url), ("num_threads", args.num_threads))
+                                   ("upstream_url", args.upstream_url), ("num_threads", args.num_threads),
+                                   ("engine", args.engine), ("quantization", args.quantization))
                  if v is not None}
     cfg = params.serve.model_copy(update=overrides)
     factory = _factory(cfg.db_url)

@@ -9,6 +9,7 @@ must complete the plain prompt with the very same tokens.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -36,6 +37,11 @@ def convert_to_ct2(model_dir: str | Path, out: str | Path | None = None) -> Path
 
     out = Path(out) if out else ct2_dir(model_dir)
     TransformersConverter(str(model_dir)).convert(str(out), quantization="float32", force=True)
+    cfg_file = out / "config.json"
+    cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    if cfg.get("bos_token") is None:  # CT2 refuses a null; our documents start after end-of-text anyway
+        cfg["bos_token"] = cfg.get("eos_token")
+        cfg_file.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
     return out
 
 
