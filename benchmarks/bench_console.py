@@ -4,7 +4,8 @@
 
 Fills a fresh store through the store's own tables (bulk inserts; no model needed): 3 versions (one serving
 everyone, one in an A/B arm, one staff), 200 users, 3 languages, completions spread over the last 30 days,
-about 70% decided (75% of those rejected), a running experiment routing ~1/4 of them. Then starts the
+about 70% decided (75% of those rejected), a third viewed (undecided and viewed = ignored), a running
+experiment routing ~1/4 of them. Then starts the
 gateway on 127.0.0.1 and times each page over real HTTP as a staff key (the widest view), taking the median
 of --repeats loads after one warm-up. Baselines in the same run: the same pages on the same store downgraded
 to revision 0002 (without the console's indexes, migration 0003), and `ownllm feedback report`'s own
@@ -72,7 +73,9 @@ def fill(db_url: str, n: int, seed: int = 0) -> str:
                          "experiment_id": exp_id if in_exp else None, "language": rng.choice(LANGS),
                          "prompt": None, "suffix": None, "completion": "x", "prompt_hash": "0" * 64,
                          "finish_reason": "stop", "prompt_tokens": 100, "completion_tokens": 8, "latency_ms": 20.0,
-                         "created_at": created, "client": "openai", "status": "served"})
+                         "created_at": created, "client": "openai", "status": "served",
+                         # a third from clients that report views (Tabby): undecided ones count as ignored
+                         "viewed_at": created + timedelta(seconds=0.5) if rng.random() < 0.3 else None})
             if rng.random() < 0.7:
                 kind = FeedbackKind.accepted if rng.random() < 0.25 else FeedbackKind.rejected
                 events.append({"completion_id": cid, "kind": kind, "time_to_decision_ms": 500.0,

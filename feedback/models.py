@@ -160,8 +160,10 @@ class Completion(Base):
         Index("ix_completions_user_file_time", "user_id", "filepath", "created_at"),
         # Covering indexes for the acceptance queries of the report and the console (migration 0003): a time
         # window read from the index alone, and an A/B experiment's arms (and their users) without a scan.
-        Index("ix_completions_time_version_lang_user", "created_at", "model_version_id", "language", "user_id"),
-        Index("ix_completions_experiment_version_time", "experiment_id", "model_version_id", "created_at", "user_id"),
+        Index("ix_completions_time_version_lang_user", "created_at", "model_version_id", "language", "user_id",
+              "viewed_at"),
+        Index("ix_completions_experiment_version_time", "experiment_id", "model_version_id", "created_at", "user_id",
+              "viewed_at"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)

@@ -112,7 +112,7 @@ def build_router(params=None) -> APIRouter:
     @router.get("/")
     def overview(request: Request, v: ViewerDep) -> HTMLResponse:
         with request.app.state.factory() as s:
-            ctx = views.overview(s, v.user, utcnow())
+            ctx = views.overview(s, v.user, utcnow(), fb.ignored_after_s)
         return _page(request, "overview.html", v, "overview", **ctx)
 
     @router.get("/versions")
@@ -155,7 +155,7 @@ def build_router(params=None) -> APIRouter:
     def ab(request: Request, v: ViewerDep) -> HTMLResponse:
         since = utcnow() - timedelta(days=fb.report_days)
         with request.app.state.factory() as s:
-            exps = views.experiments(s, since, fb.ab_alpha, fb.ab_power)
+            exps = views.experiments(s, since, fb.ab_alpha, fb.ab_power, fb.ignored_after_s)
         return _page(request, "ab.html", v, "ab", experiments=exps, days=fb.report_days, alpha=fb.ab_alpha,
                      power=fb.ab_power)
 

@@ -33,18 +33,18 @@ def deployed(s: Session) -> dict[str, list[str]]:
     return out
 
 
-def overview(s: Session, user: User, now: datetime) -> dict[str, Any]:
+def overview(s: Session, user: User, now: datetime, ignored_after_s: float) -> dict[str, Any]:
     """Acceptance per version x language over the last day and week, and per day for the chart.
 
     Staff see every user's completions; any other key sees its own (``acceptance(user_id=...)``).
     """
     uid = None if user.is_staff else user.id
-    windows = {name: analytics.acceptance(s, now - delta, None, True, user_id=uid)
+    windows = {name: analytics.acceptance(s, now - delta, None, True, user_id=uid, ignored_after_s=ignored_after_s)
                for name, delta in (("day", timedelta(days=1)), ("week", timedelta(days=7)))}
     first = day_start(now) - timedelta(days=CHART_DAYS - 1)
     days = [(first + timedelta(days=i)).strftime("%Y-%m-%d") for i in range(CHART_DAYS)]
     series: dict[str, dict[str, list[float | None]]] = {}  # language → version → rate per day
-    for row in analytics.acceptance(s, first, None, True, user_id=uid, by_day=True):
+    for row in analytics.acceptance(s, first, None, True, user_id=uid, by_day=True, ignored_after_s=ignored_after_s):
         if row["day"] in days:  # (a row stamped after `now` by a clock step is left out of the chart)
             rates = series.setdefault(row["language"], {}).setdefault(row["model"], [None] * CHART_DAYS)
             rates[days.index(row["day"])] = row["rate"]
@@ -79,11 +79,12 @@ def arm_users(s: Session, exp: Experiment) -> dict[str, int]:
     return dict(s.execute(q).all())
 
 
-def experiments(s: Session, since: datetime | None, alpha: float, power: float) -> list[dict[str, Any]]:
+def experiments(s: Session, since: datetime | None, alpha: float, power: float,
+                ignored_after_s: float) -> list[dict[str, Any]]:
     """Every experiment, newest first, as ``analytics.experiment_report`` reports it, plus users per arm."""
     out = []
     for exp in s.scalars(select(Experiment).order_by(Experiment.id.desc())):
-        rep = analytics.experiment_report(s, exp, alpha, power, since, None)
+        rep = analytics.experiment_report(s, exp, alpha, power, since, None, ignored_after_s)
         users = arm_users(s, exp)
         for arm in rep["arms"]:
             arm.setdefault("users", users.get(arm["model"], 0))

@@ -3,8 +3,9 @@
 With 100k completions, counting a time window's decisions per version x language read each completion of
 the window through the table (an index lookup then a row lookup); an A/B experiment's arms scanned all
 completions of each arm's version. These indexes hold every completion column those queries read:
-- completions(created_at, model_version_id, language, user_id): a window, also per user;
-- completions(experiment_id, model_version_id, created_at, user_id): an experiment's arms and their users.
+- completions(created_at, model_version_id, language, user_id, viewed_at): a window, also per user, with the
+  view time that decides whether an undecided completion counts as ignored;
+- completions(experiment_id, model_version_id, created_at, user_id, viewed_at): an experiment's arms and users.
 (A covering feedback_events(completion_id, kind) was tried and dropped: neither database used it.)
 Measured by benchmarks/bench_console.py (docs/BENCHMARKS.md).
 
@@ -25,9 +26,9 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table('completions', schema=None) as batch_op:
         batch_op.create_index('ix_completions_time_version_lang_user',
-                              ['created_at', 'model_version_id', 'language', 'user_id'], unique=False)
+                              ['created_at', 'model_version_id', 'language', 'user_id', 'viewed_at'], unique=False)
         batch_op.create_index('ix_completions_experiment_version_time',
-                              ['experiment_id', 'model_version_id', 'created_at', 'user_id'], unique=False)
+                              ['experiment_id', 'model_version_id', 'created_at', 'user_id', 'viewed_at'], unique=False)
 
 
 def downgrade() -> None:

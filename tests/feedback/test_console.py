@@ -74,7 +74,7 @@ def open_page(browser, url: str, key: str):
 
 def cells(page, row_selector: str) -> dict[str, str]:
     row = page.locator(row_selector)
-    return {c: row.locator(f"td.{c}").inner_text() for c in ("served", "decided", "accepted", "rejected", "rate")}
+    return {c: row.locator(f"td.{c}").inner_text() for c in ("served", "shown", "accepted", "rejected", "ignored", "rate")}
 
 
 def fmt(v) -> str:
@@ -89,13 +89,13 @@ def test_every_page_shows_the_stores_and_the_reports_numbers(browser, console, w
         # Overview: the week's table is `ownllm feedback report`'s rows for the same window.
         with factory() as s:
             rep = analytics.report(s, utcnow() - timedelta(days=7), None, params.feedback.ab_alpha,
-                                   params.feedback.ab_power)
+                                   params.feedback.ab_power, params.feedback.ignored_after_s)
         rows = rep["by_version_language"]
-        assert rows and sum(r["decided"] for r in rows) > 0
+        assert rows and sum(r["shown"] for r in rows) > 0
         for r in rows:
             got = cells(page, f'#acceptance-week tr[data-model="{r["model"]}"][data-language="{r["language"]}"]')
-            assert got == {"served": f"{r['served']:,}", "decided": f"{r['decided']:,}",
-                           "accepted": f"{r['accepted']:,}", "rejected": f"{r['rejected']:,}", "rate": fmt(r["rate"])}
+            assert got == {"served": f"{r['served']:,}", "shown": f"{r['shown']:,}", "accepted": f"{r['accepted']:,}",
+                           "rejected": f"{r['rejected']:,}", "ignored": f"{r['ignored']:,}", "rate": fmt(r["rate"])}
         assert page.locator("#acceptance-week tbody tr").count() == len(rows)
         assert "ft-a (ab:50)" in page.locator('#deployed td[data-state="ab"]').inner_text()
         assert page.locator('figure[data-chart="daily"] canvas').count() >= 1  # uPlot drew the charts
@@ -106,7 +106,7 @@ def test_every_page_shows_the_stores_and_the_reports_numbers(browser, console, w
         assert page.locator("#exp-1 .verdict").inner_text() == f"Verdict: {exp['verdict']}"
         for arm in exp["arms"]:
             row = page.locator(f'#exp-1 tr[data-arm="{arm["arm"]}"]')
-            assert row.locator("td.decided").inner_text() == f"{arm['decided']:,}"
+            assert row.locator("td.shown").inner_text() == f"{arm['shown']:,}"
             assert row.locator("td.rate").inner_text() == fmt(arm["rate"])
         with factory() as s:
             users = s.execute(select(User.name)).scalars().all()
@@ -287,6 +287,7 @@ def test_pages_on_each_database_match_the_report(empty_db_url):
         assert {p: r.status_code for p, r in pages.items()} == {p: 200 for p in PAGES}
         with session_factory(empty_db_url)() as s:
             week = analytics.acceptance(s, utcnow() - timedelta(days=7), None, True)
+            assert sum(r["ignored"] for r in week) > 0  # the fill's viewed-and-undecided completions
             exp = store.running_experiment(s)
             users = s.execute(select(func.count(func.distinct(Completion.user_id)))
                               .where(Completion.experiment_id == exp.id)).scalar()
@@ -294,8 +295,9 @@ def test_pages_on_each_database_match_the_report(empty_db_url):
         for r in week:
             row = re.search(rf'<tr data-model="{r["model"]}" data-language="{r["language"]}">(.*?)</tr>',
                             text.split('id="acceptance-week"')[1], re.S).group(1)
-            assert re.findall(r'<td class="n \w+">([^<]*)</td>', row)[:5] == \
-                [f"{r['served']:,}", f"{r['decided']:,}", f"{r['accepted']:,}", f"{r['rejected']:,}", fmt(r["rate"])]
+            assert re.findall(r'<td class="n \w+">([^<]*)</td>', row)[:6] == \
+                [f"{r['served']:,}", f"{r['shown']:,}", f"{r['accepted']:,}", f"{r['rejected']:,}", f"{r['ignored']:,}",
+                 fmt(r["rate"])]
         arm_users = [int(u) for u in re.findall(r'<td class="n users">([\d,]+)</td>', pages["/console/ab"].text)]
         assert sum(arm_users) >= users > 0  # a user can be in both arms' rows only if routed to both
     app.state.engine.dispose()
