@@ -13,3 +13,11 @@ def register(sub) -> None:
     add_params_arg(p)
     p.add_argument("--steps", type=int, default=30, metavar="N", help="optimizer steps (default: %(default)s)")
     p.set_defaults(func=lazy("pipeline.repro.probe:main"))
+
+    p = cmds.add_parser("check", help="this workspace against the committed dvc.lock, per stage: identical, determinism "
+                                      "bug, or numerics differ (metrics within repro.tolerances)")
+    add_params_arg(p)
+    p.add_argument("--rev", metavar="REV", help="git revision of the reference dvc.lock (default: repro.lock_rev)")
+    p.add_argument("--root", default=".", metavar="DIR", help="the workspace (default: the current directory)")
+    p.add_argument("--json", action="store_true", help="print the verdicts as JSON")
+    p.set_defaults(func=lazy("pipeline.repro.check:main"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import shlex
+from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -92,7 +93,8 @@ class Module:
         return out
 
 
-def project_files(root: str) -> set[str]:
+@lru_cache(maxsize=None)
+def project_files(root: str) -> frozenset[str]:
     """Repository-relative files of the project code that running ``root`` (``module:function``) can execute.
 
     Followed per top-level function, class and method, so that a module of many commands (rlhf/commands.py) only
@@ -192,7 +194,7 @@ def project_files(root: str) -> set[str]:
                     if (cmod.name, cls.name, m.name) not in seen:
                         todo.append((cmod.name, cls.name, m.name))
 
-    return {modules[name].path.relative_to(REPO).as_posix() for name in used}
+    return frozenset(modules[name].path.relative_to(REPO).as_posix() for name in used)
 
 
 def local_target(mod: Module, base: ast.expr) -> str:
@@ -218,10 +220,15 @@ def stage_commands() -> list[tuple[str, str, list[str]]]:
     return out
 
 
+@lru_cache(maxsize=1)
+def parser():
+    return build_parser()
+
+
 def handler(cmd: str) -> str:
     words = shlex.split(cmd)
     assert words[0] == "ownllm", f"a stage runs something other than an ownllm sub-command: {cmd!r}"
-    return build_parser().parse_args(words[1:]).func.__qualname__  # pipeline.cli.lazy: "module:function"
+    return parser().parse_args(words[1:]).func.__qualname__  # pipeline.cli.lazy: "module:function"
 
 
 def covered(path: str, deps: list[str]) -> bool:
@@ -244,3 +251,19 @@ def test_the_walk_finds_lazy_and_relative_imports():
               "pipeline/numerics.py", "pipeline/config.py"):
         assert f in files
     assert "pipeline/cli.py" not in files and "feedback/app.py" not in files
+
+
+@pytest.mark.parametrize("stage,cmd,deps", stage_commands(), ids=lambda v: v if isinstance(v, str) and " " in v else None)
+def test_stages_that_apply_numerics_are_pinned_and_track_them(stage, cmd, deps):
+    """A stage whose code applies params `numerics` must have them pinned by the CLI before torch loads; a stage the
+    CLI pins must re-run when they change."""
+    from pipeline.cli import NUMERICS_COMMANDS
+
+    words = tuple(w for w in shlex.split(cmd)[1:3] if not w.startswith("-"))
+    pinned = any(words[:len(c)] == c for c in NUMERICS_COMMANDS)
+    if "pipeline/numerics.py" in project_files(handler(cmd)):
+        assert pinned, f"{cmd!r} applies params `numerics` but is missing from pipeline.cli.NUMERICS_COMMANDS"
+    if not pinned:
+        return
+    params = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"][stage].get("params", [])
+    assert "numerics" in params, f"stage {stage!r} applies params `numerics` but does not list them in dvc.yaml"
