@@ -15,8 +15,10 @@ The completion shape shares ``/v1/completions`` with the OpenAI shape (feedback/
 ``segments``); both become one :class:`~feedback.requests.CompletionInput` served by the gateway's
 ``CompletionService`` (same FIM prompt builder, routing, A/B arms and logging). Events are stored as feedback
 on the user's *own* completions only: ``view`` sets ``completions.viewed_at`` (the first time), ``select`` is
-an accept (``select_kind=line``: ``accepted_chars`` = the characters up to the end of the next line), and
-``dismiss`` a reject; ``elapsed`` (ms since shown) is the time to decision.
+an accept (``select_kind=line``: ``accepted_chars`` = the characters up to the end of the next line; VS Code's
+extension also sends "line" for accept-next-word, so it is an upper bound), and ``dismiss`` a reject;
+``elapsed`` (ms since shown) is the time to decision. A completion accepted at any showing stays accepted
+(:func:`record_event`).
 """
 
 import logging
@@ -153,7 +155,14 @@ def _accepted_chars(text: str | None, before: int | None) -> int | None:
 
 
 def record_event(s, user: User, ev: TabbyEvent, select_kind: str | None) -> dict:
-    """Store one Tabby event on the user's own completion; someone else's is indistinguishable from none."""
+    """Store one Tabby event on the user's own completion; someone else's is indistinguishable from none.
+
+    Tabby's events are per showing (``view_id``), the store keeps one decision per completion, and a
+    completion the user took at any showing is accepted: Tabby's VS Code extension dismisses the shown
+    completion whenever it asks for the next one, shows a cached completion again (same id) after a dismiss,
+    and dismisses the rest of a partly accepted one. So a select after a dismiss turns the decision into an
+    accept, and a dismiss after a select leaves the accept as it is (both are 200s, not conflicts).
+    """
     row = s.scalar(select(Completion).where(Completion.request_id == ev.completion_id,
                                             Completion.choice_index == ev.choice_index,
                                             Completion.user_id == user.id))
@@ -163,30 +172,33 @@ def record_event(s, user: User, ev: TabbyEvent, select_kind: str | None) -> dict
     shown_at = now - timedelta(milliseconds=ev.elapsed) if ev.elapsed is not None else now
     if row.viewed_at is None:
         row.viewed_at = now if ev.type == "view" else shown_at
+    out = {"completion_id": ev.completion_id, "choice_index": ev.choice_index, "type": ev.type, "duplicate": True}
     if ev.type == "view":
-        return {"completion_id": ev.completion_id, "choice_index": ev.choice_index, "type": "view",
-                "duplicate": False}
+        return {**out, "duplicate": False}
     kind = FeedbackKind.accepted if ev.type == "select" else FeedbackKind.rejected
     line_only = ev.type == "select" and (select_kind or ev.select_kind) == "line"
+    elapsed = float(ev.elapsed) if ev.elapsed is not None else None
     prior = s.scalar(select(FeedbackEvent).where(FeedbackEvent.completion_id == row.id))
-    if prior is not None and prior.kind != kind:
-        raise store.Conflict(f"completion {ev.completion_id!r} (choice {ev.choice_index}) was already "
-                             f"{prior.kind.value}, cannot record {kind.value}")
-    if prior is not None:
-        if line_only and prior.accepted_chars is not None:  # the next line of a partially accepted completion
+    if prior is None:
+        prior = FeedbackEvent(completion_id=row.id, kind=kind, time_to_decision_ms=elapsed, created_at=now,
+                              accepted_chars=_accepted_chars(row.completion, 0) if line_only else None)
+        s.add(prior)
+    elif kind == FeedbackKind.rejected:
+        return out  # a repeat, or the rest of an accepted completion dismissed: the accept stands
+    elif prior.kind != FeedbackKind.accepted:  # shown again (the agent's cache) and taken this time
+        prior.kind, prior.time_to_decision_ms, prior.created_at = kind, elapsed, now
+        prior.accepted_chars = _accepted_chars(row.completion, 0) if line_only else None
+    else:
+        if line_only and prior.accepted_chars is not None:  # the next line of a partly accepted completion
             prior.accepted_chars = _accepted_chars(row.completion, prior.accepted_chars)
-        elif kind == FeedbackKind.accepted and not line_only:
+        elif not line_only:
             prior.accepted_chars = None  # the rest was accepted too: the whole completion
-        return {"completion_id": ev.completion_id, "choice_index": ev.choice_index, "type": ev.type,
-                "duplicate": True}
-    accepted_chars = _accepted_chars(row.completion, 0) if line_only else None
-    if line_only and accepted_chars is None and row.completion is None:
-        accepted_chars = 0  # texts not stored for this user: a partial accept whose size is unknown
-    s.add(FeedbackEvent(completion_id=row.id, kind=kind, accepted_chars=accepted_chars,
-                        time_to_decision_ms=float(ev.elapsed) if ev.elapsed is not None else None, created_at=now))
+        return out
+    if line_only and prior.accepted_chars is None and row.completion is None:
+        prior.accepted_chars = 0  # texts not stored for this user: a partial accept whose size is unknown
     s.flush()
-    return {"completion_id": ev.completion_id, "choice_index": ev.choice_index, "type": ev.type,
-            "duplicate": False, "model": row.model_version.name, "language": row.language, "kind": kind.value}
+    return {**out, "duplicate": False, "model": row.model_version.name, "language": row.language,
+            "kind": kind.value}
 
 
 # ------------------------------------------------------------------------------------------------- routes

@@ -111,8 +111,17 @@ def test_events_view_select_line_select_dismiss(gateway):
     fb = decision(gateway, b["id"])
     assert fb.kind.value == "rejected" and fb.time_to_decision_ms == 1200
     assert rows(gateway, b["id"])[0].viewed_at is not None  # a decision implies it was shown
-    r = ev(type="select", completion_id=b["id"])
-    assert r.status_code == 409 and "already rejected" in r.json()["error"]["message"]
+    # VS Code dismisses whatever is shown when it asks for the next completion, then shows a cached completion
+    # (same id) again: taken at a later showing, it is accepted.
+    assert ev(type="view", completion_id=b["id"], view_id="v3").status_code == 200
+    r = ev(type="select", completion_id=b["id"], select_kind="line", elapsed=300)
+    assert r.status_code == 200 and r.json()["duplicate"] is False
+    fb = decision(gateway, b["id"])
+    assert fb.kind.value == "accepted" and fb.time_to_decision_ms == 300 and fb.accepted_chars is not None
+    # ... and the rest of a partly accepted completion dismissed leaves the accept as it was.
+    r = ev(type="dismiss", completion_id=b["id"], elapsed=900)
+    assert r.status_code == 200 and r.json()["duplicate"] is True
+    assert decision(gateway, b["id"]).kind.value == "accepted"
 
 
 def test_events_are_the_users_own_and_well_formed(gateway):
