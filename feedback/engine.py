@@ -136,8 +136,11 @@ class Batcher:
                 return True
             return bool(job.on_token and job.on_token(choice, s.token_id, seen[s.batch_id]))
 
+        # The per-token callback takes the GIL once per row and token: only pay for it when a row streams or has
+        # stop sequences (a plain completion cannot be cut short anyway; it is returned whole).
+        needs_callback = any(j.on_token is not None for j in jobs)
         kw = dict(max_length=max_new, include_prompt_in_result=False, return_end_token=True, end_token=stops,
-                  callback=step)
+                  callback=step if needs_callback else None)
         if temperature > 0:
             kw.update(sampling_topk=0, sampling_topp=top_p, sampling_temperature=temperature)
         try:
