@@ -210,6 +210,9 @@ def test_staff_promotes_through_the_page_with_confirmation_and_an_audit_row(brow
         form.locator("select[name=to]").select_option("all")
         form.locator("button.promote").click()
         assert "Move ft-a from ab:50 to all?" in page.inner_text("p.confirm")
+        # The signed-in cookie alone cannot act: a post without the form's token (a forged form) is refused.
+        r = page.request.post(console + "/console/versions/ft-a/rollout", form={"to": "all", "confirm": "yes"})
+        assert r.status == 403 and "csrf" in r.text()
         with factory() as s:  # nothing changes before the confirmation
             assert store.get_version(s, "ft-a").rollout_state == RolloutState.ab
         page.click("button.confirm-yes")
