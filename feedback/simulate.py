@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -30,7 +31,6 @@ from tqdm import tqdm
 
 from pipeline.cli import UserError
 from pipeline.config import Params, SimulateConfig, load_params
-from pipeline.eval.fim import normalise  # one rule for "the same line": FIM exact match and the simulated user
 from pipeline.fim_prompt import SPECIAL_TOKENS
 from pipeline.tracking import say, stage_run
 
@@ -40,47 +40,122 @@ SIM_USER_PREFIX = "sim-user-"
 
 @dataclass(frozen=True)
 class Cursor:
+    """Where the simulated user stops typing and waits for a suggestion, and what they type next.
+
+    The cursor sits inside a line: after its indentation or at the end of a word / punctuation run, never
+    after a bare newline (BPE merges a newline with the indentation after it, so a prompt ending in one is
+    a token boundary the model rarely saw) and never after a blank (same: " x" is one token)."""
+
     doc_id: str
     path: str
     lang: str
-    line_no: int
-    prefix: str  # everything before the cursor line
-    suffix: str  # everything after the cursor line (the line itself is what the user is about to type)
-    truth: str  # the real text from the cursor to the end of the file
+    line_no: int  # 0-based
+    col: int  # characters of the line before the cursor
+    prefix: str  # the file up to the cursor (its end, up to max_context_chars)
+    suffix: str  # the file after the cursor's line, starting with its newline (its start, up to max_context_chars)
+    kept: str  # the real continuation: the rest of the cursor's line, what the user goes on to type
+
+    @property
+    def key(self) -> str:
+        return f"{self.doc_id}:{self.line_no}:{self.col}"
 
 
-def common_prefix(completion: str, truth: str) -> int:
-    """Non-whitespace characters in the common prefix, leading indentation stripped from both: editors
-    re-indent, and matching whitespace is no evidence that the suggestion is right."""
-    same = os.path.commonprefix([completion.lstrip(" \t"), truth.lstrip(" \t")])
-    return sum(not ch.isspace() for ch in same)
+def _word(ch: str) -> bool:
+    return ch.isalnum() or ch == "_"
 
 
-def first_line_equal(completion: str, truth: str) -> bool:
-    first, want = normalise(completion.split("\n", 1)[0]), normalise(truth.split("\n", 1)[0])
-    return bool(want) and first == want
+def cursor_columns(line: str, min_kept_chars: int) -> list[int]:
+    """Columns of ``line`` where an editor would ask for a completion, leaving at least ``min_kept_chars``
+    non-blank characters to type: after the indentation (indented lines only: column 0 of an unindented
+    line is right after a bare newline), and after every non-blank character that does not sit inside a
+    word (``return|``, ``self.|``, ``foo(|``) and is not followed by more of the same word."""
+    indent = len(line) - len(line.lstrip(" \t"))
+    cols = [indent] if indent > 0 else []
+    for j in range(indent + 1, len(line)):
+        prev, nxt = line[j - 1], line[j]
+        if prev.isspace() or (_word(prev) and _word(nxt)):
+            continue
+        cols.append(j)
+    return [j for j in cols if sum(not c.isspace() for c in line[j:]) >= min_kept_chars]
 
 
-def accepts(completion: str, truth: str, min_common_prefix: int) -> bool:
-    """The simulated user's decision: does the completion say what the file says next?"""
-    if not completion.strip():
-        return False
-    return first_line_equal(completion, truth) or common_prefix(completion, truth) >= min_common_prefix
+def cursor_candidates(doc: dict, cfg: SimulateConfig) -> list[tuple[int, int]]:
+    """Every (line, column) a cursor may take in the document, in a seeded order fixed by the document id.
+
+    Lines come after a little context (line 3 on); one column per line (seeded), so a long line does
+    not weigh more than a short one. The order is the same for every round: round ``r`` takes the next
+    ``cursors_per_file`` candidates (:func:`cursors`), so rounds never reuse a cursor line."""
+    lines = doc["content"].split("\n")
+    rng = random.Random(f"{cfg.seed}:{doc['id']}")
+    out = []
+    for i in range(3, len(lines)):
+        if len(lines[i].strip()) < cfg.min_line_chars:
+            continue
+        cols = cursor_columns(lines[i], cfg.min_kept_chars)
+        if cols:
+            out.append((i, cols[rng.randrange(len(cols))]))
+    rng.shuffle(out)
+    return out
 
 
-def closeness(completion: str, truth: str) -> tuple[int, bool]:
-    """How close a suggestion is to the truth, for ranking the choices: common prefix, then first line."""
-    return common_prefix(completion, truth), first_line_equal(completion, truth)
+def make_cursor(doc: dict, line_no: int, col: int, max_context_chars: int) -> Cursor:
+    lines = doc["content"].split("\n")
+    prefix = "".join(line + "\n" for line in lines[:line_no]) + lines[line_no][:col]
+    suffix = "\n" + "\n".join(lines[line_no + 1:])
+    return Cursor(doc["id"], doc.get("path", ""), doc["lang"], line_no, col, prefix[-max_context_chars:],
+                  suffix[:max_context_chars], lines[line_no][col:])
 
 
-def decide(texts: list[str], truth: str, min_common_prefix: int) -> list[str | None]:
-    """The user's event per choice: the closest suggestion (lowest index on ties) is accepted if it passes
-    :func:`accepts`, every other one rejected. A duplicate of the accepted text gets no event (an IDE shows
-    identical suggestions once), so the same text is never both accepted and rejected."""
-    best = max(range(len(texts)), key=lambda i: (closeness(texts[i], truth), -i))
-    if not accepts(texts[best], truth, min_common_prefix):
-        return ["rejected"] * len(texts)
-    return ["accepted" if i == best else None if t == texts[best] else "rejected" for i, t in enumerate(texts)]
+def cursors(doc: dict, cfg: SimulateConfig, round_no: int = 0, per_file: int | None = None) -> list[Cursor]:
+    """Round ``round_no``'s cursors of a document (``per_file`` of them, default ``cfg.cursors_per_file``):
+    disjoint from every other round's, in line order."""
+    k = cfg.cursors_per_file if per_file is None else per_file
+    picks = sorted(cursor_candidates(doc, cfg)[round_no * k:(round_no + 1) * k])
+    return [make_cursor(doc, i, j, cfg.max_context_chars) for i, j in picks]
+
+
+def accepted_length(suggestion: str, kept: str) -> int:
+    """Characters of ``suggestion`` a user typing ``kept`` accepts, as editors' partial accept does
+    (accept next word / accept line): the longest common prefix, cut back to a word boundary of ``kept``
+    (its end, or a place that is not inside a word). A suggestion that goes on past the line is accepted up
+    to the end of the line."""
+    n = len(os.path.commonprefix([suggestion, kept]))
+    while 0 < n < len(kept) and _word(kept[n - 1]) and _word(kept[n]):
+        n -= 1
+    return n
+
+
+def words_in(text: str) -> int:
+    return len(re.findall(r"\w+", text))
+
+
+def is_accepted(suggestion: str, kept: str, min_words: int) -> int:
+    """Accepted characters (0 = rejected): a suggestion counts as accepted when its accepted part holds
+    at least ``min_words`` whole words (``feedback.simulate.min_accept_words``)."""
+    n = accepted_length(suggestion, kept)
+    return n if n and words_in(kept[:n]) >= min_words else 0
+
+
+def decide(texts: list[str], kept: str, min_words: int) -> list[tuple[str, int] | None]:
+    """The user's event per suggestion, ``(event, accepted_chars)``: the one that saves the most typing
+    (lowest index on ties) is accepted if it passes :func:`is_accepted`, every other shown one rejected;
+    empty suggestions are not shown, so they get no event; nor does a duplicate of the accepted text (an
+    IDE shows identical suggestions once), so the same text is never both accepted and rejected."""
+    if not texts:
+        return []
+    gains = [is_accepted(t, kept, min_words) for t in texts]
+    best = max(range(len(texts)), key=lambda i: (gains[i], -i))
+    out: list[tuple[str, int] | None] = []
+    for i, t in enumerate(texts):
+        if not t.strip():
+            out.append(None)
+        elif gains[best] and i == best:
+            out.append(("accepted", gains[i]))
+        elif gains[best] and t == texts[best]:
+            out.append(None)
+        else:
+            out.append(("rejected", 0))
+    return out
 
 
 def cursor_seed(seed: int, index: int) -> int:
@@ -101,21 +176,6 @@ def pick_files(docs: list[dict], cfg: SimulateConfig) -> list[dict]:
         for lang in langs:
             if by_lang[lang] and len(out) < cfg.files:
                 out.append(by_lang[lang].pop())
-    return out
-
-
-def cursors(doc: dict, cfg: SimulateConfig) -> list[Cursor]:
-    """``cfg.cursors_per_file`` cursor lines with enough text, after a little context, seeded by the doc id."""
-    lines = doc["content"].split("\n")
-    candidates = [i for i in range(3, len(lines)) if len(lines[i].strip()) >= cfg.min_line_chars]
-    rng = random.Random(f"{cfg.seed}:{doc['id']}")
-    picks = sorted(rng.sample(candidates, min(cfg.cursors_per_file, len(candidates))))
-    out = []
-    for i in picks:
-        prefix = "".join(line + "\n" for line in lines[:i])
-        suffix = "\n" + "\n".join(lines[i + 1:])
-        out.append(Cursor(doc["id"], doc.get("path", ""), doc["lang"], i, prefix[-cfg.max_context_chars:],
-                          suffix[:cfg.max_context_chars], "\n".join(lines[i:])))
     return out
 
 

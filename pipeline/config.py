@@ -473,7 +473,10 @@ class SimulateConfig(Section):
     files: int = Field(24, ge=1)  # held-out files replayed, spread round-robin over languages
     cursors_per_file: int = Field(2, ge=1)
     min_line_chars: int = Field(8, ge=1)  # a cursor line has at least this much non-blank text
-    min_common_prefix: int = Field(12, ge=1)  # non-blank characters in common, indentation stripped
+    min_kept_chars: int = Field(4, ge=1)  # a cursor leaves at least this many non-blank characters to type
+    # A suggestion counts as accepted when the part the user accepts (partial accept, cut at a word
+    # boundary) holds at least this many whole words: one word is the smallest unit editors accept.
+    min_accept_words: int = Field(1, ge=1)
     # Suggestions per cursor (the gateway's `n`), as an IDE that lets its user cycle through several: the
     # closest one is accepted if it passes the accept rule, the others rejected (preference pairs).
     # 1 = one greedy suggestion.
@@ -503,12 +506,24 @@ class FeedbackConfig(Section):
 
 
 class RLHFGateConfig(Section):
-    # The tuned model may be at most this much worse (absolute) than its parent on the held-out simulated
-    # acceptance rate; the other metrics use eval.tolerances.
-    acceptance_tolerance: float = Field(0.05, ge=0, le=1)
-    # Held-out replay: files of the 'val' split (never in the snapshot), cursors per file, seed.
-    heldout_files: int = Field(16, ge=1)
-    cursors_per_file: int = Field(2, ge=1)
+    # The held-out replay (rlhf/heldout.py): this share of the validation files, chosen by a hash of the
+    # document id, is the gate's alone: simulate, bounties, snapshot and tuning never see them.
+    heldout_frac: float = Field(0.5, gt=0, lt=1)
+    cursors_per_file: int = Field(32, ge=1)  # cursors per held-out file (fewer where a file has fewer lines)
+    max_files: int | None = Field(None, ge=1)  # null: every held-out file
+    max_tokens: int = Field(24, ge=1)  # suggestion length (greedy, cut at the end of the line)
+    batch_size: int = Field(64, ge=1)
+    # Utility per cursor = accepted characters - reject_cost_chars for every suggestion shown and not accepted.
+    reject_cost_chars: float = Field(2.0, ge=0)
+    # Non-inferiority: pass when the 95% CI's lower bound of the utility difference (tuned - parent,
+    # characters per cursor) is above -margin; promote to `promote_to` only when the gain is significant.
+    margin: float = Field(0.1, ge=0)
+    alpha: float = Field(0.05, gt=0, lt=1)
+    promote_to: str = "all"
+    # HumanEval / FIM exact match: tuned may be worse than its parent by at most regression_z standard
+    # errors of the parent's rate on that many cases (pipeline.eval.paired.sampling_tolerance).
+    regression_z: float = Field(1.96, gt=0)
+    resamples: int = Field(4999, ge=99)  # bootstrap / permutation resamples
     seed: int = 13
     skip_humaneval: bool = False  # the tiny CPU default may skip the slow HumanEval part of the gate
 

@@ -1,21 +1,29 @@
-"""The evaluation gate: the tuned model against its parent, with the evaluation stage's own compare.
+"""The evaluation gate: the tuned model against its parent, with a statistical rule that can fail.
 
-Both models are evaluated the same way into ``reports/eval/<name>/`` (``rlhf-parent`` and ``rlhf-tuned``):
-HumanEval pass@k in the sandbox (``pipeline.eval.humaneval``), single-line FIM and next-line accuracy
-(``pipeline.eval.fim``), stdlib-idiom plausibility (``pipeline.eval.idioms``, shown, not gated by default)
-and the held-out simulated acceptance rate (``rlhf.heldout``, written as
-``heldout.json`` so the compare sees it as ``heldout.acceptance``). ``pipeline.eval.compare`` then applies
-``eval.tolerances`` plus ``rlhf.gate.acceptance_tolerance``: the tuned model passes when no gated metric
-is worse than its parent's by more than its tolerance.
+Both models are evaluated the same way into ``reports/eval/<name>/`` (``rlhf-parent`` and ``rlhf-tuned``),
+on the gate's held-out files only (``rlhf.heldout.gate_docs``: never simulated, snapshot or tuned on):
 
-The result is written whatever it is: a failed gate is a result, and the
+- the **held-out replay** (``rlhf.heldout``): every cursor scored for both models, so the comparison is
+  paired (``pipeline.eval.paired``): exact McNemar on acceptance per cursor; a file-clustered bootstrap
+  95% CI and permutation p-value on accepted characters per cursor and on **utility per cursor**
+  (accepted characters minus ``reject_cost_chars`` per suggestion shown and not accepted);
+- HumanEval pass@1 (sandboxed) and FIM / next-line exact match as **non-regression** checks, each with a
+  tolerance of ``regression_z`` standard errors of the parent's rate on its number of cases
+  (``pipeline.eval.compare.sampling_tolerances``);
+- stdlib-idiom plausibility, shown, not gated.
+
+The rule (``rlhf.gate``): **pass** when the utility difference's CI lower bound is above ``-margin``
+(non-inferiority) and no non-regression check regressed; **significant** when, in addition, the utility
+gain's CI lies above 0 and its p-value is below ``alpha`` — only then is the version promoted to
+``promote_to`` (otherwise it is registered for staff only).
+
+The result is written whatever it is (``reports/rlhf_gate.json``): a failed gate is a result, and the
 loop report shows it. Only ``ownllm rlhf register`` turns it into an exit status.
-The result is ``reports/rlhf_gate.json``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +33,11 @@ from pipeline.tracking import write_json
 PARENT_NAME = "rlhf-parent"
 TUNED_NAME = "rlhf-tuned"
 STAGE = "rlhf_gate"
-ACCEPTANCE_METRIC = "heldout.acceptance"
+DECIDING_METRIC = "heldout.utility_per_cursor"
 # Shown in the table and loop report even when not gated.
-INFO_METRICS = ("humaneval.pass@1", "fim.infill_exact", "fim.next_line_exact", "idioms.plausible_rate", ACCEPTANCE_METRIC)
+INFO_METRICS = ("humaneval.pass@1", "fim.infill_exact", "fim.next_line_exact", "idioms.plausible_rate",
+                "heldout.shown_rate", "heldout.acceptance", "heldout.accepted_chars_per_cursor",
+                "heldout.completed_share", DECIDING_METRIC)
 
 
 @dataclass
@@ -36,17 +46,33 @@ class GateResult:
     rows: list[dict]  # one per metric: metric, parent, tuned, delta, tolerance, gated, ok
     parent: dict
     tuned: dict
+    paired: dict = field(default_factory=dict)  # the held-out replay's paired tests
+    significant: bool = False
+    promote_to: str | None = None  # the rollout state register gives the version
+    reasons: list[str] = field(default_factory=list)  # why it failed / why it is not significant
 
     def to_json(self) -> dict[str, Any]:
-        return {"passed": self.passed, "metrics": self.rows, "parent": self.parent, "tuned": self.tuned}
+        return {"passed": self.passed, "significant": self.significant, "promote_to": self.promote_to,
+                "reasons": self.reasons, "paired": self.paired, "metrics": self.rows, "parent": self.parent,
+                "tuned": self.tuned}
 
     def table(self) -> str:
-        lines = [f"{'metric':<26} {'parent':>8} {'tuned':>8} {'delta':>8} {'tol':>6}  verdict"]
+        lines = [f"{'metric':<36} {'parent':>8} {'tuned':>8} {'delta':>8} {'tol':>6}  verdict"]
         for r in self.rows:
             verdict = ("ok" if r["ok"] else "REGRESSED") if r["gated"] else "(not gated)"
             tol = f"{r['tolerance']:.3f}" if r["tolerance"] is not None else "-"
-            lines.append(f"{r['metric']:<26} {_fmt(r['parent'])} {_fmt(r['tuned'])} {_fmt(r['delta'])} {tol:>6}  {verdict}")
-        lines.append(f"gate: {'PASSED' if self.passed else 'FAILED'}")
+            lines.append(f"{r['metric']:<36} {_fmt(r['parent'])} {_fmt(r['tuned'])} {_fmt(r['delta'])} {tol:>6}  {verdict}")
+        for name, t in self.paired.get("tests", {}).items():
+            lo, hi = t["ci95"]
+            lines.append(f"paired {name:<29} diff {t['diff']:+.3f}  95% CI [{lo:+.3f}, {hi:+.3f}]  p={t['p_value']:.4f}"
+                         f"  ({t['n']} cursors, {t['clusters']} files)")
+        if "mcnemar" in self.paired:
+            m = self.paired["mcnemar"]
+            lines.append(f"paired acceptance (exact McNemar): only parent {m['only_parent']}, only tuned "
+                         f"{m['only_tuned']}, p={m['p_value']:.4f}")
+        lines.append(f"gate: {'PASSED' if self.passed else 'FAILED'}"
+                     + (f", significant: promote to {self.promote_to}" if self.significant else "")
+                     + (f" ({'; '.join(self.reasons)})" if self.reasons else ""))
         return "\n".join(lines)
 
 
@@ -54,20 +80,13 @@ def _fmt(v: float | None) -> str:
     return f"{v:8.3f}" if isinstance(v, (int, float)) else f"{'-':>8}"
 
 
-def gate_params(params: Params) -> Params:
-    """params with the acceptance tolerance added to the evaluation's tolerances (one compare for all)."""
-    tol = {**params.eval.tolerances, ACCEPTANCE_METRIC: params.rlhf.gate.acceptance_tolerance}
-    return params.model_copy(update={"eval": params.eval.model_copy(update={"tolerances": tol})})
-
-
-def evaluate(params: Params, name: str, model_dir: str | Path, heldout_docs: list[dict] | None = None) -> Path:
-    """Every gate metric of one model into ``reports/eval/<name>/``; returns that directory."""
-    from pipeline.eval.fim import heldout_docs as load_heldout
+def evaluate(params: Params, name: str, model_dir: str | Path, docs: list[dict] | None = None, show=None) -> Path:
+    """Every gate metric of one model into ``reports/eval/<name>/``, on the gate's held-out files only."""
     from pipeline.eval.fim import run_fim
     from pipeline.eval.idioms import run_idioms
-    from rlhf.heldout import replay
+    from rlhf.heldout import gate_docs, replay
 
-    docs = load_heldout(params) if heldout_docs is None else heldout_docs
+    docs = gate_docs(params) if docs is None else docs
     out = Path(params.eval.out) / name
     if not params.rlhf.gate.skip_humaneval:
         from pipeline.eval.humaneval import run_humaneval
@@ -75,31 +94,82 @@ def evaluate(params: Params, name: str, model_dir: str | Path, heldout_docs: lis
         run_humaneval(params, name, str(model_dir))
     run_fim(params, name, str(model_dir), docs=docs)
     run_idioms(params, name, str(model_dir))
-    rep = replay(str(model_dir), params, docs)
-    write_json(out / "heldout.json", {"acceptance": rep["rate"], "accepted": rep["accepted"], "cursors": rep["cursors"],
-                                      "ci95": rep["ci95"], "files": rep["files"]})
+    replay(str(model_dir), params, docs, out_dir=out, show=show)
     return out
 
 
-def compare(params: Params, parent_dir: Path, tuned_dir: Path) -> GateResult:
-    """The evaluation stage's compare over the two report directories, as a gate result."""
-    from pipeline.eval.compare import compare_reports
+def paired_tests(parent_rows: list[dict], tuned_rows: list[dict], params: Params) -> dict:
+    """The held-out replay, cursor by cursor: McNemar on acceptance, clustered CIs on the numeric metrics."""
+    from pipeline.eval.paired import clustered_mean_difference, mcnemar_exact
 
-    cmp = compare_reports(parent_dir, tuned_dir, gate_params(params).eval.tolerances, params.eval.lower_is_better)
-    # Gated metrics first (they decide), then the headline metrics shown for information.
+    gate = params.rlhf.gate
+    p = {r["key"]: r for r in parent_rows}
+    t = {r["key"]: r for r in tuned_rows}
+    if p.keys() != t.keys():
+        raise ValueError(f"the two replays scored different cursors ({len(p)} vs {len(t)}): rerun the gate")
+    keys = sorted(p)
+    files = [p[k]["file"] for k in keys]
+    tests = {}
+    for metric in ("utility", "accepted_chars", "accepted", "shown"):
+        res = clustered_mean_difference(metric, [float(p[k][metric]) for k in keys], [float(t[k][metric]) for k in keys],
+                                        files, seed=gate.seed, n_resamples=gate.resamples)
+        tests[metric] = res.to_json()
+    mcn = mcnemar_exact([p[k]["accepted"] for k in keys], [t[k]["accepted"] for k in keys])
+    return {"tests": tests, "mcnemar": mcn, "cursors": len(keys), "files": len(set(files)),
+            "reject_cost_chars": gate.reject_cost_chars, "margin": gate.margin, "alpha": gate.alpha}
+
+
+def decide(paired: dict, regressions: list[str], params: Params) -> tuple[bool, bool, list[str]]:
+    """(passed, significant, reasons) from the paired utility test and the non-regression checks."""
+    gate = params.rlhf.gate
+    u = paired["tests"]["utility"]
+    lo, hi = u["ci95"]
+    reasons = []
+    if not lo > -gate.margin:
+        reasons.append(f"utility per cursor may be worse by more than the margin: 95% CI lower bound {lo:+.3f} "
+                       f"<= -{gate.margin}")
+    reasons += [f"{m} regressed beyond its sampling error" for m in regressions]
+    passed = not reasons
+    significant = passed and lo > 0 and u["p_value"] < gate.alpha
+    if passed and not significant:
+        reasons.append(f"utility gain not significant (diff {u['diff']:+.3f}, 95% CI [{lo:+.3f}, {hi:+.3f}], "
+                       f"p={u['p_value']:.3g})")
+    return passed, significant, reasons
+
+
+def compare(params: Params, parent_dir: Path, tuned_dir: Path) -> GateResult:
+    """Non-regression checks on the eval reports, the paired replay tests, and the rule."""
+    from pipeline.eval.compare import compare_reports, sampling_tolerances
+    from rlhf.heldout import read_rows
+
+    tolerances = sampling_tolerances(parent_dir, params.rlhf.gate.regression_z)
+    if params.rlhf.gate.skip_humaneval:
+        tolerances.pop("humaneval.pass@1", None)
+    cmp = compare_reports(parent_dir, tuned_dir, tolerances, params.eval.lower_is_better)
+    paired = paired_tests(read_rows(parent_dir), read_rows(tuned_dir), params)
+    # Gated metrics first, then the headline metrics shown for information.
     shown = [r for r in cmp.rows if r.tolerance is not None or r.metric in INFO_METRICS]
     rows = [{"metric": r.metric, "parent": r.base, "tuned": r.candidate, "delta": r.delta, "tolerance": r.tolerance,
              "gated": r.tolerance is not None, "ok": r.status not in ("regressed", "missing"), "status": r.status}
             for r in sorted(shown, key=lambda r: (r.tolerance is None, r.metric))]
-    return GateResult(not cmp.regressed, rows, {}, {})
+    u = paired["tests"]["utility"]
+    rows.insert(0, {"metric": DECIDING_METRIC, "parent": u["parent"], "tuned": u["tuned"], "delta": u["diff"],
+                    "tolerance": params.rlhf.gate.margin, "gated": True, "ok": u["ci95"][0] > -params.rlhf.gate.margin,
+                    "status": "paired: CI lower bound vs -margin"})
+    rows = [r for i, r in enumerate(rows) if i == 0 or r["metric"] != DECIDING_METRIC]
+    passed, significant, reasons = decide(paired, [r.metric for r in cmp.regressions], params)
+    return GateResult(passed, rows, {}, {}, paired, significant,
+                      params.rlhf.gate.promote_to if significant else ("staff" if passed else None), reasons)
 
 
-def run_gate(params: Params, parent: dict, tuned_dir: str | Path, heldout_docs: list[dict] | None = None) -> GateResult:
-    """Evaluate parent and tuned model, compare, write ``reports/rlhf/gate.json``."""
+def run_gate(params: Params, parent: dict, tuned_dir: str | Path, docs: list[dict] | None = None) -> GateResult:
+    """Evaluate parent and tuned model on the held-out files, compare, write ``reports/rlhf_gate.json``."""
+    from rlhf.heldout import gate_docs
     from rlhf.tune import weights_hash
 
-    parent_reports = evaluate(params, PARENT_NAME, parent["model_dir"], heldout_docs)
-    tuned_reports = evaluate(params, TUNED_NAME, tuned_dir, heldout_docs)
+    docs = gate_docs(params) if docs is None else docs
+    parent_reports = evaluate(params, PARENT_NAME, parent["model_dir"], docs)
+    tuned_reports = evaluate(params, TUNED_NAME, tuned_dir, docs)
     result = compare(params, parent_reports, tuned_reports)
     result.parent = {**parent, "weights_sha256": weights_hash(parent["model_dir"])}
     result.tuned = {"model_dir": str(tuned_dir), "weights_sha256": weights_hash(tuned_dir)}

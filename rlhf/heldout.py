@@ -1,17 +1,23 @@
-"""Held-out simulated acceptance: the simulated IDE user replayed on files the snapshot never saw.
+"""The held-out replay: the simulated IDE user on files no feedback, snapshot or tuning step has seen.
 
-``ownllm feedback simulate`` replays files of the validation split to fill the store, so the gate's
-replay uses the *other* validation files: those the simulator did not pick
-(``feedback.simulate.pick_files``) and that hold none of the snapshot's text (no bounty solution, no
-accepted or rejected completion, no prompt tail appears in them). A tuned model cannot score by having
-memorised the very contexts it was tuned on.
+Files: the 'gate' part of the validation split (``pipeline.data.records.val_part_of`` with
+``rlhf.gate.heldout_frac``, a hash of the document id). ``ownllm feedback simulate`` — and so every
+bounty, snapshot row and tuning example — draws from the other part only, so a tuned model cannot score
+by having memorised the contexts it was tuned on; the split is fixed by params, not by what a snapshot
+happens to contain.
 
-The cursors, the FIM request and the accept rule are the simulator's own (``feedback.simulate.cursors``
-and ``accepts``), with the gate's seed, so the replay measures what the feedback measured. It stays one
-greedy suggestion per cursor (not the simulator's ``choices`` sampled ones): the gate compares two models'
-best guess, deterministically, without sampling noise. The
-rate comes with its 95% Wilson interval (``feedback.analytics.wilson``): with a few dozen cursors the
-interval is wide, and the loop report shows it rather than a bare point estimate.
+Cursors, the real continuation (``kept``) and the accept rule are the simulator's own
+(``feedback.simulate.cursors`` with the gate's seed, ``is_accepted`` with partial accept at word
+boundaries), ``rlhf.gate.cursors_per_file`` per file. Each model gives one greedy suggestion per cursor,
+cut at the end of the line, so the comparison has no sampling noise and every cursor is scored for both
+models: the comparison is paired (``pipeline.eval.paired``).
+
+Per cursor (``heldout_results.jsonl``): the suggestion, its mean token log-probability, whether it was
+shown (non-empty, and above the suggestion filter's threshold when one is given), accepted characters,
+and the utility ``accepted_chars - reject_cost_chars * (shown and not accepted)``. The summary
+(``heldout.json``): shown rate, acceptance (of shown suggestions, and per cursor), accepted characters per
+cursor, the share of the real continuation's characters that came from accepted suggestions, utility per
+cursor.
 """
 
 from __future__ import annotations
@@ -21,68 +27,104 @@ from pathlib import Path
 
 from pipeline.config import Params
 
-PROBE_CHARS = 48  # a snapshot text this long found in a file means the snapshot saw that file
+RESULTS_FILE = "heldout_results.jsonl"
+SUMMARY_FILE = "heldout.json"
 
 
-def snapshot_probes(snapshot_dir: str | Path) -> set[str]:
-    """Distinctive pieces of every snapshot row: completions/solutions and the tail of each prompt."""
-    from rlhf.tune import PAIRS_FILE, SFT_FILE, UNPAIRED_FILE
+def gate_docs(params: Params) -> list[dict]:
+    """The gate's held-out files (the 'gate' part of the validation split), canonical order."""
+    from pipeline.eval.fim import validation_docs
 
-    probes: set[str] = set()
-    for name in (SFT_FILE, PAIRS_FILE, UNPAIRED_FILE):
-        p = Path(snapshot_dir) / name
-        if not p.is_file():
-            continue
-        for line in p.read_text(encoding="utf-8").splitlines():
-            row = json.loads(line)
-            prompt = row["prompt"].split("<fim_suffix>", 1)[0].removeprefix("<fim_prefix>")
-            for text in (prompt[-PROBE_CHARS:], row.get("completion"), row.get("chosen"), row.get("rejected")):
-                if text and len(text.strip()) >= 16:
-                    probes.add(text.strip()[:PROBE_CHARS])
-    return probes
+    return validation_docs(params, part="gate")
 
 
-def unseen_docs(docs: list[dict], params: Params) -> tuple[list[dict], dict[str, int]]:
-    """Validation files neither the simulator nor the snapshot used, in canonical order; plus counts."""
-    from feedback.simulate import pick_files
-
-    simulated = {d["id"] for d in pick_files([dict(d) for d in docs], params.feedback.simulate)}
-    probes = snapshot_probes(params.rlhf.snapshot_dir)
-    out, seen = [], 0
-    for d in docs:
-        if d["id"] in simulated:
-            continue
-        if any(p in d["content"] for p in probes):
-            seen += 1
-            continue
-        out.append(d)
-    return out, {"val_files": len(docs), "simulated": len(simulated), "in_snapshot": seen, "replayed": 0}
-
-
-def replay(model_dir: str, params: Params, docs: list[dict]) -> dict:
-    """Acceptance of ``model_dir`` on held-out cursors: rate, counts and 95% Wilson interval."""
-    from feedback.analytics import wilson
-    from feedback.simulate import accepts, cursors
-    from pipeline.fim_prompt import SPECIAL_TOKENS, FimPromptBuilder
-    from pipeline.eval.generate import GenerationSettings, generate, load_model
+def gate_cursors(docs: list[dict], params: Params):
+    """The replay's cursors: the simulator's cursor rule with the gate's seed and cursor count."""
+    from feedback.simulate import cursors
+    from pipeline.fim_prompt import SPECIAL_TOKENS
 
     gate = params.rlhf.gate
-    sim = params.feedback.simulate.model_copy(update={"seed": gate.seed, "cursors_per_file": gate.cursors_per_file})
-    files, counts = unseen_docs(docs, params)
-    files = [d for d in files if not any(t in d["content"] for t in SPECIAL_TOKENS)][: gate.heldout_files]
-    cases = [c for d in files for c in cursors(d, sim)]
-    if not cases:
-        raise ValueError(f"no held-out files left to replay ({counts}): the validation split of "
-                         f"{params.data.dedup.out} is used up by the simulator and the snapshot")
-    model, tok = load_model(model_dir, params.train.num_threads)
+    sim = params.feedback.simulate.model_copy(update={"seed": gate.seed})
+    files = [d for d in docs if not any(t in d["content"] for t in SPECIAL_TOKENS)]
+    if gate.max_files is not None:
+        files = files[: gate.max_files]
+    return [c for d in files for c in cursors(d, sim, per_file=gate.cursors_per_file)]
+
+
+def suggest(model_dir: str | Path, params: Params, cases) -> tuple[list[str], list[float]]:
+    """One greedy suggestion per cursor (cut at the end of its line) and its mean token log-probability."""
+    from pipeline.eval.generate import GenerationSettings, generate, load_model
+    from pipeline.fim_prompt import FimPromptBuilder
+
+    gate = params.rlhf.gate
+    model, tok = load_model(model_dir, params.eval.num_threads)
     builder = FimPromptBuilder(tok, getattr(model.config, "max_position_embeddings", 2048))
-    chars = sim.max_context_chars
-    prompts = [builder.text(c.prefix[-chars:], c.suffix[:chars], sim.max_tokens) for c in cases]
-    settings = GenerationSettings(max_new_tokens=sim.max_tokens, temperature=0.0,
-                                  batch_size=params.eval.fim.batch_size, seed=params.seed)
-    outs = generate(model, tok, prompts, settings, desc="held-out replay")
-    accepted = sum(accepts(o, c.truth, sim.min_common_prefix) for o, c in zip(outs, cases))
-    lo, hi = wilson(accepted, len(cases))
-    counts["replayed"] = len(files)
-    return {"cursors": len(cases), "accepted": accepted, "rate": accepted / len(cases), "ci95": [lo, hi],
-            "files": counts}
+    chars = params.feedback.simulate.max_context_chars
+    prompts = [builder.text(c.prefix[-chars:], c.suffix[:chars], gate.max_tokens) for c in cases]
+    settings = GenerationSettings(max_new_tokens=gate.max_tokens, temperature=0.0, batch_size=gate.batch_size,
+                                  seed=params.seed, stop=("\n",))
+    logprobs: list[float] = []
+    outs = generate(model, tok, prompts, settings, desc=f"held-out replay {Path(model_dir).name}", logprobs=logprobs)
+    return outs, logprobs
+
+
+def score(cases, suggestions: list[str], logprobs: list[float], params: Params, show=None) -> list[dict]:
+    """Per-cursor outcome rows. ``show``: optional callable(row) -> bool, the suggestion filter."""
+    from feedback.simulate import is_accepted
+
+    cost = params.rlhf.gate.reject_cost_chars
+    min_words = params.feedback.simulate.min_accept_words
+    rows = []
+    for c, text, lp in zip(cases, suggestions, logprobs):
+        row = {"key": c.key, "file": c.doc_id, "lang": c.lang, "line_no": c.line_no, "col": c.col,
+               "prefix_tail": c.prefix[-200:], "kept": c.kept, "suggestion": text, "logprob": round(lp, 6)}
+        shown = bool(text.strip()) and (show is None or bool(show(row)))
+        acc = is_accepted(text, c.kept, min_words) if shown else 0
+        row.update(shown=shown, accepted=acc > 0, accepted_chars=acc,
+                   utility=acc - (cost if shown and not acc else 0.0))
+        rows.append(row)
+    return rows
+
+
+def summarise(rows: list[dict]) -> dict:
+    from feedback.analytics import wilson
+
+    n = len(rows)
+    shown = sum(r["shown"] for r in rows)
+    acc = sum(r["accepted"] for r in rows)
+    lo, hi = wilson(acc, shown) if shown else (0.0, 1.0)
+    kept = sum(len(r["kept"]) for r in rows)
+    return {"cursors": n, "files": len({r["file"] for r in rows}), "shown": shown, "accepted": acc,
+            "shown_rate": shown / n if n else 0.0,
+            "acceptance": acc / shown if shown else 0.0, "acceptance_ci95": [lo, hi],
+            "accepted_per_cursor": acc / n if n else 0.0,
+            "accepted_chars_per_cursor": sum(r["accepted_chars"] for r in rows) / n if n else 0.0,
+            "completed_share": sum(r["accepted_chars"] for r in rows) / kept if kept else 0.0,
+            "utility_per_cursor": sum(r["utility"] for r in rows) / n if n else 0.0}
+
+
+def replay(model_dir: str | Path, params: Params, docs: list[dict], out_dir: str | Path | None = None,
+           show=None) -> dict:
+    """Replay the held-out cursors on ``model_dir``; write ``heldout.json`` + ``heldout_results.jsonl``
+    to ``out_dir`` when given. Returns the summary with the rows under ``"rows"``."""
+    from pipeline.tracking import write_json, write_jsonl
+
+    cases = gate_cursors(docs, params)
+    if not cases:
+        raise ValueError(f"no held-out cursors to replay: the gate part of the validation split of "
+                         f"{params.data.dedup.out} (rlhf.gate.heldout_frac={params.rlhf.gate.heldout_frac}) "
+                         f"has no usable lines")
+    texts, logprobs = suggest(model_dir, params, cases)
+    rows = score(cases, texts, logprobs, params, show)
+    summary = summarise(rows)
+    if out_dir is not None:
+        write_json(Path(out_dir) / SUMMARY_FILE, summary)
+        write_jsonl(Path(out_dir) / RESULTS_FILE, rows)
+    return {**summary, "rows": rows}
+
+
+def read_rows(report_dir: str | Path) -> list[dict]:
+    p = Path(report_dir) / RESULTS_FILE
+    if not p.is_file():
+        raise FileNotFoundError(f"no held-out replay results at {p} (run `ownllm rlhf gate`)")
+    return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]

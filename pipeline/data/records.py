@@ -177,3 +177,11 @@ def split_of(doc_id: str, val_frac: float) -> str:
     """
     bucket = int(hashlib.blake2b(doc_id.encode(), digest_size=8, person=b"ownllm-split").hexdigest(), 16)
     return "val" if (bucket % 1_000_000) < val_frac * 1_000_000 else "train"
+
+
+def val_part_of(doc_id: str, gate_frac: float) -> str:
+    """'gate' or 'feedback' for a validation document, from a second hash of its id (independent of
+    :func:`split_of`): the gate's held-out replay and FIM checks use 'gate' documents only; the simulated
+    IDE user, its bounties and so the snapshot and every tuning step use 'feedback' documents only."""
+    bucket = int(hashlib.blake2b(doc_id.encode(), digest_size=8, person=b"ownllm-gate").hexdigest(), 16)
+    return "gate" if (bucket % 1_000_000) < gate_frac * 1_000_000 else "feedback"

@@ -124,6 +124,26 @@ def compare_reports(base_dir: str | Path, candidate_dir: str | Path, tolerances:
     return cmp
 
 
+# A rate metric -> the metric holding the number of cases it is measured on (for sampling tolerances).
+RATE_CASES = {"humaneval.pass@1": "humaneval.problems", "fim.infill_exact": "fim.cases",
+              "fim.next_line_exact": "fim.cases"}
+
+
+def sampling_tolerances(base_dir: str | Path, z: float, rates: dict[str, str] | None = None) -> dict[str, float]:
+    """Tolerances sized to each rate's sampling error on the base's own cases: ``z`` standard errors of
+    the base's rate (``pipeline.eval.paired.sampling_tolerance``). A tolerance of 0 would fail a model for
+    one unlucky problem; a fixed one ignores how few cases there are (164 HumanEval problems at 10%: ±4.6
+    points). Rates whose report is absent get none (their compare row says so)."""
+    from pipeline.eval.paired import sampling_tolerance
+
+    base, _ = load_metrics(base_dir)
+    out = {}
+    for metric, cases in (RATE_CASES if rates is None else rates).items():
+        if metric in base and base.get(cases):
+            out[metric] = sampling_tolerance(base[metric], int(base[cases]), z)
+    return out
+
+
 def resolve_report_dir(arg: str, eval_out: str) -> Path:
     """A directory as given, or a report name under ``eval.out``."""
     p = Path(arg)

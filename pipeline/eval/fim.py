@@ -24,12 +24,20 @@ from pipeline.config import Params
 from pipeline.fim_prompt import SPECIAL_TOKENS, FimPromptBuilder
 
 
-def heldout_docs(params: Params, columns: tuple[str, ...] = ("id", "lang", "path", "content")) -> list[dict]:
-    """Documents of data/dedup in the validation split (``records.split_of``), in canonical (lang, id) order."""
-    from pipeline.data.records import read_docs, split_of
+def validation_docs(params: Params, columns: tuple[str, ...] = ("id", "lang", "path", "content"),
+                    part: str | None = None) -> list[dict]:
+    """Documents of data/dedup in the validation split (``records.split_of``), in canonical (lang, id) order.
 
+    ``part`` narrows them to one side of ``records.val_part_of`` (``rlhf.gate.heldout_frac``): ``"gate"``,
+    the files only the RLHF gate sees, or ``"feedback"``, the files the simulated user replays."""
+    from pipeline.data.records import read_docs, split_of, val_part_of
+
+    if part not in (None, "gate", "feedback"):
+        raise ValueError(f"part must be None, 'gate' or 'feedback', not {part!r}")
     table = read_docs(params.data.dedup.out, columns=list(dict.fromkeys(("id", "lang", *columns))))
     rows = [r for r in table.to_pylist() if split_of(r["id"], params.shards.val_frac) == "val"]
+    if part is not None:
+        rows = [r for r in rows if val_part_of(r["id"], params.rlhf.gate.heldout_frac) == part]
     return sorted(rows, key=lambda r: (r["lang"], r["id"]))
 
 
@@ -137,7 +145,7 @@ def run_fim(params: Params, name: str, model_dir: str, docs: list[dict] | None =
     from pipeline.tracking import write_json, write_jsonl
 
     cfg = params.eval.fim
-    docs = heldout_docs(params) if docs is None else docs
+    docs = validation_docs(params) if docs is None else docs
     cases, skipped = select_cases(docs, cfg.seed, cfg.min_line_chars, cfg.max_docs)
     if not cases:
         raise ValueError(f"no held-out documents to evaluate in {params.data.dedup.out} "

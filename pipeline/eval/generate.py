@@ -85,13 +85,30 @@ def _stop_criteria(tok, prompt_len: int, stop: Sequence[str], leading: str):
     return StoppingCriteriaList([StopOnStrings()])
 
 
+def _mean_logprob(tok, ids: list[int], logprobs: list[float], text: str, pad_id: int | None) -> float:
+    """Mean log-probability of the generated tokens that make up ``text`` (the completion as returned, cut
+    at its stop string): the model's confidence in what it showed, a feature of the suggestion filter."""
+    total, n = 0.0, 0
+    for m, (t, lp) in enumerate(zip(ids, logprobs), 1):
+        if t == pad_id or t == tok.eos_token_id:
+            break
+        total, n = total + lp, n + 1
+        if len(tok.decode(ids[:m], skip_special_tokens=True)) >= len(text):
+            break
+    return total / n if n else 0.0
+
+
 def generate(model, tok, prompts: Sequence[str], settings: GenerationSettings, desc: str = "generate",
-             stats: GenerationStats | None = None) -> list[str]:
-    """Completions of ``prompts`` (new text only, cut at the first end token or stop string)."""
+             stats: GenerationStats | None = None, logprobs: list[float] | None = None) -> list[str]:
+    """Completions of ``prompts`` (new text only, cut at the first end token or stop string).
+
+    ``logprobs``: a list to receive, per prompt and in input order, the mean log-probability of the
+    completion's tokens (``model.compute_transition_scores``)."""
     import torch
 
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
     out: list[str] = [""] * len(prompts)
+    lp: list[float] = [0.0] * len(prompts)
     batches = [order[i:i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
     max_len = getattr(model.config, "max_position_embeddings", None)
     ends = end_token_ids(tok)
@@ -111,9 +128,14 @@ def generate(model, tok, prompts: Sequence[str], settings: GenerationSettings, d
             kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if logprobs is not None:
+            kwargs.update(output_scores=True, return_dict_in_generate=True)
         torch.manual_seed(settings.seed + b)
         with torch.inference_mode():
-            seqs = model.generate(**enc, **kwargs)
+            res = model.generate(**enc, **kwargs)
+            seqs = res.sequences if logprobs is not None else res
+            scores = (model.compute_transition_scores(res.sequences, res.scores, normalize_logits=True).tolist()
+                      if logprobs is not None else None)
         new = seqs[:, enc["input_ids"].shape[1]:]
         for row, i in enumerate(idx):
             ids = new[row].tolist()
@@ -122,7 +144,11 @@ def generate(model, tok, prompts: Sequence[str], settings: GenerationSettings, d
                 stats.new_tokens += len(ids)
             text = tok.decode(ids, skip_special_tokens=True)
             out[i] = truncate_at_stop(text, settings.stop, settings.leading)
+            if scores is not None:
+                lp[i] = _mean_logprob(tok, ids, scores[row], out[i], tok.pad_token_id)
     if stats is not None:
         stats.prompts += len(prompts)
         stats.seconds += time.perf_counter() - start
+    if logprobs is not None:
+        logprobs[:] = lp
     return out

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.config import parse_params
 from pipeline.data.records import DOC_SCHEMA, make_doc, split_of, to_table, write_docs
-from pipeline.eval.fim import cursor_case, exact, generated_line, heldout_docs, normalise, run_fim, select_cases
+from pipeline.eval.fim import cursor_case, exact, generated_line, validation_docs, normalise, run_fim, select_cases
 from tests.conftest import stdlib_files
 
 PY_FILES = ["textwrap.py", "shlex.py", "fnmatch.py", "glob.py", "bisect.py", "heapq.py", "colorsys.py", "keyword.py",
@@ -32,8 +32,8 @@ def params(tmp_path):
     })
 
 
-def test_heldout_docs_are_exactly_the_validation_split(params):
-    docs = heldout_docs(params)
+def test_validation_docs_are_exactly_the_validation_split(params):
+    docs = validation_docs(params)
     assert docs and all(split_of(d["id"], 0.5) == "val" for d in docs)
     from pipeline.data.records import read_docs
 
@@ -43,7 +43,7 @@ def test_heldout_docs_are_exactly_the_validation_split(params):
 
 
 def test_cursor_choice_is_deterministic_and_exact(params):
-    doc = heldout_docs(params)[0]
+    doc = validation_docs(params)[0]
     a, b = cursor_case(doc, 7, 4), cursor_case(doc, 7, 4)
     assert a == b
     assert a.line_no > 0 and a.prefix + "\n" + a.target + a.suffix == doc["content"]
@@ -54,7 +54,7 @@ def test_cursor_choice_is_deterministic_and_exact(params):
 
 
 def test_cases_per_language_and_skips_are_counted(params):
-    docs = heldout_docs(params)
+    docs = validation_docs(params)
     docs.append({"id": "x1", "lang": "python", "path": "p.py", "content": "a\nb\n"})
     docs.append({"id": "x2", "lang": "python", "path": "q.py", "content": "x = '<|endoftext|>'\n"})
     cases, skipped = select_cases(sorted(docs, key=lambda d: (d["lang"], d["id"])), 7, 4, max_docs=100)
@@ -92,4 +92,4 @@ def test_missing_dedup_dataset_is_a_clear_error(tmp_path):
     params = parse_params({"data": {"sources": [{"name": "x", "kind": "dir", "path": "."}],
                                     "dedup": {"out": str(tmp_path / "nowhere")}}})
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        heldout_docs(params)
+        validation_docs(params)

@@ -1,0 +1,161 @@
+"""The gate can fail: paired statistics, and a real replay that tells a damaged model from a good one."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.config import parse_params
+from pipeline.eval.paired import clustered_mean_difference, mcnemar_exact, sampling_tolerance
+from rlhf_fixtures import rlhf_params
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+# Short real files the "good" model below learns by heart: its suggestions on them are mostly right.
+GATE_FILES = ["colorsys.py", "bisect.py", "keyword.py"]
+
+
+# ------------------------------------------------------------------------------------------ statistics
+def test_mcnemar_counts_discordant_pairs_only():
+    parent = [True, True, False, False, True, False]
+    tuned = [True, False, True, True, True, True]
+    m = mcnemar_exact(parent, tuned)
+    assert (m["both"], m["only_parent"], m["only_tuned"], m["neither"]) == (2, 1, 3, 0)
+    assert 0.5 < m["p_value"] <= 1.0  # 1 vs 3 discordant: no evidence
+    assert mcnemar_exact([True] * 5, [True] * 5)["p_value"] == 1.0
+    many = mcnemar_exact([False] * 40, [True] * 30 + [False] * 10)
+    assert many["only_tuned"] == 30 and many["p_value"] < 1e-6
+    with pytest.raises(ValueError, match="length"):
+        mcnemar_exact([True], [True, False])
+
+
+def test_clustered_difference_finds_a_real_shift_and_not_a_null_one():
+    rng = np.random.default_rng(0)
+    files = [f"f{i // 20}" for i in range(600)]  # 30 files of 20 cursors
+    parent = rng.integers(0, 12, 600).astype(float)
+    shifted = parent + rng.normal(1.0, 3.0, 600)
+    up = clustered_mean_difference("u", parent, shifted, files, seed=1, n_resamples=999)
+    assert up.ci95[0] > 0 and up.p_value < 0.01 and up.clusters == 30 and up.n == 600
+    assert up.ci95[0] < up.diff < up.ci95[1]
+    noise = parent + rng.normal(0.0, 3.0, 600)
+    null = clustered_mean_difference("u", parent, noise, files, seed=1, n_resamples=999)
+    assert null.ci95[0] < 0 < null.ci95[1] and null.p_value > 0.05
+    same = clustered_mean_difference("u", parent, parent, files, seed=1)
+    assert same.diff == 0 and same.ci95 == (0.0, 0.0) and same.p_value == 1.0
+    # Deterministic given the seed.
+    assert clustered_mean_difference("u", parent, shifted, files, seed=1, n_resamples=999) == up
+
+
+def test_cluster_bootstrap_is_wider_than_an_iid_one_when_files_differ():
+    """Cursors of one file move together: the file-level interval must reflect it."""
+    rng = np.random.default_rng(3)
+    files = [f"f{i // 50}" for i in range(1000)]  # 20 files
+    file_effect = np.repeat(rng.normal(0, 2.0, 20), 50)  # the tuned model helps in some files, hurts in others
+    parent = rng.normal(5, 1, 1000)
+    tuned = parent + file_effect + rng.normal(0, 0.2, 1000)
+    clustered = clustered_mean_difference("u", parent, tuned, files, seed=0, n_resamples=999)
+    iid = clustered_mean_difference("u", parent, tuned, [str(i) for i in range(1000)], seed=0, n_resamples=999)
+    width = lambda r: r.ci95[1] - r.ci95[0]  # noqa: E731
+    assert width(clustered) > 3 * width(iid)
+
+
+def test_sampling_tolerance_matches_the_binomial_error():
+    assert sampling_tolerance(0.10, 164) == pytest.approx(0.046, abs=0.002)  # the issue's ±4.6 points
+    assert 0.01 < sampling_tolerance(0.0, 164) < 0.03  # never 0: one lucky problem is not a regression
+    assert sampling_tolerance(0.1, 1640) < sampling_tolerance(0.1, 164) / 3
+
+
+# ------------------------------------------------------------------------------------- the real gate
+@pytest.fixture(scope="module")
+def good_model(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model, trained further on the gate's files until it knows them: it passes a real replay."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("good_model")
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    ids = []
+    for n in GATE_FILES:
+        ids += tok((STDLIB / n).read_text(encoding="utf-8"))["input_ids"] + [tok.eos_token_id]
+    data = torch.tensor(ids)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(150):
+        starts = torch.randint(0, len(data) - 97, (16,), generator=g)
+        batch = torch.stack([data[s:s + 96] for s in starts])
+        model(input_ids=batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def damaged(model_dir: Path, out: Path, scale: float) -> Path:
+    """The same model with Gaussian noise of ``scale`` x each weight tensor's own std added (seeded)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.numel() > 1:
+                p.add_(torch.randn(p.shape, generator=g) * p.std() * scale)
+    model.save_pretrained(out)
+    for f in model_dir.glob("*token*"):
+        shutil.copy2(f, out / f.name)
+    return out
+
+
+def gate_params(tmp: Path, model_dir: Path):
+    base = rlhf_params(tmp, model_dir)
+    data = base.model_dump(mode="json", exclude={"source_file"})
+    data["eval"]["out"] = str(tmp / "reports/eval")
+    data["eval"]["fim"].update(max_docs=4, max_new_tokens=12)
+    data["eval"]["idioms"]["max_new_tokens"] = 4
+    data["rlhf"]["gate"].update(skip_humaneval=True, cursors_per_file=40, max_tokens=12, resamples=999)
+    return parse_params(data, "gate-params")
+
+
+def gate_docs() -> list[dict]:
+    return [{"id": n, "lang": "python", "path": n, "content": (STDLIB / n).read_text(encoding="utf-8")}
+            for n in GATE_FILES]
+
+
+@pytest.mark.slow
+def test_gate_passes_a_model_against_itself_fails_a_damaged_one_and_sees_a_real_gain(tmp_path, good_model):
+    from rlhf.gate import read_gate, run_gate
+
+    params = gate_params(tmp_path, good_model)
+    docs = gate_docs()
+    parent = {"version": "base", "model_dir": str(good_model)}
+
+    same = run_gate(params, parent, good_model, docs)
+    assert same.passed and not same.significant and same.promote_to == "staff"
+    u = same.paired["tests"]["utility"]
+    assert u["diff"] == 0 and u["p_value"] == 1.0 and same.paired["cursors"] >= 100
+    base = json.loads((tmp_path / "reports/eval/rlhf-parent/heldout.json").read_text())
+    assert base["accepted_chars_per_cursor"] > 2.0  # the replay has signal to lose: the good model scores
+
+    bad = damaged(good_model, tmp_path / "damaged", scale=0.6)
+    worse = run_gate(params, parent, bad, docs)
+    assert not worse.passed and not worse.significant and worse.promote_to is None
+    u = worse.paired["tests"]["utility"]
+    assert u["diff"] < 0 and u["ci95"][1] < 0 and u["p_value"] < 0.05
+    assert any("utility" in r for r in worse.reasons)
+    assert read_gate(params)["passed"] is False
+    assert "gate: FAILED" in worse.table()
+
+    # The other way round: the good model against the damaged one as parent is a significant gain.
+    better = run_gate(params, {"version": "damaged", "model_dir": str(bad)}, good_model, docs)
+    assert better.passed and better.significant and better.promote_to == params.rlhf.gate.promote_to
+    assert better.paired["mcnemar"]["only_tuned"] > better.paired["mcnemar"]["only_parent"]
