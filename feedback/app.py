@@ -29,7 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 import anyio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 from sqlalchemy import select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -41,7 +41,7 @@ from feedback import continue_events, kept, store, tabby
 from feedback.backends import (Backend, BackendError, BadGenerationRequest, Generation, GenRequest, LocalBackend,
                                StreamDelta, UpstreamBackend)
 from feedback.db import check_at_head, current_revision, make_engine
-from feedback.models import Completion, FeedbackKind, ModelVersion, ServeStatus, User, utcnow
+from feedback.models import Completion, FeedbackKind, KeptSource, ModelVersion, ServeStatus, User, utcnow
 from feedback.requests import CompletionInput
 from feedback.routing import NoModel, Route, route, visible_versions
 from pipeline.config import FeedbackConfig, ServeConfig
@@ -120,6 +120,19 @@ class FeedbackItem(BaseModel):
     index: int = Field(0, ge=0)
     event: FeedbackKind
     time_to_decision_ms: float | None = Field(None, ge=0)
+    # A partial accept (accept word / accept line): characters of the suggestion the user took; absent = all.
+    accepted_chars: int | None = Field(None, ge=0)
+    # What the user really kept at the cursor (e.g. to the end of the line), and who says so.
+    kept_text: str | None = Field(None, max_length=20000)
+    kept_source: KeptSource | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.accepted_chars is not None and self.event != FeedbackKind.accepted:
+            raise ValueError("accepted_chars is only meaningful with event 'accepted'")
+        if self.kept_source is not None and self.kept_text is None:
+            raise ValueError("kept_source needs kept_text")
+        return self
 
 
 class FeedbackBatch(BaseModel):
@@ -365,7 +378,8 @@ def create_app(cfg: ServeConfig, backends: BackendPool | None = None, check_sche
         items = body.events if isinstance(body, FeedbackBatch) else [body]
         if len(items) > cfg.max_feedback_batch:
             raise ApiError(400, f"too many events: {len(items)} > {cfg.max_feedback_batch}", param="events")
-        events = [store.FeedbackInput(i.id, i.event, i.index, i.time_to_decision_ms) for i in items]
+        events = [store.FeedbackInput(i.id, i.event, i.index, i.time_to_decision_ms, i.accepted_chars, i.kept_text,
+                                      i.kept_source) for i in items]
         with factory.begin() as s:
             results = store.record_feedback(s, user, events)
         for res in results:

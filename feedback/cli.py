@@ -63,6 +63,8 @@ def register(sub) -> None:
     p = cmds.add_parser("simulate", help="replay held-out files through the API as IDE users; fill the store")
     add_params_arg(p)
     _db_arg(p)
+    p.add_argument("--round", type=int, default=0, metavar="R",
+                   help="refresh round: fresh cursors, disjoint from earlier rounds; feedback accumulates (default 0)")
     p.set_defaults(func=lazy("feedback.simulate:main"))
 
     p = cmds.add_parser("purge", help="clear completion texts older than N days (rows and counts are kept)")

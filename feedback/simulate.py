@@ -1,20 +1,27 @@
 """`ownllm feedback simulate`: a simulated IDE user closes the loop offline.
 
-It replays held-out files (the validation split, ``pipeline.data.records.split_of``) through the HTTP
-API exactly as an editor plugin would: at deterministic cursor lines it sends the text before the
-cursor as ``prompt`` and the text after the cursor line as ``suffix`` (FIM) and asks for ``choices``
-suggestions (``n``, sampled at ``temperature`` / ``top_p``; one greedy suggestion when ``choices`` is 1),
-the way an IDE lets its user cycle through several. The user accepts the suggestion closest to what the
-file really says next (:func:`closeness`) if it passes :func:`accepts` — the first line equal after
-whitespace normalisation, or at least ``min_common_prefix`` characters in common once the leading
-indentation is stripped (so whitespace alone never counts) — and rejects every other suggestion; if none
-passes, all are rejected. One feedback event per choice (the API's ``index``), so a cursor with an
-accepted and a rejected suggestion is a preference pair for ``ownllm rlhf snapshot``.
-It also posts demo bounties derived from held-out documented functions (``source = "derived"``).
+It replays the 'feedback' part of the held-out files (the validation split, ``records.split_of``, minus
+the RLHF gate's own part, ``records.val_part_of``) through the HTTP API exactly as an editor plugin
+would. At deterministic cursors (:func:`cursors`) — inside a line, after its indentation or after a word
+or punctuation, never after a bare newline — it sends the text before the cursor as ``prompt`` and the
+text after the cursor's line as ``suffix`` (FIM), and asks for ``choices`` suggestions (``n``, sampled
+at ``temperature`` / ``top_p``; one greedy suggestion when ``choices`` is 1), cut at the end of the line.
+
+The user knows what they are about to type: the rest of the line (``Cursor.kept``). They accept the
+suggestion that saves them the most typing with editors' partial accept (:func:`accepted_length`: the
+longest prefix that matches what they type, cut at a word boundary) if it holds at least
+``min_accept_words`` whole words, and reject every other shown suggestion. Each event carries
+``accepted_chars`` (partial accept) and ``kept_text`` (what the user really typed, ``kept_source``
+``simulated``): the snapshot turns them into SFT examples on kept code and preference pairs (kept or
+accepted vs rejected). It also posts demo bounties derived from held-out documented functions.
+
+Rounds (``--round R``): round R takes the next ``cursors_per_file`` cursors of each file
+(:func:`cursor_candidates` orders them once), so no round reuses an earlier round's cursor line, and
+feedback accumulates (only round 0 replaces earlier simulated traffic, and only it posts bounties).
 
 Deterministic given params: files, cursors and users come from seeded choices; each request carries a
-``seed`` derived from ``seed`` and the cursor index (:func:`cursor_seed`; the local backend honours it);
-the previous simulated traffic is replaced (``reset``), so a rerun leaves the same store and reports.
+``seed`` derived from ``seed``, the round and the cursor index (:func:`cursor_seed`; the local backend
+honours it), so a rerun leaves the same store and reports.
 """
 
 from __future__ import annotations
@@ -122,7 +129,7 @@ def accepted_length(suggestion: str, kept: str) -> int:
     n = len(os.path.commonprefix([suggestion, kept]))
     while 0 < n < len(kept) and _word(kept[n - 1]) and _word(kept[n]):
         n -= 1
-    return n
+    return n if kept[:n].strip() else 0  # blanks alone are not worth a keystroke
 
 
 def words_in(text: str) -> int:
@@ -212,22 +219,23 @@ def _rate(acc: int, n: int) -> dict:
     return {"accepted": acc, "decided": n, "rate": acc / n if n else None, "ci95": [lo, hi]}
 
 
-def simulate(params: Params, db_url: str) -> dict:
+def simulate(params: Params, db_url: str, round_no: int = 0) -> dict:
     import httpx
 
     from feedback import store
     from feedback.app import create_app, serve_in_thread
     from feedback.commands import ensure_model_registered, write_report
     from feedback.db import session_factory, upgrade
-    from pipeline.eval.fim import heldout_docs
+    from pipeline.eval.fim import validation_docs
 
     cfg = params.feedback.simulate
     try:
-        docs = heldout_docs(params, columns=("id", "lang", "path", "content"))
+        # The 'feedback' part of the validation split only: the 'gate' part is the RLHF gate's held-out set.
+        docs = validation_docs(params, columns=("id", "lang", "path", "content"), part="feedback")
     except FileNotFoundError as exc:
         raise UserError(str(exc)) from None
     files = pick_files(docs, cfg)
-    cases = [c for d in files for c in cursors(d, cfg)]
+    cases = [c for d in files for c in cursors(d, cfg, round_no)]
     if not cases:
         raise UserError(f"no held-out files to replay in {params.data.dedup.out} (validation split "
                         f"shards.val_frac={params.shards.val_frac} is empty or has no usable lines)")
@@ -238,7 +246,7 @@ def simulate(params: Params, db_url: str) -> dict:
     name, created = ensure_model_registered(factory, params.serve.model_dir, cfg.model_name)
     users = [f"{SIM_USER_PREFIX}{i}" for i in range(cfg.users)]
     with factory.begin() as s:
-        removed = reset_simulated(s) if cfg.reset else {}
+        removed = reset_simulated(s) if cfg.reset and round_no == 0 else {}
         keys = {u: store.create_key(s, u, staff=False) for u in users}
 
     serve_cfg = params.serve.model_copy(update={"db_url": db_url, "host": "127.0.0.1"})
@@ -246,7 +254,7 @@ def simulate(params: Params, db_url: str) -> dict:
     tally: dict[tuple[str, str], Counter] = defaultdict(Counter)
     events: Counter = Counter()
     sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.choices > 1 else {"temperature": 0}
-    added = 0
+    added = accepted_chars = kept_chars = 0
     with serve_in_thread(app) as url:
         clients = {u: httpx.Client(base_url=url + "/v1", headers={"Authorization": f"Bearer {k}"}, timeout=300)
                    for u, k in keys.items()}
@@ -256,20 +264,26 @@ def simulate(params: Params, db_url: str) -> dict:
                 client = clients[user]
                 r = client.post("/completions", json={
                     "model": "auto", "prompt": case.prefix, "suffix": case.suffix, "max_tokens": cfg.max_tokens,
-                    "n": cfg.choices, **sampling, "seed": cursor_seed(cfg.seed, i), "language": case.lang,
-                    "user": f"{user}/ide"})
+                    "n": cfg.choices, **sampling, "seed": cursor_seed(cfg.seed + 7919 * round_no, i),
+                    "language": case.lang, "stop": ["\n"], "user": f"{user}/ide"})
                 _check(r, "completion")
                 body = r.json()
                 texts = [c["text"] for c in sorted(body["choices"], key=lambda c: c["index"])]
-                decisions = decide(texts, case.truth, cfg.min_common_prefix)
+                decisions = decide(texts, case.kept, cfg.min_accept_words)
                 # Decision time: a deterministic stand-in for reading the suggestions (about 30 ms per character).
-                f = client.post("/feedback", json={"events": [
-                    {"id": body["id"], "index": k, "event": ev, "time_to_decision_ms": 400.0 + 30.0 * len(texts[k])}
-                    for k, ev in enumerate(decisions) if ev is not None]})
-                _check(f, "feedback")
-                events.update(ev for ev in decisions if ev is not None)
-                tally[(body["model"], case.lang)]["accepted" if "accepted" in decisions else "rejected"] += 1
-            for b in bounties:
+                # Every shown suggestion's event carries what the user really typed at the cursor (kept_text).
+                batch = [{"id": body["id"], "index": k, "event": ev[0], "time_to_decision_ms": 400.0 + 30.0 * len(texts[k]),
+                          "kept_text": case.kept, "kept_source": "simulated",
+                          **({"accepted_chars": ev[1]} if ev[0] == "accepted" else {})}
+                         for k, ev in enumerate(decisions) if ev is not None]
+                if batch:
+                    _check(client.post("/feedback", json={"events": batch}), "feedback")
+                events.update(ev[0] for ev in decisions if ev is not None)
+                accepted_chars += sum(ev[1] for ev in decisions if ev is not None)
+                kept_chars += len(case.kept)
+                outcome = "accepted" if any(ev and ev[0] == "accepted" for ev in decisions) else "rejected"
+                tally[(body["model"], case.lang)][outcome] += 1
+            for b in (bounties if round_no == 0 else []):
                 r = clients[users[0]].post("/bounties", json={**b.as_dict(), "source": "derived"})
                 _check(r, "bounty")
                 added += r.json()["created"]
@@ -290,7 +304,8 @@ def simulate(params: Params, db_url: str) -> dict:
         by_lang[lang].update(c)
     acc = sum(c["accepted"] for c in tally.values())
     return {
-        "files": len(files), "cursors": len(cases), "users": cfg.users, "choices": cfg.choices,
+        "round": round_no, "files": len(files), "cursors": len(cases), "users": cfg.users, "choices": cfg.choices,
+        "accepted_chars": accepted_chars, "completed_share": accepted_chars / kept_chars if kept_chars else 0.0,
         "model": name,
         # Per choice: one accepted choice and its rejected alternatives at a cursor make preference pairs.
         "choice_events": {"accepted": events["accepted"], "rejected": events["rejected"]},
@@ -326,7 +341,7 @@ def main(args) -> int:
     numerics.apply(params.numerics)  # the simulated users' completions come from the model
     db_url = args.db_url or params.serve.db_url
     with stage_run(STAGE, params) as run:
-        summary = simulate(params, db_url)
+        summary = simulate(params, db_url, getattr(args, "round", 0) or 0)
         run.summary(summary)
     rate = "-" if summary["rate"] is None else f"{summary['rate']:.1%}"
     ev = summary["choice_events"]

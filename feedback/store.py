@@ -16,7 +16,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from feedback.models import (ApiKey, AuditEvent, Bounty, Completion, Experiment, ExperimentArm, ExperimentStatus,
-                             FeedbackEvent, FeedbackKind, ModelVersion, RolloutState, User, utcnow)
+                             FeedbackEvent, FeedbackKind, KeptSource, ModelVersion, RolloutState, User, utcnow)
 
 KEY_PREFIX = "ollm-"
 
@@ -205,6 +205,9 @@ class FeedbackInput:
     kind: FeedbackKind
     index: int = 0
     time_to_decision_ms: float | None = None
+    accepted_chars: int | None = None  # a partial accept: characters of the suggestion taken (None = all)
+    kept_text: str | None = None  # what the user really kept at the cursor
+    kept_source: KeptSource | str | None = None  # typed | derived | simulated (default typed)
 
 
 @dataclass(frozen=True)
@@ -229,11 +232,13 @@ def record_feedback(s: Session, user: User, events: Iterable[FeedbackInput]) -> 
         return []
     keys = {(e.request_id, e.index) for e in events}
     rows = s.execute(select(Completion.id, Completion.request_id, Completion.choice_index, Completion.language,
-                            ModelVersion.name).join(ModelVersion)
+                            ModelVersion.name, Completion.completion).join(ModelVersion)
                      .where(Completion.user_id == user.id,
                             Completion.request_id.in_({k[0] for k in keys}))).all()
     ids = {(r.request_id, r.choice_index): r.id for r in rows}
     labels = {r.id: (r.name, r.language) for r in rows}
+    texts = {r.id: r.completion for r in rows}
+    kept: dict[int, tuple[str, KeptSource]] = {}
     missing = sorted(keys - ids.keys())
     if missing:
         rid, idx = missing[0]
@@ -247,13 +252,30 @@ def record_feedback(s: Session, user: User, events: Iterable[FeedbackInput]) -> 
         if prior is not None and prior != e.kind:
             raise Conflict(f"completion {e.request_id!r} (choice {e.index}) was already {prior.value}, "
                            f"cannot record {e.kind.value}")
+        if e.accepted_chars is not None:
+            if e.kind != FeedbackKind.accepted:
+                raise StoreError(f"completion {e.request_id!r} (choice {e.index}): accepted_chars needs event 'accepted'")
+            text = texts[cid]
+            if text is not None and e.accepted_chars > len(text):
+                raise StoreError(f"completion {e.request_id!r} (choice {e.index}): accepted_chars={e.accepted_chars} "
+                                 f"exceeds the suggestion's {len(text)} characters")
+        if e.kept_text is not None:
+            try:
+                kept[cid] = (e.kept_text, KeptSource(e.kept_source or KeptSource.typed))
+            except ValueError:
+                raise StoreError(f"kept_source must be one of {[k.value for k in KeptSource]}, "
+                                 f"not {e.kept_source!r}") from None
         if prior is None:
             seen[cid] = e.kind
             new.append({"completion_id": cid, "kind": e.kind, "time_to_decision_ms": e.time_to_decision_ms,
-                        "created_at": utcnow()})
+                        "accepted_chars": e.accepted_chars, "created_at": utcnow()})
         out.append(FeedbackResult(e.request_id, e.index, e.kind.value, prior is not None, *labels[cid]))
     if new:
         _insert_ignoring_duplicates(s, new)
+    now = utcnow()
+    for cid, (text, source) in kept.items():  # the latest report of what was kept wins
+        s.execute(update(Completion).where(Completion.id == cid)
+                  .values(kept_text=text, kept_source=source.value, kept_at=now))
     return out
 
 

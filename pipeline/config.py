@@ -517,7 +517,7 @@ class RLHFGateConfig(Section):
     reject_cost_chars: float = Field(2.0, ge=0)
     # Non-inferiority: pass when the 95% CI's lower bound of the utility difference (tuned - parent,
     # characters per cursor) is above -margin; promote to `promote_to` only when the gain is significant.
-    margin: float = Field(0.1, ge=0)
+    margin: float = 0.1  # negative: a superiority margin (tuned must be better by at least -margin)
     alpha: float = Field(0.05, gt=0, lt=1)
     promote_to: str = "all"
     # HumanEval / FIM exact match: tuned may be worse than its parent by at most regression_z standard

@@ -56,6 +56,11 @@ class GateResult:
                 "reasons": self.reasons, "paired": self.paired, "metrics": self.rows, "parent": self.parent,
                 "tuned": self.tuned}
 
+    @classmethod
+    def from_json(cls, d: dict) -> "GateResult":
+        return cls(d["passed"], d["metrics"], d.get("parent", {}), d.get("tuned", {}), d.get("paired", {}),
+                   d.get("significant", False), d.get("promote_to"), d.get("reasons", []))
+
     def table(self) -> str:
         lines = [f"{'metric':<36} {'parent':>8} {'tuned':>8} {'delta':>8} {'tol':>6}  verdict"]
         for r in self.rows:

@@ -1,7 +1,19 @@
-"""The loop report: base vs tuned on every gate metric, ``reports/loop.json`` and ``reports/loop.png``.
+"""The loop report: every gate metric of every refresh round, with its paired CI, ``reports/loop.json`` + plot.
 
-Written from the gate result whatever its verdict, with the held-out simulated acceptance rate's 95%
-interval for both models: a tuned model that did not improve, or did worse, is reported as such.
+``reports/loop.json``::
+
+    {"rounds": [                      # one entry per refresh round, oldest first
+       {"round": 1, "parent": "base", "gate_passed": true, "significant": false, "promote_to": "staff",
+        "reasons": [...],              # why it failed / why the gain is not significant
+        "heldout": {"parent": {...}, "tuned": {...}},   # heldout.json of each model (rates, chars, utility)
+        "paired": {"utility": {"diff", "ci95", "p_value", "n", "clusters", ...}, "accepted_chars": {...},
+                   "accepted": {...}, "shown": {...}, "mcnemar": {...}},
+        "metrics": {"fim.infill_exact": {"base", "tuned", "delta", "tolerance", "ok"}, ...},
+        "snapshot": {...counts}, "tuning": {...}}, ...],
+     "gate_passed": <last round's verdict>}
+
+Written from the gate result whatever its verdict: a tuned model that did not improve, or did worse, is
+reported as such. The plot shows the utility and accepted-characters differences per round with their 95% CIs.
 """
 
 from __future__ import annotations
@@ -13,18 +25,27 @@ from pipeline.config import Params
 from pipeline.tracking import write_json
 
 
-def loop_report(params: Params, gate: dict, manifest: dict | None, tune: dict | None = None) -> dict:
+def round_report(params: Params, gate: dict, manifest: dict | None, tune: dict | None = None,
+                 round_no: int = 1) -> dict:
     eval_out = Path(params.eval.out)
-    ci = {}
+    heldout = {}
     for side, name in (("parent", "rlhf-parent"), ("tuned", "rlhf-tuned")):
         p = eval_out / name / "heldout.json"
-        ci[side] = json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
+        heldout[side] = json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
+    paired = dict(gate.get("paired", {}).get("tests", {}))
+    if "mcnemar" in gate.get("paired", {}):
+        paired["mcnemar"] = gate["paired"]["mcnemar"]
     return {
-        "gate_passed": gate["passed"],
+        "round": round_no,
         "parent": gate["parent"].get("version") or gate["parent"].get("model_dir"),
+        "gate_passed": gate["passed"],
+        "significant": gate.get("significant", False),
+        "promote_to": gate.get("promote_to"),
+        "reasons": gate.get("reasons", []),
+        "heldout": heldout,
+        "paired": paired,
         "metrics": {r["metric"]: {"base": r["parent"], "tuned": r["tuned"], "delta": r["delta"],
                                   "tolerance": r["tolerance"], "ok": r["ok"]} for r in gate["metrics"]},
-        "heldout_acceptance": {side: v for side, v in ci.items()},
         "snapshot": (manifest or {}).get("counts"),
         "snapshot_hash": (manifest or {}).get("content_hash"),
         "tuning": tune or {},
@@ -32,29 +53,35 @@ def loop_report(params: Params, gate: dict, manifest: dict | None, tune: dict | 
 
 
 def plot(report: dict, out: str | Path) -> Path:
-    """Grouped bars, base vs tuned per metric; the acceptance bars carry their 95% interval."""
+    """Per round: the paired difference (tuned - parent) of utility and accepted characters per cursor,
+    with 95% CIs; a dashed line at -margin (the non-inferiority bound)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [m for m, v in report["metrics"].items() if v["base"] is not None and v["tuned"] is not None]
-    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(metrics) + 2), 3.6), dpi=100)
-    width = 0.38
-    for k, (side, color) in enumerate((("base", "#8c8c8c"), ("tuned", "#2f6fb0"))):
-        xs = [i + (k - 0.5) * width for i in range(len(metrics))]
-        ys = [report["metrics"][m][side] for m in metrics]
-        err = [[0] * len(metrics), [0] * len(metrics)]
-        heldout = report["heldout_acceptance"].get("parent" if side == "base" else "tuned")
-        if heldout and "heldout.acceptance" in metrics:
-            i = metrics.index("heldout.acceptance")
-            lo, hi = heldout["ci95"]
-            err[0][i], err[1][i] = ys[i] - lo, hi - ys[i]
-        ax.bar(xs, ys, width, label=side, color=color, yerr=err, capsize=4)
-    ax.set_xticks(range(len(metrics)), metrics, rotation=15, ha="right", fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.set_title(f"RLHF loop: gate {'passed' if report['gate_passed'] else 'FAILED'}", fontsize=10)
-    ax.legend(fontsize=8)
+    rounds = report["rounds"]
+    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(rounds) + 3), 3.6), dpi=100)
+    for k, (metric, color) in enumerate((("utility", "#2f6fb0"), ("accepted_chars", "#e07b39"))):
+        xs, ys, lo, hi = [], [], [], []
+        for i, r in enumerate(rounds):
+            t = r["paired"].get(metric)
+            if not t:
+                continue
+            xs.append(i + (k - 0.5) * 0.25)
+            ys.append(t["diff"])
+            lo.append(t["diff"] - max(t["ci95"][0], -1e6))
+            hi.append(min(t["ci95"][1], 1e6) - t["diff"])
+        ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", capsize=4, color=color, label=f"{metric} per cursor")
+    margin = report.get("margin")
+    ax.axhline(0, color="#888", lw=0.8)
+    if margin is not None:
+        ax.axhline(-margin, color="#c33", lw=0.8, ls="--", label="-margin")
+    ax.set_xticks(range(len(rounds)), [f"round {r['round']}\n{'pass' if r['gate_passed'] else 'FAIL'}"
+                                       + (" *" if r["significant"] else "") for r in rounds], fontsize=8)
+    ax.set_ylabel("tuned - parent (95% CI)", fontsize=8)
+    ax.set_title("RLHF loop: paired held-out replay per round (* significant)", fontsize=10)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -64,8 +91,12 @@ def plot(report: dict, out: str | Path) -> Path:
     return out
 
 
-def write_loop(params: Params, gate: dict, manifest: dict | None, tune: dict | None = None) -> dict:
-    report = loop_report(params, gate, manifest, tune)
+def write_loop(params: Params, gate: dict, manifest: dict | None, tune: dict | None = None,
+               round_no: int = 1, earlier: list[dict] | None = None) -> dict:
+    """Write ``reports/loop.json`` + ``loop.png`` with ``earlier`` rounds and this one."""
+    rounds = [*(earlier or []), round_report(params, gate, manifest, tune, round_no)]
+    report = {"rounds": rounds, "gate_passed": rounds[-1]["gate_passed"], "margin": params.rlhf.gate.margin,
+              "reject_cost_chars": params.rlhf.gate.reject_cost_chars}
     reports = Path(params.tracking.reports_dir)
     write_json(reports / "loop.json", report)
     plot(report, reports / "loop.png")

@@ -1,8 +1,9 @@
 """`ownllm rlhf register`: only a tuned model that passed the gate becomes a model version.
 
 The version gets its lineage — git revision, dvc.lock hash, snapshot hash, weights hash, parent — through
-the feedback store's registry (``feedback.store.register_model_version``), in rollout state ``staff``;
-``ownllm models promote`` moves it on from there. Its weights are copied to
+the feedback store's registry (``feedback.store.register_model_version``), in rollout state ``staff``; when
+the gate found the gain significant it is promoted at once to ``rlhf.gate.promote_to`` (default ``all``, so
+the next refresh tunes from it), otherwise ``ownllm models promote`` moves it on by hand. Its weights are copied to
 ``rlhf.registry_dir/<version>/`` so that the next ``models/tuned/`` does not overwrite what is served.
 The version name is derived from the weights hash, so registering the same model twice is a no-op.
 """
@@ -32,7 +33,7 @@ class RegisterResult:
         """The stage's metrics file. The git revision and dvc.lock hash stay out of it (they are in the
         store): dvc.lock records this file's hash, and a file holding dvc.lock's own hash would make
         dvc.lock differ on every reproduction."""
-        stable = {k: self.lineage.get(k) for k in ("snapshot_hash", "model_hash", "parent")}
+        stable = {k: self.lineage.get(k) for k in ("snapshot_hash", "model_hash", "parent", "rollout")}
         return {"registered": self.registered, "version": self.version, "reason": self.reason, "lineage": stable}
 
 
@@ -88,4 +89,11 @@ def register_tuned(params: Params, db_url: str, repo: str | Path = ".") -> Regis
                                snapshot_hash=lineage["snapshot_hash"], model_hash=mhash,
                                parent=lineage["parent"], eval_results={"gate": gate, "lineage": lineage},
                                state="staff")
-    return RegisterResult(True, name, "gate passed", lineage)
+        target = gate.get("promote_to") or "staff"
+        if gate.get("significant") and target != "staff":
+            # A significant gain on the paired held-out replay: roll it out (the gate's rule, rlhf.gate.promote_to).
+            from feedback.store import promote
+
+            promote(s, name, target)
+    lineage["rollout"] = gate.get("promote_to") if gate.get("significant") else "staff"
+    return RegisterResult(True, name, "gate passed" + (" (significant)" if gate.get("significant") else ""), lineage)

@@ -104,7 +104,7 @@ def register(params: Params, db_url: str, on_fail: str = "exit") -> dict:
         gate_json = read_gate(params)
         from rlhf.gate import GateResult
 
-        print(GateResult(gate_json["passed"], gate_json["metrics"], {}, {}).table())
+        print(GateResult.from_json(gate_json).table())
         say(f"[rlhf register] nothing registered: {result.reason}")
         if on_fail == "exit":
             raise GateFailed(result.reason)

@@ -81,3 +81,44 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     model.eval()
     model.save_pretrained(out)
     return out
+
+
+def fim_tune(model_dir: Path, out: Path, cases: list[tuple[str, str, str]], steps: int, max_new_tokens: int,
+             max_chars: int, seed: int = 0) -> Path:
+    """Train a copy of ``model_dir`` on FIM examples (prefix, suffix, middle) built by the product's prompt
+    builder, loss on the middle only, one thread (a tiny model on a shared box: more threads only spin)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.fim_prompt import FimPromptBuilder
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    builder = FimPromptBuilder(tok, model.config.max_position_embeddings)
+    examples = [(builder.ids(p[-max_chars:], s[:max_chars], max_new_tokens),
+                 tok(m, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]) for p, s, m in cases]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    try:
+        for _ in range(steps):
+            batch = [examples[i] for i in torch.randint(0, len(examples), (16,), generator=g).tolist()]
+            width = max(len(p) + len(m) for p, m in batch)
+            ids = torch.full((len(batch), width), tok.pad_token_id)
+            labels = torch.full((len(batch), width), -100)
+            for r, (p, m) in enumerate(batch):  # right-padded; loss on the middle only
+                ids[r, :len(p) + len(m)] = torch.tensor(p + m)
+                labels[r, len(p):len(p) + len(m)] = torch.tensor(m)
+            model(input_ids=ids, labels=labels).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+

@@ -164,6 +164,20 @@ def test_feedback_is_idempotent_and_owned(gateway):
     assert gateway.counts()["feedback_events"] == before + 1
 
 
+def test_feedback_carries_partial_accepts_and_kept_text(gateway):
+    cid = post(gateway, "alice", "/v1/completions",
+               {"model": "auto", "prompt": "x = ", "max_tokens": 3, "temperature": 0}).json()["id"]
+    bad = post(gateway, "alice", "/v1/feedback", {"id": cid, "event": "rejected", "accepted_chars": 2})
+    assert bad.status_code == 400 and "accepted_chars" in bad.json()["error"]["message"]
+    bad = post(gateway, "alice", "/v1/feedback", {"id": cid, "event": "rejected", "kept_source": "typed"})
+    assert bad.status_code == 400 and "kept_text" in bad.json()["error"]["message"]
+    bad = post(gateway, "alice", "/v1/feedback", {"id": cid, "event": "accepted", "accepted_chars": 10_000})
+    assert bad.status_code == 400 and "exceeds" in bad.json()["error"]["message"]
+    ok = post(gateway, "alice", "/v1/feedback", {"id": cid, "event": "accepted", "accepted_chars": 1,
+                                                  "kept_text": "1 + 2", "kept_source": "simulated"})
+    assert ok.status_code == 200 and not ok.json()["duplicate"]
+
+
 def test_bounties_are_stored_once(gateway):
     b = {"title": "reverse a list", "instruction": "def rev(xs):\n    \"\"\"Reverse xs.\"\"\"",
          "language": "python", "solution": "    return xs[::-1]\n"}

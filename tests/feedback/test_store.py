@@ -161,3 +161,33 @@ def test_cli_keys_bounties_models_purge(tmp_path, capsys):
                  for a in s.scalars(select(AuditEvent).order_by(AuditEvent.id))]
     assert audit == [("promote", "v2", "staff", "ab:10", "cli", None), ("retire", "v2", "ab:10", "retired", "cli", None)]
     assert ownllm(["feedback", "purge", "--days", "0", "--db-url", url]) == 0
+
+
+def test_partial_accept_and_kept_text_are_stored(db_url):
+    from feedback.models import FeedbackEvent
+
+    f = session_factory(db_url)
+    with f.begin() as s:
+        a = store.get_or_create_user(s, "alice")
+        v = store.register_model_version(s, "base", "models/base", state="all")
+        _completion(s, a, v, "cmpl-p")  # completion "    pass": 8 characters
+        _completion(s, a, v, "cmpl-k")
+    with f.begin() as s:
+        store.record_feedback(s, a, [
+            store.FeedbackInput("cmpl-p", FeedbackKind.accepted, accepted_chars=6, kept_text="    pa",
+                                kept_source="simulated"),
+            store.FeedbackInput("cmpl-k", FeedbackKind.rejected, kept_text="    return 1")])
+    with f() as s:
+        rows = {c.request_id: c for c in s.scalars(select(Completion))}
+        events = {e.completion_id: e for e in s.scalars(select(FeedbackEvent))}
+        p, k = rows["cmpl-p"], rows["cmpl-k"]
+        assert events[p.id].accepted_chars == 6 and events[k.id].accepted_chars is None
+        assert (p.kept_text, p.kept_source) == ("    pa", "simulated") and p.kept_at is not None
+        assert (k.kept_text, k.kept_source) == ("    return 1", "typed")  # a client's own report by default
+    for bad, match in ((store.FeedbackInput("cmpl-k", FeedbackKind.rejected, accepted_chars=1), "needs event"),
+                       (store.FeedbackInput("cmpl-p", FeedbackKind.accepted, accepted_chars=9), "exceeds"),
+                       (store.FeedbackInput("cmpl-p", FeedbackKind.accepted, kept_text="x", kept_source="guessed"),
+                        "kept_source")):
+        with pytest.raises(store.StoreError, match=match):
+            with f.begin() as s:
+                store.record_feedback(s, a, [bad])

@@ -133,12 +133,12 @@ def e2e_params(tmp: Path, model_dir: Path, **rlhf) -> Params:
     base = rlhf_params(tmp, model_dir, **rlhf)
     data = base.model_dump(mode="json", exclude={"source_file"})
     data["data"]["dedup"]["out"] = str(tmp / "data/dedup")
-    data["shards"]["val_frac"] = 0.5
+    data["shards"]["val_frac"] = 0.99  # nearly every file is held out; rlhf.gate.heldout_frac splits them
     data["eval"]["out"] = str(tmp / "reports/eval")
     data["eval"]["humaneval"].update(limit=2, max_new_tokens=24, k=[1])
     data["eval"]["fim"].update(max_docs=4, max_new_tokens=12)
     data["feedback"]["simulate"].update(max_tokens=12, files=1)  # the other val files stay unseen
-    data["rlhf"]["gate"].update(heldout_files=3, cursors_per_file=2)
+    data["rlhf"]["gate"].update(max_files=3, cursors_per_file=4, max_tokens=12, resamples=199)
     return parse_params(data, "e2e-params")
 
 

@@ -13,10 +13,8 @@ from rlhf_fixtures import (add_store_rows, e2e_params, make_store, sample_bounti
 
 @pytest.mark.slow
 def test_refresh_end_to_end_then_nothing_to_do(tmp_path, tiny_model_dir):
-    # A tolerance of 1.0 on every gated metric: this test is about the machinery, not the tiny model's quality.
-    params = e2e_params(tmp_path, tiny_model_dir, gate={"acceptance_tolerance": 1.0})
-    params = params.model_copy(update={"eval": params.eval.model_copy(update={"tolerances": {
-        k: 1.0 for k in params.eval.tolerances}})})
+    # A margin of 100 characters per cursor and z=100: this test is about the machinery, not the tiny model.
+    params = e2e_params(tmp_path, tiny_model_dir, gate={"margin": 100.0, "regression_z": 100.0})
     write_dedup_docs(tmp_path / "data/dedup")
     url = make_store(tmp_path, tiny_model_dir, sample_decisions(4), sample_bounties(2))
 
@@ -24,12 +22,16 @@ def test_refresh_end_to_end_then_nothing_to_do(tmp_path, tiny_model_dir):
     assert first.status == "registered" and first.exit_code == 0 and first.version.startswith("ft-")
     reports = tmp_path / "reports"
     loop = json.loads((reports / "loop.json").read_text())
-    assert loop["gate_passed"] and loop["snapshot"] == {"sft": 2, "pairs": 8, "unpaired": 12}
-    assert {"fim.infill_exact", "fim.next_line_exact", "heldout.acceptance", "humaneval.pass@1"} <= set(loop["metrics"])
-    lo, hi = loop["heldout_acceptance"]["tuned"]["ci95"]
-    assert 0 <= lo <= loop["metrics"]["heldout.acceptance"]["tuned"] <= hi <= 1
+    rnd = loop["rounds"][-1]
+    assert loop["gate_passed"] and rnd["snapshot"] == {"sft": 2, "pairs": 8, "unpaired": 12}
+    assert {"fim.infill_exact", "fim.next_line_exact", "heldout.acceptance", "heldout.utility_per_cursor",
+            "humaneval.pass@1"} <= set(rnd["metrics"])
+    u = rnd["paired"]["utility"]
+    assert u["ci95"][0] <= u["diff"] <= u["ci95"][1] and 0 <= u["p_value"] <= 1 and u["n"] > 0
+    lo, hi = rnd["heldout"]["tuned"]["acceptance_ci95"]
+    assert 0 <= lo <= rnd["heldout"]["tuned"]["acceptance"] <= hi <= 1
     assert (reports / "loop.png").stat().st_size > 1000
-    assert loop["tuning"]["sft"]["method"] == "sft" and loop["tuning"]["dpo"]["method"] == "dpo"
+    assert rnd["tuning"]["sft"]["method"] == "sft" and rnd["tuning"]["dpo"]["method"] == "dpo"
 
     second = refresh(params, url)
     assert second.status == "nothing_to_do" and second.snapshot_hash == first.snapshot_hash
@@ -49,19 +51,18 @@ def test_refresh_end_to_end_then_nothing_to_do(tmp_path, tiny_model_dir):
 
 @pytest.mark.slow
 def test_failing_gate_exits_nonzero_and_registers_nothing(tmp_path, tiny_model_dir, capsys):
-    """A real gate evaluation with an impossible bar: the tuned model must beat its parent by 100%."""
+    """A real gate evaluation with an impossible bar: the tuned model must beat its parent by 100 characters
+    per cursor (a negative margin is a superiority margin)."""
     from feedback.db import session_factory
     from feedback.store import list_versions
     from rlhf import stages
 
-    params = e2e_params(tmp_path, tiny_model_dir, gate={"acceptance_tolerance": 0.0, "skip_humaneval": True})
-    params = params.model_copy(update={"eval": params.eval.model_copy(update={"tolerances": {
-        "fim.infill_exact": -1.0}})})
+    params = e2e_params(tmp_path, tiny_model_dir, gate={"margin": -100.0, "skip_humaneval": True})
     write_dedup_docs(tmp_path / "data/dedup")
     url = make_store(tmp_path, tiny_model_dir, sample_decisions(2), sample_bounties(1))
     out = refresh(params, url)
     assert out.status == "gate_failed" and out.exit_code == 1
-    assert "REGRESSED" in capsys.readouterr().out
+    assert "REGRESSED" in capsys.readouterr().out  # the deciding utility row
     with session_factory(url)() as s:
         assert [v.name for v in list_versions(s)] == ["base"]
     with pytest.raises(stages.GateFailed):

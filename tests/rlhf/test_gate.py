@@ -16,7 +16,7 @@ from rlhf_fixtures import rlhf_params
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 # Short real files the "good" model below learns by heart: its suggestions on them are mostly right.
-GATE_FILES = ["colorsys.py", "bisect.py", "keyword.py"]
+GATE_FILES = ["colorsys.py", "bisect.py", "keyword.py", "fnmatch.py", "glob.py", "reprlib.py", "queue.py", "heapq.py"]
 
 
 # ------------------------------------------------------------------------------------------ statistics
@@ -72,31 +72,16 @@ def test_sampling_tolerance_matches_the_binomial_error():
 # ------------------------------------------------------------------------------------- the real gate
 @pytest.fixture(scope="module")
 def good_model(tiny_model_dir, tmp_path_factory) -> Path:
-    """The tiny model, trained further on the gate's files until it knows them: it passes a real replay."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The tiny model tuned on the gate's own cursors (FIM prompt -> the rest of the line) until it knows
+    them: a model trained on the held-out distribution, whose replay scores well."""
+    from rlhf.heldout import gate_cursors
+    from tests.conftest import fim_tune
 
     out = tmp_path_factory.mktemp("good_model")
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    torch.manual_seed(0)
-    ids = []
-    for n in GATE_FILES:
-        ids += tok((STDLIB / n).read_text(encoding="utf-8"))["input_ids"] + [tok.eos_token_id]
-    data = torch.tensor(ids)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(150):
-        starts = torch.randint(0, len(data) - 97, (16,), generator=g)
-        batch = torch.stack([data[s:s + 96] for s in starts])
-        model(input_ids=batch, labels=batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    params = gate_params(out, tiny_model_dir)
+    cases = [(c.prefix, c.suffix, c.kept) for c in gate_cursors(gate_docs(), params)]
+    return fim_tune(tiny_model_dir, out, cases, steps=100, max_new_tokens=params.rlhf.gate.max_tokens,
+                    max_chars=params.feedback.simulate.max_context_chars)
 
 
 def damaged(model_dir: Path, out: Path, scale: float) -> Path:
@@ -122,7 +107,8 @@ def gate_params(tmp: Path, model_dir: Path):
     data["eval"]["out"] = str(tmp / "reports/eval")
     data["eval"]["fim"].update(max_docs=4, max_new_tokens=12)
     data["eval"]["idioms"]["max_new_tokens"] = 4
-    data["rlhf"]["gate"].update(skip_humaneval=True, cursors_per_file=40, max_tokens=12, resamples=999)
+    data["feedback"]["simulate"]["max_context_chars"] = 200
+    data["rlhf"]["gate"].update(skip_humaneval=True, cursors_per_file=10, max_tokens=12, resamples=999)
     return parse_params(data, "gate-params")
 
 
@@ -142,7 +128,7 @@ def test_gate_passes_a_model_against_itself_fails_a_damaged_one_and_sees_a_real_
     same = run_gate(params, parent, good_model, docs)
     assert same.passed and not same.significant and same.promote_to == "staff"
     u = same.paired["tests"]["utility"]
-    assert u["diff"] == 0 and u["p_value"] == 1.0 and same.paired["cursors"] >= 100
+    assert u["diff"] == 0 and u["p_value"] == 1.0 and same.paired["cursors"] == 80 and same.paired["files"] == 8
     base = json.loads((tmp_path / "reports/eval/rlhf-parent/heldout.json").read_text())
     assert base["accepted_chars_per_cursor"] > 2.0  # the replay has signal to lose: the good model scores
 

@@ -21,11 +21,48 @@ def _versions(url):
         return [v.name for v in list_versions(s)]
 
 
-def _fake_gate(params, passed: bool, tuned_dir):
+def _fake_gate(params, passed: bool, tuned_dir, significant: bool = False):
     rows = [{"metric": "heldout.acceptance", "parent": 0.5, "tuned": 0.5 if passed else 0.2,
              "delta": 0.0 if passed else -0.3, "tolerance": 0.05, "gated": True, "ok": passed}]
     write_json(gate_path(params), GateResult(passed, rows, {"version": "base", "model_dir": "x"},
-                                             {"model_dir": str(tuned_dir), "weights_sha256": weights_hash(tuned_dir)}).to_json())
+                                             {"model_dir": str(tuned_dir), "weights_sha256": weights_hash(tuned_dir)},
+                                             significant=significant,
+                                             promote_to=("all" if significant else "staff") if passed else None).to_json())
+
+
+def test_a_significant_gain_is_rolled_out_to_everyone(tmp_path, tiny_model_dir):
+    """The gate's rule: significant → promote_to (all), so the next refresh tunes from it; else staff only."""
+    import shutil
+
+    from feedback.db import session_factory
+    from feedback.store import current_all, get_version
+    from rlhf.snapshot import production_parent
+
+    tuned = tmp_path / "tuned"
+    shutil.copytree(tiny_model_dir, tuned)
+    params = rlhf_params(tmp_path, tiny_model_dir, tuned_out=str(tuned))
+    url = make_store(tmp_path, tiny_model_dir, sample_decisions(1))
+    _fake_gate(params, True, tuned, significant=False)
+    res = register_tuned(params, url)
+    with session_factory(url)() as s:
+        assert get_version(s, res.version).rollout_state.value == "staff" and current_all(s).name == "base"
+    assert res.to_json()["lineage"]["rollout"] == "staff"
+    with session_factory(url).begin() as s:  # the next tuned model: different weights, a significant gain
+        from feedback.store import retire
+        retire(s, res.version)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(tuned)
+    with torch.no_grad():
+        m.lm_head.weight.mul_(1.01)
+    m.save_pretrained(tuned)
+    _fake_gate(params, True, tuned, significant=True)
+    res2 = register_tuned(params, url)
+    assert res2.version != res.version and res2.reason == "gate passed (significant)"
+    with session_factory(url)() as s:
+        assert current_all(s).name == res2.version
+        assert production_parent(s, "models/base")["version"] == res2.version
 
 
 def test_failing_gate_registers_nothing(tmp_path, tiny_model_dir, capsys):
