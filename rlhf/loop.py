@@ -45,11 +45,30 @@ def round_report(params: Params, gate: dict, manifest: dict | None, tune: dict |
         "heldout": heldout,
         "paired": paired,
         "metrics": {r["metric"]: {"base": r["parent"], "tuned": r["tuned"], "delta": r["delta"],
-                                  "tolerance": r["tolerance"], "ok": r["ok"]} for r in gate["metrics"]},
+                                  "tolerance": r["tolerance"], "ok": r["ok"],
+                                  **_paired_ci(paired, r["metric"])} for r in gate["metrics"]},
         "snapshot": (manifest or {}).get("counts"),
         "snapshot_hash": (manifest or {}).get("content_hash"),
         "tuning": tune or {},
     }
+
+
+# The held-out summary metric each paired test is about (its per-cursor mean).
+PAIRED_METRIC = {"heldout.utility_per_cursor": "utility", "heldout.accepted_chars_per_cursor": "accepted_chars",
+                 "heldout.accepted_per_cursor": "accepted", "heldout.shown_rate": "shown"}
+
+
+def _paired_ci(paired: dict, metric: str) -> dict:
+    t = paired.get(PAIRED_METRIC.get(metric, ""))
+    return {"ci95": t["ci95"], "p_value": t["p_value"]} if t else {}
+
+
+def loop_report(params: Params, gate: dict, manifest: dict | None, tune: dict | None = None,
+                round_no: int = 1, earlier: list[dict] | None = None) -> dict:
+    """The whole ``reports/loop.json``: ``earlier`` rounds plus this gate's round."""
+    rounds = [*(earlier or []), round_report(params, gate, manifest, tune, round_no)]
+    return {"rounds": rounds, "gate_passed": rounds[-1]["gate_passed"], "margin": params.rlhf.gate.margin,
+            "reject_cost_chars": params.rlhf.gate.reject_cost_chars}
 
 
 def plot(report: dict, out: str | Path) -> Path:
@@ -70,8 +89,9 @@ def plot(report: dict, out: str | Path) -> Path:
                 continue
             xs.append(i + (k - 0.5) * 0.25)
             ys.append(t["diff"])
-            lo.append(t["diff"] - max(t["ci95"][0], -1e6))
-            hi.append(min(t["ci95"][1], 1e6) - t["diff"])
+            # A BCa interval need not contain the point estimate: clip the bars at it.
+            lo.append(max(0.0, t["diff"] - max(t["ci95"][0], -1e6)))
+            hi.append(max(0.0, min(t["ci95"][1], 1e6) - t["diff"]))
         ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", capsize=4, color=color, label=f"{metric} per cursor")
     margin = report.get("margin")
     ax.axhline(0, color="#888", lw=0.8)
@@ -94,9 +114,7 @@ def plot(report: dict, out: str | Path) -> Path:
 def write_loop(params: Params, gate: dict, manifest: dict | None, tune: dict | None = None,
                round_no: int = 1, earlier: list[dict] | None = None) -> dict:
     """Write ``reports/loop.json`` + ``loop.png`` with ``earlier`` rounds and this one."""
-    rounds = [*(earlier or []), round_report(params, gate, manifest, tune, round_no)]
-    report = {"rounds": rounds, "gate_passed": rounds[-1]["gate_passed"], "margin": params.rlhf.gate.margin,
-              "reject_cost_chars": params.rlhf.gate.reject_cost_chars}
+    report = loop_report(params, gate, manifest, tune, round_no, earlier)
     reports = Path(params.tracking.reports_dir)
     write_json(reports / "loop.json", report)
     plot(report, reports / "loop.png")

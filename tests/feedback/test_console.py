@@ -123,7 +123,8 @@ def test_every_page_shows_the_stores_and_the_reports_numbers(browser, console, w
         loop = json.loads((Path(params.tracking.reports_dir) / "loop.json").read_text())
         page.goto(console + "/console/loop")
         row = page.locator('#round-1 tr[data-metric="heldout.acceptance"]')
-        assert row.locator("td").nth(2).inner_text() == f"{loop['metrics']['heldout.acceptance']['tuned']:.3f}"
+        assert row.locator("td").nth(2).inner_text() == \
+            f"{loop['rounds'][0]['metrics']['heldout.acceptance']['tuned']:.3f}"
         assert page.locator("#round-1 table.snapshot").inner_text().split() == ["pairs", "sft", "unpaired", "9", "12", "3"]
 
         page.goto(console + "/console/training")
