@@ -15,6 +15,11 @@ longest prefix that matches what they type, cut at a word boundary) if it holds 
 ``simulated``): the snapshot turns them into SFT examples on kept code and preference pairs (kept or
 accepted vs rejected). It also posts demo bounties derived from held-out documented functions.
 
+Typing mode (``typing``, on by default): the user does not report what they kept; they type it, and the
+editor's next request (:func:`typed_on`: the cursor at the next line's indentation, naming the file) runs past
+the earlier cursor, so the gateway derives ``kept_text`` (``kept_source`` ``derived``, feedback/kept.py) exactly
+as it does for a real editor. That follow-up request asks for one token; its answer is not looked at.
+
 Rounds (``--round R``): round R takes the next ``cursors_per_file`` cursors of each file
 (:func:`cursor_candidates` orders them once), so no round reuses an earlier round's cursor line, and
 feedback accumulates (only round 0 replaces earlier simulated traffic, and only it posts bounties).
@@ -165,6 +170,22 @@ def decide(texts: list[str], kept: str, min_words: int) -> list[tuple[str, int] 
     return out
 
 
+def where(case: Cursor) -> dict:
+    """The file the cursor is in, as an editor names it (the ``filepath`` request field): kept_text is derived
+    per user and file (feedback/kept.py)."""
+    return {"filepath": (case.path or case.doc_id)[:1024]}
+
+
+def typed_on(case: Cursor, max_context_chars: int) -> tuple[str, str]:
+    """The editor's next request after the user typed the rest of the line and pressed Enter: the cursor at
+    the next line's indentation. Its prefix runs past the earlier cursor by exactly what the user kept, so
+    the gateway derives ``kept_text`` from it (typing mode)."""
+    rest = case.suffix[1:] if case.suffix.startswith("\n") else case.suffix
+    indent = rest[:len(rest) - len(rest.lstrip(" \t"))]
+    prefix = case.prefix + case.kept + "\n" + indent
+    return prefix[-max_context_chars:], rest[len(indent):]
+
+
 def cursor_seed(seed: int, index: int) -> int:
     """The sampling seed of the ``index``-th cursor's request: reruns draw the same suggestions."""
     return (seed * 1_000_003 + index) % 2**31
@@ -254,7 +275,7 @@ def simulate(params: Params, db_url: str, round_no: int = 0) -> dict:
     tally: dict[tuple[str, str], Counter] = defaultdict(Counter)
     events: Counter = Counter()
     sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.choices > 1 else {"temperature": 0}
-    added = accepted_chars = kept_chars = 0
+    added = accepted_chars = kept_chars = follow_ups = 0
     with serve_in_thread(app) as url:
         clients = {u: httpx.Client(base_url=url + "/v1", headers={"Authorization": f"Bearer {k}"}, timeout=300)
                    for u, k in keys.items()}
@@ -265,19 +286,28 @@ def simulate(params: Params, db_url: str, round_no: int = 0) -> dict:
                 r = client.post("/completions", json={
                     "model": "auto", "prompt": case.prefix, "suffix": case.suffix, "max_tokens": cfg.max_tokens,
                     "n": cfg.choices, **sampling, "seed": cursor_seed(cfg.seed + 7919 * round_no, i),
-                    "language": case.lang, "stop": ["\n"], "user": f"{user}/ide"})
+                    "language": case.lang, "stop": ["\n"], "user": f"{user}/ide", **where(case)})
                 _check(r, "completion")
                 body = r.json()
                 texts = [c["text"] for c in sorted(body["choices"], key=lambda c: c["index"])]
                 decisions = decide(texts, case.kept, cfg.min_accept_words)
                 # Decision time: a deterministic stand-in for reading the suggestions (about 30 ms per character).
                 # Every shown suggestion's event carries what the user really typed at the cursor (kept_text).
+                # Typing mode: the user does not say what they kept; they type it, and the gateway reads it off
+                # the editor's next request (below).
+                kept = {} if cfg.typing else {"kept_text": case.kept, "kept_source": "simulated"}
                 batch = [{"id": body["id"], "index": k, "event": ev[0], "time_to_decision_ms": 400.0 + 30.0 * len(texts[k]),
-                          "kept_text": case.kept, "kept_source": "simulated",
-                          **({"accepted_chars": ev[1]} if ev[0] == "accepted" else {})}
+                          **kept, **({"accepted_chars": ev[1]} if ev[0] == "accepted" else {})}
                          for k, ev in enumerate(decisions) if ev is not None]
                 if batch:
                     _check(client.post("/feedback", json={"events": batch}), "feedback")
+                if cfg.typing:
+                    prefix, suffix = typed_on(case, cfg.max_context_chars)
+                    r = client.post("/completions", json={
+                        "model": "auto", "prompt": prefix, "suffix": suffix, "max_tokens": 1, "temperature": 0,
+                        "language": case.lang, "user": f"{user}/ide", **where(case)})
+                    _check(r, "follow-up completion")
+                    follow_ups += 1
                 events.update(ev[0] for ev in decisions if ev is not None)
                 accepted_chars += sum(ev[1] for ev in decisions if ev is not None)
                 kept_chars += len(case.kept)
@@ -305,6 +335,7 @@ def simulate(params: Params, db_url: str, round_no: int = 0) -> dict:
     acc = sum(c["accepted"] for c in tally.values())
     return {
         "round": round_no, "files": len(files), "cursors": len(cases), "users": cfg.users, "choices": cfg.choices,
+        "typing": cfg.typing, "follow_up_requests": follow_ups,
         "accepted_chars": accepted_chars, "completed_share": accepted_chars / kept_chars if kept_chars else 0.0,
         "model": name,
         # Per choice: one accepted choice and its rejected alternatives at a cursor make preference pairs.

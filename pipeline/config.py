@@ -488,6 +488,10 @@ class SimulateConfig(Section):
     bounties: int = Field(16, ge=0)  # demo bounties derived from held-out functions with docstrings
     model_name: str = "base"  # the version name serve.model_dir is registered under when absent
     reset: bool = True  # replace the previous simulated traffic (so reruns give the same store and reports)
+    # True: the user types what they kept and the editor asks again on the next line, naming the file, so the
+    # gateway derives kept_text from that request (feedback/kept.py, kept_source 'derived'); False: the user
+    # reports kept_text with each event (kept_source 'simulated'). params.yaml turns it on for the default pipeline.
+    typing: bool = False
     seed: int = 11
 
 

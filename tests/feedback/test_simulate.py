@@ -253,3 +253,34 @@ def test_several_choices_make_preference_pairs_deterministically(tmp_path, fim_m
     assert ownllm(["feedback", "simulate", "--params", str(path)]) == 0
     assert [r[:-1] for r in store_rows(db_url)] == [r[:-1] for r in rows]
     assert report_files(tmp_path / "reports" / "feedback") == reports
+
+
+def test_typing_mode_lets_the_gateway_derive_what_was_kept(tmp_path, tiny_model_dir):
+    """typing: the user never reports kept_text; the editor's next request (file path, prefix past the cursor)
+    makes the gateway derive it, and it is exactly the rest of the line the user typed."""
+    from sqlalchemy import select
+
+    from feedback.db import session_factory
+    from feedback.models import Completion, FeedbackEvent
+    from pipeline.config import load_params
+    from pipeline.eval.fim import validation_docs
+
+    simulate = {"users": 2, "files": 3, "cursors_per_file": 2, "max_tokens": 8, "bounties": 0, "seed": 3,
+                "choices": 1, "typing": True}
+    path = write_sim_params(tmp_path, tiny_model_dir, simulate)
+    assert ownllm(["feedback", "simulate", "--params", str(path)]) == 0
+    summary = json.loads((tmp_path / "reports" / "feedback" / "simulate.json").read_text())
+    assert summary["typing"] is True and summary["follow_up_requests"] == summary["cursors"] == 6
+    params = load_params(path)
+    cfg = params.feedback.simulate
+    cases = [c for d in pick_files(validation_docs(params, columns=("id", "lang", "path", "content"),
+                                                   part="feedback"), cfg) for c in cursors(d, cfg)]
+    expected = {c.prefix: c.kept for c in cases}
+    with session_factory(f"sqlite:///{tmp_path / 'fb.db'}")() as s:
+        rows = s.execute(select(Completion.prompt, Completion.kept_text, Completion.kept_source, Completion.filepath,
+                                FeedbackEvent.kind).outerjoin(FeedbackEvent)).all()
+    cursor_rows = [r for r in rows if r.prompt in expected]
+    assert len(cursor_rows) == 6 and len(rows) == 12  # each cursor's request and its follow-up
+    for r in cursor_rows:
+        assert (r.kept_text, r.kept_source) == (expected[r.prompt], "derived") and r.filepath
+    assert all(r.kept_text is None for r in rows if r.prompt not in expected)  # follow-ups: nothing after them
