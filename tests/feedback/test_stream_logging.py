@@ -106,26 +106,27 @@ def test_a_store_that_fails_mid_stream_leaves_a_row_that_says_so(served):
 
 
 def test_health_metrics_and_feedback_do_not_wait_behind_generation(tmp_path, tiny_backend, tiny_model_dir):
-    """More concurrent completions than AnyIO's 40 threads, on the one-at-a-time transformers backend."""
+    """Far more concurrent completions than AnyIO's 40 threads, on the one-at-a-time transformers backend:
+    when generation held those threads (before issue 16), each probe queued behind ~60 generations."""
     db = f"sqlite:///{tmp_path / 'feedback.db'}"
     app, keys, _ = start_gateway(db, tiny_backend, tiny_model_dir)
     auth = {"Authorization": f"Bearer {keys['alice']}"}
     body = {"model": "auto", "prompt": "import os\n", "max_tokens": 40, "temperature": 0}
-    with live_server(app) as url, ThreadPoolExecutor(48) as pool:
+    n = 100
+    with live_server(app) as url, ThreadPoolExecutor(n) as pool:
         cid = httpx.post(url + "/v1/completions", json=body, headers=auth, timeout=60).json()["id"]
-        busy = [pool.submit(httpx.post, url + "/v1/completions", json=body, headers=auth, timeout=300)
-                for _ in range(48)]
-        wait_for(lambda: sum(f.running() for f in busy) >= 40, 30)
+        busy = [pool.submit(httpx.post, url + "/v1/completions", json=body, headers=auth, timeout=600)
+                for _ in range(n)]
+        wait_for(lambda: sum(f.running() for f in busy) >= n - 5, 30)
         time.sleep(0.5)  # the requests are in the server, queued behind the generation lock
         in_flight = sum(not f.done() for f in busy)
         t0 = time.perf_counter()
-        health = httpx.get(url + "/healthz", timeout=30)
-        metrics = httpx.get(url + "/metrics", timeout=30)
-        fb = httpx.post(url + "/v1/feedback", json={"id": cid, "event": "accepted"}, headers=auth, timeout=30)
+        health = httpx.get(url + "/healthz", timeout=60)
+        metrics = httpx.get(url + "/metrics", timeout=60)
+        fb = httpx.post(url + "/v1/feedback", json={"id": cid, "event": "accepted"}, headers=auth, timeout=60)
         took = time.perf_counter() - t0
         still = sum(not f.done() for f in busy)
-        assert [f.result().status_code for f in busy] == [200] * 48
+        assert [f.result().status_code for f in busy] == [200] * n
     assert health.status_code == 200 and metrics.status_code == 200 and fb.status_code == 200
-    assert in_flight > 40 and still > 0, "generation finished before the probes: the test proved nothing"
-    assert took < 3.0, f"health + metrics + feedback took {took:.1f} s behind {still} generations"
-    assert "ownllm_inflight_completions" in metrics.text
+    assert in_flight > 60 and still > 20, "generation finished before the probes: the test proved nothing"
+    assert took < 1.5, f"health + metrics + feedback took {took:.1f} s behind {still} generations"
