@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export WANDB_SILENT := true
 
-.PHONY: run test install lock clean-outputs console-assets console-screenshots
+.PHONY: run test install lock clean-outputs console-assets console-screenshots gpu-kit gpu-rehearsal
 
 install: $(STAMP) $(NODE_STAMP)
 
@@ -52,3 +52,19 @@ console-assets: $(NODE_STAMP)
 # Debian's chromium (apt-get install -y chromium).
 console-screenshots: $(STAMP)
 	$(PY) -m feedback.console.screenshots --params params.yaml --out docs/console
+
+# The GPU check (docs/TRAINING.md, "Proving the GPU path"). gpu-kit: the wheels the GPU box lacks, for its
+# CPython 3.12, into .gpu-kit/ (carried to the box), size-checked against what may travel. gpu-rehearsal:
+# benchmarks/gpu/run.sh with the tiny profile on the CPU, in a venv holding the box's packages (torch 2.11,
+# transformers 5.x, ...; a few GB, built once) plus the kit installed exactly as on the box.
+GPU_KIT := .gpu-kit
+GPU_REHEARSAL_VENV ?= .venv-gpu-rehearsal
+PY312 ?= $(or $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12)),python3.12)
+
+gpu-kit:
+	python3 benchmarks/gpu/kit.py download --kit $(GPU_KIT)
+
+gpu-rehearsal:
+	@test -d $(GPU_KIT) || python3 benchmarks/gpu/kit.py download --kit $(GPU_KIT)
+	python3 benchmarks/gpu/kit.py device-venv --venv $(GPU_REHEARSAL_VENV) --python $(PY312)
+	PYTHON=$(GPU_REHEARSAL_VENV)/bin/python bash benchmarks/gpu/run.sh --profile tiny --kit $(GPU_KIT) var/gpu-rehearsal

@@ -97,4 +97,8 @@ class UserError(Exception):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Under `python -m pipeline.cli` this file is `__main__`, a second copy of the module: the stages raise
+    # `pipeline.cli.UserError`, which `main` here would not catch. Run the package module's `main` instead.
+    from pipeline.cli import main as package_main
+
+    sys.exit(package_main())

@@ -94,7 +94,8 @@ class BuiltTrainer(NamedTuple):
     callbacks: Any  # pipeline.train.callbacks.TrainCallbacks: skip, recorder, spike, monitors by name
 
 
-def build_trainer(params: Params, device: str, precision: str, extra_callbacks: list | None = None) -> BuiltTrainer:
+def build_trainer(params: Params, device: str, precision: str, extra_callbacks: list | None = None,
+                  extra_loggers: list | None = None) -> BuiltTrainer:
     from composer import Evaluator, Trainer
     from composer.algorithms import GradientClipping
     from composer.core import DataSpec
@@ -138,7 +139,7 @@ def build_trainer(params: Params, device: str, precision: str, extra_callbacks: 
                                    weight_decay=t.weight_decay)
     scheduler = CosineAnnealingWithWarmupScheduler(t_warmup=t.warmup, alpha_f=t.lr_min_ratio)
 
-    loggers = []
+    loggers = list(extra_loggers or [])
     mode = wandb_mode(params)
     if mode != "disabled":
         from pipeline.train.wandb_logger import wandb_logger
@@ -212,8 +213,11 @@ def read_curve(reports_dir: str | Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def train(params: Params) -> dict[str, Any]:
-    """Train (or resume) the run params describe; returns the summary written to reports/train.json."""
+def train(params: Params, extra_callbacks: list | None = None, extra_loggers: list | None = None) -> dict[str, Any]:
+    """Train (or resume) the run params describe; returns the summary written to reports/train.json.
+
+    ``extra_callbacks`` / ``extra_loggers`` are added to Composer's (benchmarks/gpu records the monitors'
+    metrics to a file through them)."""
     from composer.utils import dist
 
     from pipeline import numerics
@@ -224,7 +228,7 @@ def train(params: Params) -> dict[str, Any]:
         torch.set_num_threads(params.train.num_threads)
     device, precision = resolve_device(params)
     started = time.perf_counter()
-    trainer, tokenizer, callbacks = build_trainer(params, device, precision)
+    trainer, tokenizer, callbacks = build_trainer(params, device, precision, extra_callbacks, extra_loggers)
     skip, recorder = callbacks.skip, callbacks.recorder
     resumed_from = int(trainer.state.timestamp.batch.value)
     max_duration = trainer.state.max_duration
