@@ -81,11 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--metrics", required=True, type=Path, help="JSON-lines file the metrics are appended to")
     args = ap.parse_args(argv)
 
+    from pipeline import numerics
     from pipeline.config import load_params
+
+    params = load_params(args.params)
+    numerics.pin_environment(params.numerics)  # as the `ownllm` command does, before torch loads
     from pipeline.train.trainer import train
 
-    summary = train(load_params(args.params), extra_callbacks=[step_timer()],
-                    extra_loggers=[metrics_file_logger(args.metrics)])
+    summary = train(params, extra_callbacks=[step_timer()], extra_loggers=[metrics_file_logger(args.metrics)])
     speed = summary.pop("_speed", {})
     print(json.dumps({"summary": summary, "speed": speed}, sort_keys=True, default=str), flush=True)
     return 0
