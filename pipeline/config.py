@@ -552,6 +552,12 @@ class RLHFConfig(Section):
     max_length: int = Field(256, ge=8)
     max_prompt_chars: int = Field(1024, ge=16)  # snapshot keeps the end of longer prompts (the cursor side)
     max_pairs_per_context: int = Field(4, ge=1)  # a busy context must not dominate the preferences
+    # The learners' data (each measured separately, docs/RLHF.md): SFT on kept code (the cursor's FIM prompt ->
+    # what the user kept), SFT on bounties, and the preference pairs' chosen side at a cursor.
+    sft_kept: bool = True
+    sft_bounties: bool = True
+    chosen: Literal["kept", "accepted", "both"] = "kept"  # accepted is used where nothing was kept
+    rpo_alpha: float | None = Field(None, ge=0)  # DPO + this x NLL on the chosen (TRL rpo_alpha); null = plain DPO
     log_every: int = Field(5, ge=1)
     device: Literal["auto", "cpu", "gpu"] = "auto"
     bf16_on_gpu: bool = True

@@ -54,6 +54,7 @@ class Decision:
     suffix: str
     completion: str
     accepted: bool
+    kept: str | None = None  # what the user really kept at the cursor (Completion.kept_text), when known
 
 
 @dataclass(frozen=True)
@@ -100,16 +101,18 @@ def load_store(session: Session) -> tuple[list[Decision], list[BountyText], int]
     from feedback.models import Bounty, Completion, FeedbackEvent, FeedbackKind
 
     rows = session.execute(
-        select(Completion.language, Completion.prompt, Completion.suffix, Completion.completion, FeedbackEvent.kind)
+        select(Completion.language, Completion.prompt, Completion.suffix, Completion.completion, FeedbackEvent.kind,
+               Completion.kept_text)
         .join(FeedbackEvent, FeedbackEvent.completion_id == Completion.id)
         .order_by(Completion.id)
     ).all()
     decisions, purged = [], 0
-    for lang, prompt, suffix, completion, kind in rows:
+    for lang, prompt, suffix, completion, kind, kept in rows:
         if prompt is None or completion is None:  # texts removed by the retention purge: counts only
             purged += 1
             continue
-        decisions.append(Decision(lang or "unknown", prompt, suffix or "", completion, kind == FeedbackKind.accepted))
+        decisions.append(Decision(lang or "unknown", prompt, suffix or "", completion, kind == FeedbackKind.accepted,
+                                  kept))
     bounties = [BountyText(b.title, b.instruction, b.language, b.solution)
                 for b in session.scalars(select(Bounty).order_by(Bounty.content_hash))]
     return decisions, bounties, purged
@@ -165,6 +168,7 @@ class _Context:
     suffix: str
     accepted: set[str] = field(default_factory=set)
     rejected: set[str] = field(default_factory=set)
+    kept: set[str] = field(default_factory=set)  # what the user really kept here (usually one text)
 
 
 def _redact(text: str, params: Params, counts: Counter) -> str:
@@ -190,11 +194,14 @@ def build_snapshot(decisions: list[Decision], bounties: list[BountyText], params
             continue
         ctx = contexts.setdefault((prefix, suffix), _Context(d.language, prefix, suffix))
         (ctx.accepted if d.accepted else ctx.rejected).add(completion)
+        if d.kept is not None and d.kept.strip():
+            ctx.kept.add(_redact(d.kept, params, pii))
     for ctx in contexts.values():  # the same text both accepted and rejected teaches nothing: drop it
         both = ctx.accepted & ctx.rejected
         stats["conflicting_label"] += len(both)
         ctx.accepted -= both
         ctx.rejected -= both
+        ctx.rejected -= ctx.kept  # a rejected suggestion equal to what was kept was rejected for timing, not text
 
     # Documents in the pipeline's record schema, so its dedup and decontamination run on them unchanged.
     # A context's document is its rendered prompt (what the model is tuned on, not the whole file above the
@@ -202,7 +209,8 @@ def build_snapshot(decisions: list[Decision], bounties: list[BountyText], params
     ctx_docs = {}
     for ctx in contexts.values():
         cid = row_id("context", ctx.prefix, ctx.suffix)
-        body = render_prompt(ctx.prefix, ctx.suffix, cfg.max_prompt_chars) + "".join(sorted(ctx.accepted | ctx.rejected))
+        body = render_prompt(ctx.prefix, ctx.suffix, cfg.max_prompt_chars) + \
+            "".join(sorted(ctx.accepted | ctx.rejected | ctx.kept))
         ctx_docs[cid] = (_doc("feedback", cid, ctx.language, body), ctx)
     sft_docs = {}
     for b in bounties:
@@ -220,16 +228,22 @@ def build_snapshot(decisions: list[Decision], bounties: list[BountyText], params
     keep_sft, rej = _filter_docs([v[0] for v in sft_docs.values()], params, decontaminator)
     rejected.append(rej)
 
-    sft = [{"id": sid, "prompt": p, "completion": c, "language": lang}
-           for sid, (_, p, c, lang) in sft_docs.items() if sid in keep_sft]
+    sft = [{"id": sid, "prompt": p, "completion": c, "language": lang, "source": "bounty"}
+           for sid, (_, p, c, lang) in sft_docs.items() if sid in keep_sft and cfg.sft_bounties]
     pairs, unpaired = [], []
     for cid, (_, ctx) in ctx_docs.items():
         if cid not in keep_ctx:
             continue
         prompt = render_prompt(ctx.prefix, ctx.suffix, cfg.max_prompt_chars)
+        if cfg.sft_kept:  # SFT on kept code: the cursor's FIM prompt -> what the user really kept there
+            sft += [{"id": row_id("sft-kept", prompt, k), "prompt": prompt, "completion": k, "language": ctx.language,
+                     "source": "kept"} for k in sorted(ctx.kept)]
+        # Preferences at the same cursor: chosen = what was kept (params: and/or the accepted suggestion).
+        chosen = (ctx.kept if cfg.chosen in ("kept", "both") else set()) | \
+            (ctx.accepted if cfg.chosen in ("accepted", "both") or not ctx.kept else set())
         ctx_pairs = sorted(
             ({"id": row_id("pair", prompt, a, r), "context_id": cid, "prompt": prompt, "chosen": a, "rejected": r,
-              "language": ctx.language} for a in ctx.accepted for r in ctx.rejected),
+              "language": ctx.language} for a in chosen for r in ctx.rejected if a != r),
             key=lambda x: x["id"])
         pairs += ctx_pairs[: cfg.max_pairs_per_context]  # a busy context must not dominate the preferences
         unpaired += [{"id": row_id("unpaired", prompt, c, str(label)), "context_id": cid, "prompt": prompt,
@@ -237,7 +251,8 @@ def build_snapshot(decisions: list[Decision], bounties: list[BountyText], params
                      for label, texts in ((True, ctx.accepted), (False, ctx.rejected)) for c in texts]
     rej_table = pa.concat_tables(rejected) if rejected else REJECT_SCHEMA.empty_table()
     stats.update(contexts=len(contexts), sft=len(sft), pairs=len(pairs), unpaired=len(unpaired),
-                 unpaired_accepted=sum(r["label"] for r in unpaired))
+                 unpaired_accepted=sum(r["label"] for r in unpaired),
+                 sft_kept=sum(r["source"] == "kept" for r in sft), contexts_with_kept=sum(bool(c.kept) for c in contexts.values()))
     out_stats = dict(sorted(stats.items()))
     out_stats["pii_redactions"] = dict(sorted(pii.items()))
     out_stats["rejected"] = dict(sorted(Counter(rej_table.column("reason").to_pylist()).items()))

@@ -281,7 +281,12 @@ def _run_dpo(params: Params, src: Path, out: Path, rows: list[dict], path: Path,
     model, tok = _load(src)
     ref, _ = _load(src)
     ds = _dataset(rows, ["prompt", "chosen", "rejected"], path, tok, cfg.max_length)
-    args = DPOConfig(**_common_args(params, "dpo", cfg.dpo_epochs, cfg.dpo_max_steps, report_to), beta=cfg.beta)
+    # rpo_alpha: an NLL term on the chosen completion, so DPO cannot lower the chosen text's likelihood when
+    # chosen and rejected differ by a few tokens (the same-cursor case; Smaug/DPOP). RPO in TRL 1.x is the
+    # loss list ["sigmoid", "sft"] with weights [1, rpo_alpha] (its older `rpo_alpha` argument is gone).
+    rpo = {} if cfg.rpo_alpha is None else {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, cfg.rpo_alpha]}
+    args = DPOConfig(**_common_args(params, "dpo", cfg.dpo_epochs, cfg.dpo_max_steps, report_to), beta=cfg.beta,
+                     **rpo)
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=tok)
     # The prompt is run twice per pair (with the chosen and with the rejected completion).
     tokens = _epoch_tokens(trainer.train_dataset, prompt_twice=True) * _epochs_done(trainer, args, len(ds))

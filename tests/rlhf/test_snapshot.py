@@ -98,3 +98,28 @@ def test_registry_paths_inside_the_repo_are_written_relative(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     assert portable_path(str(tmp_path / "models/base")) == "models/base"
     assert portable_path("/opt/elsewhere/model") == "/opt/elsewhere/model"
+
+
+def test_kept_code_becomes_sft_and_the_chosen_side_of_pairs(tmp_path, tiny_model_dir):
+    """What the user kept at a cursor: an SFT example (FIM prompt -> kept text) and the chosen side against
+    every rejected suggestion there, even where no suggestion was accepted; each learner's data by params."""
+    prefix, suffix = "def area(r):\n    return", "\nprint(area(2))\n"
+    kept = " 3.14159 * r * r"
+    decisions = [Decision("python", prefix, suffix, " r", False, kept),
+                 Decision("python", prefix, suffix, " None", False, kept),
+                 Decision("python", prefix, suffix, " 3.14", True, kept)]
+    params = rlhf_params(tmp_path, tiny_model_dir, decontam=False)
+    snap = build_snapshot(decisions, [], params)
+    prompt = render_prompt(prefix, suffix, params.rlhf.max_prompt_chars)
+    assert [(r["prompt"], r["completion"], r["source"]) for r in snap.sft] == [(prompt, kept, "kept")]
+    assert sorted((p["chosen"], p["rejected"]) for p in snap.pairs) == [(kept, " None"), (kept, " r")]
+    assert snap.stats["sft_kept"] == 1 and snap.stats["contexts_with_kept"] == 1
+
+    both = build_snapshot(decisions, [], rlhf_params(tmp_path, tiny_model_dir, decontam=False, chosen="both"))
+    assert sorted(p["chosen"] for p in both.pairs) == sorted([kept, kept, " 3.14", " 3.14"])
+    off = build_snapshot(decisions, [], rlhf_params(tmp_path, tiny_model_dir, decontam=False, sft_kept=False,
+                                                    chosen="accepted"))
+    assert off.sft == [] and {p["chosen"] for p in off.pairs} == {" 3.14"}
+    # No kept text (a client that reports none): the accepted suggestion stays the chosen side.
+    plain = [Decision(d.language, d.prefix, d.suffix, d.completion, d.accepted) for d in decisions]
+    assert {p["chosen"] for p in build_snapshot(plain, [], params).pairs} == {" 3.14"}
