@@ -19,20 +19,31 @@ PAGES = {"overview": "/console", "versions": "/console/versions", "ab": "/consol
 SCREENSHOT_USER = "console-screenshots"
 
 
-def take(params_path: str, db_url: str | None, out: Path, width: int, height: int) -> list[Path]:
+def take(params_path: str, db_url: str | None, out: Path, width: int, height: int, browser=None) -> list[Path]:
+    """Screenshot every page into ``out``; ``browser``: a Playwright browser to use (one is started otherwise)."""
+    from contextlib import ExitStack
+
     from playwright.sync_api import sync_playwright
     from sqlalchemy import update
+    from sqlalchemy.engine import make_url
 
     from feedback import store
     from feedback.app import create_app, serve_in_thread
-    from feedback.db import check_at_head, make_engine, session_factory
+    from feedback.db import StoreNotAtHead, check_at_head, make_engine, session_factory
     from feedback.models import ApiKey, utcnow
     from pipeline.config import load_params
 
     params = load_params(params_path)
     url = db_url or params.serve.db_url
+    u = make_url(url)
+    if u.get_backend_name() == "sqlite" and u.database and not Path(u.database).is_file():
+        raise SystemExit(f"no feedback store at {u.database}: `make run` (its simulate stage) fills one, "
+                         f"or pass --db-url")
     engine = make_engine(url)
-    check_at_head(engine)
+    try:
+        check_at_head(engine)
+    except StoreNotAtHead as exc:
+        raise SystemExit(str(exc)) from None
     factory = session_factory(engine)
     with factory.begin() as s:
         key = store.create_key(s, SCREENSHOT_USER, staff=True)
@@ -40,9 +51,14 @@ def take(params_path: str, db_url: str | None, out: Path, width: int, height: in
     written = []
     try:
         app = create_app(params.serve.model_copy(update={"db_url": url}), params=params)
-        with serve_in_thread(app) as base, sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": width, "height": height})
+        with serve_in_thread(app) as base, ExitStack() as stack:
+            if browser is None:
+                p = stack.enter_context(sync_playwright())
+                browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+                stack.callback(browser.close)
+            ctx = browser.new_context(viewport={"width": width, "height": height})
+            stack.callback(ctx.close)
+            page = ctx.new_page()
             page.goto(base + "/console/login")
             page.fill("input[name=key]", key)
             page.click("button[type=submit]")
@@ -54,7 +70,6 @@ def take(params_path: str, db_url: str | None, out: Path, width: int, height: in
                 page.screenshot(path=str(target), full_page=True)
                 written.append(target)
                 print(f"[console-screenshots] {target}", file=sys.stderr)
-            browser.close()
     finally:
         with factory.begin() as s:  # the key existed only for these screenshots
             s.execute(update(ApiKey).where(ApiKey.key_hash == store.sha256(key)).values(revoked_at=utcnow()))

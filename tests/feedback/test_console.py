@@ -305,3 +305,20 @@ def test_pages_on_each_database_match_the_report(empty_db_url):
         arm_users = [int(u) for u in re.findall(r'<td class="n users">([\d,]+)</td>', pages["/console/ab"].text)]
         assert sum(arm_users) >= users > 0  # a user can be in both arms' rows only if routed to both
     app.state.engine.dispose()
+
+
+def test_screenshots_tool_writes_every_page_and_revokes_its_key(browser, world, tmp_path):
+    from PIL import Image
+
+    from feedback.console.screenshots import PAGES as SHOTS
+    from feedback.console.screenshots import SCREENSHOT_USER, take
+    from feedback.models import ApiKey
+
+    written = take(str(world.params_path), world.db_url, tmp_path / "shots", 1280, 900, browser=browser)
+    assert sorted(p.name for p in written) == sorted(f"{name}.png" for name in SHOTS)
+    for p in written:
+        with Image.open(p) as im:
+            assert im.width == 1280 and im.height >= 900  # the fixed viewport, full page
+    with session_factory(world.db_url)() as s:
+        keys = s.scalars(select(ApiKey).join(User).where(User.name == SCREENSHOT_USER)).all()
+    assert keys and all(k.revoked_at is not None for k in keys)
