@@ -64,10 +64,37 @@ def write_params(tmp: Path, model_dir: Path, db_url: str) -> Path:
     return path
 
 
+def gate_result(params) -> dict:
+    """A gate result as `ownllm rlhf gate` writes it, its paired tests computed by the gate's own code
+    (rlhf.gate.paired_tests, decide) on a held-out replay of 48 cursors in 8 files where the tuned model
+    accepts more; the non-regression rows are written out."""
+    import random
+
+    from rlhf.gate import GateResult, decide, paired_tests
+
+    rng = random.Random(7)
+    cost = params.rlhf.gate.reject_cost_chars
+    parent, tuned = [], []
+    for i in range(48):
+        for rows, p_accept in ((parent, 0.2), (tuned, 0.45)):
+            accepted = rng.random() < p_accept
+            chars = rng.randint(6, 30) if accepted else 0
+            rows.append({"key": f"f{i % 8}:{i}", "file": f"f{i % 8}.py", "accepted": int(accepted), "shown": 1,
+                         "accepted_chars": chars, "utility": chars - (0 if accepted else cost)})
+    paired = paired_tests(parent, tuned, params)
+    passed, significant, reasons = decide(paired, [], params)
+    u = paired["tests"]["utility"]
+    rows = [{"metric": "heldout.utility_per_cursor", "parent": u["parent"], "tuned": u["tuned"], "delta": u["diff"],
+             "tolerance": params.rlhf.gate.margin, "gated": True, "ok": passed, "status": "paired"},
+            {"metric": "fim.infill_exact", "parent": 0.05, "tuned": 0.04, "delta": -0.01, "tolerance": 0.02,
+             "gated": True, "ok": True, "status": "within"}]
+    return GateResult(passed, rows, {"version": "base"}, {}, paired, significant,
+                      params.rlhf.gate.promote_to if significant else "staff", reasons).to_json()
+
+
 def write_reports(tmp: Path, params) -> None:
     from pipeline.data.stats import compute_stats
     from pipeline.train.spike import detect_spikes
-    from rlhf.gate import GateResult
     from rlhf.loop import loop_report
 
     stats, _ = compute_stats(StatsConfig(input=params.data.dedup.out, funnel={"dedup": params.data.dedup.out},
@@ -96,13 +123,9 @@ def write_reports(tmp: Path, params) -> None:
                        "spike_step_loss": 9.1, "why": ["repetitive"], "snippet": "import re"}],
         "evidence": {"with_all": losses[60], "without_named": 3.4}, "search": {"replays": 5}})
 
-    gate = GateResult(True, [
-        {"metric": "heldout.acceptance", "parent": 0.125, "tuned": 0.1875, "delta": 0.0625, "tolerance": 0.05,
-         "gated": True, "ok": True, "status": "improved"},
-        {"metric": "fim.infill_exact", "parent": 0.05, "tuned": 0.04, "delta": -0.01, "tolerance": 0.02,
-         "gated": True, "ok": True, "status": "within"}], {"version": "base"}, {})
+    gate = gate_result(params)
     manifest = {"counts": {"sft": 12, "pairs": 9, "unpaired": 3}, "content_hash": "c0ffee" * 10}
-    write_json(Path(params.tracking.reports_dir) / "loop.json", loop_report(params, gate.to_json(), manifest))
+    write_json(Path(params.tracking.reports_dir) / "loop.json", loop_report(params, gate, manifest))
 
 
 def build_console_world(tmp: Path, model_dir: Path) -> ConsoleWorld:
@@ -117,9 +140,7 @@ def build_console_world(tmp: Path, model_dir: Path) -> ConsoleWorld:
     factory = session_factory(db_url)
     with factory.begin() as s:
         store.register_model_version(s, "base", str(model_dir), git_rev="1" * 40, model_hash="b" * 64, state="all")
-        gate = {"passed": True, "parent": {"version": "base"}, "metrics": [
-            {"metric": "heldout.acceptance", "parent": 0.125, "tuned": 0.1875, "delta": 0.0625, "tolerance": 0.05,
-             "gated": True, "ok": True}]}
+        gate = gate_result(params)
         store.register_model_version(s, "ft-a", str(model_dir), git_rev="2" * 40, dvc_lock_hash="d" * 64,
                                      snapshot_hash="5" * 64, model_hash="a" * 64, parent="base",
                                      eval_results={"gate": gate}, state="staff")

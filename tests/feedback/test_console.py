@@ -117,14 +117,22 @@ def test_every_page_shows_the_stores_and_the_reports_numbers(browser, console, w
         page.goto(console + "/console/versions")
         ft = page.locator("#version-ft-a")
         assert ft.locator("td.parent").inner_text() == "base"
-        assert "Gate report: against base — passed" in ft.inner_text() and "0.188" in ft.inner_text()
+        with factory() as s:
+            gate = store.get_version(s, "ft-a").eval_results["gate"]
+        assert f"Gate report: against base — {'passed' if gate['passed'] else 'FAILED'}" in ft.inner_text()
+        u = gate["paired"]["tests"]["utility"]
+        assert ft.locator('tr[data-test="utility"] td.diff').inner_text() == f"{u['diff']:.3f}"
+        assert ft.locator('tr[data-test="utility"] td.ci').inner_text() == f"[{u['ci95'][0]:.3f}, {u['ci95'][1]:.3f}]"
 
         # Loop, training, data: the report files' numbers.
         loop = json.loads((Path(params.tracking.reports_dir) / "loop.json").read_text())
         page.goto(console + "/console/loop")
-        row = page.locator('#round-1 tr[data-metric="heldout.acceptance"]')
-        assert row.locator("td").nth(2).inner_text() == \
-            f"{loop['rounds'][0]['metrics']['heldout.acceptance']['tuned']:.3f}"
+        m = loop["rounds"][0]["metrics"]["heldout.utility_per_cursor"]
+        row = page.locator('#round-1 tr[data-metric="heldout.utility_per_cursor"]')
+        assert row.locator("td").nth(2).inner_text() == f"{m['tuned']:.3f}"
+        assert row.locator("td").nth(4).inner_text() == f"[{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]"
+        mc = loop["rounds"][0]["paired"]["mcnemar"]
+        assert f"only the tuned model {mc['only_tuned']}, p = {mc['p_value']:.4f}" in page.inner_text("#round-1")
         assert page.locator("#round-1 table.snapshot").inner_text().split() == ["pairs", "sft", "unpaired", "9", "12", "3"]
 
         page.goto(console + "/console/training")
