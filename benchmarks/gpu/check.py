@@ -48,7 +48,7 @@ MFU_TARGET = 0.40
 PROFILES: dict[str, dict[str, Any]] = {
     "gpu": {
         "check": {"steps": 200, "checkpoint_step": 100, "global_batch": 32, "microbatch": 16,
-                  "latency_requests": 20, "deadline_s": 420},
+                  "latency_requests": 20, "deadline_s": 400},
         "params": {
             "data": {"sources": [{"name": "python-stdlib", "kind": "dir", "path": "{stdlib}", "include": ["**/*.py"],
                                   "exclude": ["site-packages/**", "test/**", "**/tests/**", "idlelib/idle_test/**"]}],

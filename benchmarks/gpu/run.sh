@@ -70,7 +70,7 @@ else
   export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"  # the installed ownllm's entry points, this tree's code
 fi
 export PYTHONNOUSERSITE=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OWNLLM_WANDB_MODE=disabled \
-  WANDB_SILENT=true TOKENIZERS_PARALLELISM=false
+  WANDB_SILENT=true
 "$PY" - <<'EOF' >>"$OUT/check.log" 2>&1 || die "the training stack does not import (see $OUT/check.log)"
 import importlib.metadata as md, sys
 import torch, composer, streaming, transformers, pydantic, pipeline.cli  # noqa: F401
