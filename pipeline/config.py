@@ -532,6 +532,14 @@ class RLHFGateConfig(Section):
     skip_humaneval: bool = False  # the tiny CPU default may skip the slow HumanEval part of the gate
 
 
+class RLHFFilterConfig(Section):
+    # The suggestion filter (rlhf/filter.py): fitted per tuned model on a replay of the feedback files, judged
+    # by the gate as part of the deployed version (model + filter).
+    enabled: bool = True
+    cursors_per_file: int = Field(8, ge=1)  # training replay: cursors per feedback file
+    seed: int = 17
+
+
 class RLHFConfig(Section):
     snapshot_dir: str = "data/feedback"
     base_model: str = "models/base"  # parent when no model version is in production yet
@@ -565,6 +573,7 @@ class RLHFConfig(Section):
     state_file: str = "var/rlhf/last_refresh.json"
     refresh_runner: Literal["dvc", "direct"] = "dvc"  # dvc: `dvc exp run`; direct: the stages in-process
     gate: RLHFGateConfig = RLHFGateConfig()
+    filter: RLHFFilterConfig = RLHFFilterConfig()
 
 
 class BisectConfig(Section):

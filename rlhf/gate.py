@@ -32,6 +32,7 @@ from pipeline.tracking import write_json
 
 PARENT_NAME = "rlhf-parent"
 TUNED_NAME = "rlhf-tuned"
+DEPLOYED_NAME = "rlhf-deployed"  # the tuned model + its suggestion filter
 STAGE = "rlhf_gate"
 DECIDING_METRIC = "heldout.utility_per_cursor"
 # Shown in the table and loop report even when not gated.
@@ -71,6 +72,10 @@ class GateResult:
             lo, hi = t["ci95"]
             lines.append(f"paired {name:<29} diff {t['diff']:+.3f}  95% CI [{lo:+.3f}, {hi:+.3f}]  p={t['p_value']:.4f}"
                          f"  ({t['n']} cursors, {t['clusters']} files)")
+        for name, t in self.paired.get("deployed", {}).get("tests", {}).items():
+            lo, hi = t["ci95"]
+            lines.append(f"deployed (model + filter) {name:<14} diff {t['diff']:+.3f}  95% CI [{lo:+.3f}, {hi:+.3f}]  "
+                         f"p={t['p_value']:.4f}")
         if "mcnemar" in self.paired:
             m = self.paired["mcnemar"]
             lines.append(f"paired acceptance (exact McNemar): only parent {m['only_parent']}, only tuned "
@@ -125,9 +130,10 @@ def paired_tests(parent_rows: list[dict], tuned_rows: list[dict], params: Params
 
 
 def decide(paired: dict, regressions: list[str], params: Params) -> tuple[bool, bool, list[str]]:
-    """(passed, significant, reasons) from the paired utility test and the non-regression checks."""
+    """(passed, significant, reasons) from the paired utility test of what users would get (the deployed
+    version, model + filter, when a filter is on) and the non-regression checks."""
     gate = params.rlhf.gate
-    u = paired["tests"]["utility"]
+    u = paired.get("deployed", paired)["tests"]["utility"]
     lo, hi = u["ci95"]
     reasons = []
     if not lo > -gate.margin:
@@ -142,7 +148,7 @@ def decide(paired: dict, regressions: list[str], params: Params) -> tuple[bool, 
     return passed, significant, reasons
 
 
-def compare(params: Params, parent_dir: Path, tuned_dir: Path) -> GateResult:
+def compare(params: Params, parent_dir: Path, tuned_dir: Path, deployed_dir: Path | None = None) -> GateResult:
     """Non-regression checks on the eval reports, the paired replay tests, and the rule."""
     from pipeline.eval.compare import compare_reports, sampling_tolerances
     from rlhf.heldout import read_rows
@@ -152,12 +158,14 @@ def compare(params: Params, parent_dir: Path, tuned_dir: Path) -> GateResult:
         tolerances.pop("humaneval.pass@1", None)
     cmp = compare_reports(parent_dir, tuned_dir, tolerances, params.eval.lower_is_better)
     paired = paired_tests(read_rows(parent_dir), read_rows(tuned_dir), params)
+    if deployed_dir is not None:  # model + suggestion filter: what users would get
+        paired["deployed"] = paired_tests(read_rows(parent_dir), read_rows(deployed_dir), params)
     # Gated metrics first, then the headline metrics shown for information.
     shown = [r for r in cmp.rows if r.tolerance is not None or r.metric in INFO_METRICS]
     rows = [{"metric": r.metric, "parent": r.base, "tuned": r.candidate, "delta": r.delta, "tolerance": r.tolerance,
              "gated": r.tolerance is not None, "ok": r.status not in ("regressed", "missing"), "status": r.status}
             for r in sorted(shown, key=lambda r: (r.tolerance is None, r.metric))]
-    u = paired["tests"]["utility"]
+    u = paired.get("deployed", paired)["tests"]["utility"]
     rows.insert(0, {"metric": DECIDING_METRIC, "parent": u["parent"], "tuned": u["tuned"], "delta": u["diff"],
                     "tolerance": params.rlhf.gate.margin, "gated": True, "ok": u["ci95"][0] > -params.rlhf.gate.margin,
                     "status": "paired: CI lower bound vs -margin"})
@@ -167,15 +175,28 @@ def compare(params: Params, parent_dir: Path, tuned_dir: Path) -> GateResult:
                       params.rlhf.gate.promote_to if significant else ("staff" if passed else None), reasons)
 
 
-def run_gate(params: Params, parent: dict, tuned_dir: str | Path, docs: list[dict] | None = None) -> GateResult:
-    """Evaluate parent and tuned model on the held-out files, compare, write ``reports/rlhf_gate.json``."""
-    from rlhf.heldout import gate_docs
+def run_gate(params: Params, parent: dict, tuned_dir: str | Path, docs: list[dict] | None = None,
+             filter_docs: list[dict] | None = None) -> GateResult:
+    """Evaluate parent and tuned model on the held-out files (and, with ``rlhf.filter.enabled``, the deployed
+    version: the tuned model + its suggestion filter fitted on ``filter_docs``, default the feedback files),
+    compare, write ``reports/rlhf_gate.json``."""
+    from rlhf.heldout import gate_docs, replay
     from rlhf.tune import weights_hash
 
     docs = gate_docs(params) if docs is None else docs
     parent_reports = evaluate(params, PARENT_NAME, parent["model_dir"], docs)
     tuned_reports = evaluate(params, TUNED_NAME, tuned_dir, docs)
-    result = compare(params, parent_reports, tuned_reports)
+    deployed = None
+    if params.rlhf.filter.enabled:
+        from pipeline.eval.fim import validation_docs
+        from rlhf.filter import train_filter
+
+        filt = train_filter(tuned_dir, params, validation_docs(params, part="feedback") if filter_docs is None
+                            else filter_docs)
+        deployed = Path(params.eval.out) / DEPLOYED_NAME
+        write_json(deployed / "filter.json", filt.to_json())
+        replay(str(tuned_dir), params, docs, out_dir=deployed, show=filt.show)
+    result = compare(params, parent_reports, tuned_reports, deployed)
     result.parent = {**parent, "weights_sha256": weights_hash(parent["model_dir"])}
     result.tuned = {"model_dir": str(tuned_dir), "weights_sha256": weights_hash(tuned_dir)}
     write_json(gate_path(params), result.to_json())

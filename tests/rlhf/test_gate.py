@@ -69,6 +69,29 @@ def test_sampling_tolerance_matches_the_binomial_error():
     assert sampling_tolerance(0.1, 1640) < sampling_tolerance(0.1, 164) / 3
 
 
+def test_filter_threshold_maximises_utility_and_can_show_nothing():
+    from rlhf.filter import best_threshold, fit
+
+    p = np.array([0.9, 0.8, 0.3, 0.2, 0.1])
+    chars = np.array([10.0, 0.0, 6.0, 0.0, 0.0])
+    t, u = best_threshold(p, chars, cost=2.0)
+    assert t == 0.3 and u == pytest.approx(14.0 / 5)  # top 3: 10 - 2 + 6; the last two would cost 2 each
+    t, u = best_threshold(p, chars, cost=20.0)
+    assert t == 0.9 and u == pytest.approx(2.0)  # a rejection now costs more than the 6 characters gain
+    t, u = best_threshold(p, np.zeros(5), cost=2.0)
+    assert t == np.inf and u == 0.0  # nothing is ever accepted: show nothing
+    # Confident, long-ish suggestions get accepted, low-logprob ones do not: the filter learns it.
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(200):
+        good = i % 3 == 0
+        rows.append({"suggestion": " value" if good else " xq", "logprob": rng.normal(-0.5 if good else -3.0, 0.3),
+                     "prefix_tail": "x = ", "lang": "python", "accepted": good, "accepted_chars": 6 if good else 0})
+    f = fit(rows, cost=2.0, model_sha256="abc", seed=0)
+    assert f.model_sha256 == "abc" and f.train_utility_filtered > f.train_utility_shown_all
+    assert f.show(rows[0]) and not f.show(rows[1])
+
+
 # ------------------------------------------------------------------------------------- the real gate
 @pytest.fixture(scope="module")
 def good_model(tiny_model_dir, tmp_path_factory) -> Path:
@@ -109,6 +132,7 @@ def gate_params(tmp: Path, model_dir: Path):
     data["eval"]["idioms"]["max_new_tokens"] = 4
     data["feedback"]["simulate"]["max_context_chars"] = 200
     data["rlhf"]["gate"].update(skip_humaneval=True, cursors_per_file=10, max_tokens=12, resamples=999)
+    data["rlhf"]["filter"].update(enabled=False, cursors_per_file=10)
     return parse_params(data, "gate-params")
 
 
@@ -141,7 +165,18 @@ def test_gate_passes_a_model_against_itself_fails_a_damaged_one_and_sees_a_real_
     assert read_gate(params)["passed"] is False
     assert "gate: FAILED" in worse.table()
 
-    # The other way round: the good model against the damaged one as parent is a significant gain.
-    better = run_gate(params, {"version": "damaged", "model_dir": str(bad)}, good_model, docs)
+    # The other way round: the good model against the damaged one as parent is a significant gain; with the
+    # suggestion filter on, the deployed version (model + filter fitted on *other* files) is judged too.
+    from rlhf.tune import weights_hash
+
+    with_filter = params.model_copy(update={"rlhf": params.rlhf.model_copy(update={
+        "filter": params.rlhf.filter.model_copy(update={"enabled": True})})})
+    filter_docs = [{"id": n, "lang": "python", "path": n, "content": (STDLIB / n).read_text(encoding="utf-8")}
+                   for n in ("textwrap.py", "shlex.py", "string.py")]
+    better = run_gate(with_filter, {"version": "damaged", "model_dir": str(bad)}, good_model, docs, filter_docs)
     assert better.passed and better.significant and better.promote_to == params.rlhf.gate.promote_to
     assert better.paired["mcnemar"]["only_tuned"] > better.paired["mcnemar"]["only_parent"]
+    filt = json.loads((tmp_path / "reports/eval/rlhf-deployed/filter.json").read_text())
+    assert filt["model_sha256"] == weights_hash(good_model) and filt["train_rows"] > 0
+    assert better.paired["deployed"]["tests"]["utility"]["n"] == 80
+    assert "deployed (model + filter)" in better.table()
