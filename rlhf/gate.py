@@ -130,10 +130,12 @@ def paired_tests(parent_rows: list[dict], tuned_rows: list[dict], params: Params
 
 
 def decide(paired: dict, regressions: list[str], params: Params) -> tuple[bool, bool, list[str]]:
-    """(passed, significant, reasons) from the paired utility test of what users would get (the deployed
-    version, model + filter, when a filter is on) and the non-regression checks."""
+    """(passed, significant, reasons) from the paired utility test of the model and the non-regression checks.
+
+    The deployed version (model + filter) is reported beside it (``paired["deployed"]``) but does not decide
+    yet: the gateway does not apply the filter, so promoting on it would promote what users do not get."""
     gate = params.rlhf.gate
-    u = paired.get("deployed", paired)["tests"]["utility"]
+    u = paired["tests"]["utility"]
     lo, hi = u["ci95"]
     reasons = []
     if not lo > -gate.margin:
@@ -165,7 +167,7 @@ def compare(params: Params, parent_dir: Path, tuned_dir: Path, deployed_dir: Pat
     rows = [{"metric": r.metric, "parent": r.base, "tuned": r.candidate, "delta": r.delta, "tolerance": r.tolerance,
              "gated": r.tolerance is not None, "ok": r.status not in ("regressed", "missing"), "status": r.status}
             for r in sorted(shown, key=lambda r: (r.tolerance is None, r.metric))]
-    u = paired.get("deployed", paired)["tests"]["utility"]
+    u = paired["tests"]["utility"]
     rows.insert(0, {"metric": DECIDING_METRIC, "parent": u["parent"], "tuned": u["tuned"], "delta": u["diff"],
                     "tolerance": params.rlhf.gate.margin, "gated": True, "ok": u["ci95"][0] > -params.rlhf.gate.margin,
                     "status": "paired: CI lower bound vs -margin"})
