@@ -26,13 +26,14 @@ Z95 = NormalDist().inv_cdf(0.975)
 
 
 def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """95% Wilson score interval (statsmodels); (0, 1) when nothing was observed."""
+    from scipy.stats import norm
+    from statsmodels.stats.proportion import proportion_confint
+
     if n == 0:
         return 0.0, 1.0
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    lo, hi = proportion_confint(successes, n, alpha=2 * norm.sf(z), method="wilson")
+    return max(0.0, float(lo)), min(1.0, float(hi))
 
 
 def two_proportion_test(x1: int, n1: int, x2: int, n2: int) -> dict[str, float | None]:
@@ -179,7 +180,9 @@ def plot(rep: dict[str, Any], path) -> None:
     if rows:
         labels = [f"{r['model']}\n{r['language']}" for r in rows]
         rates = [r["rate"] for r in rows]
-        err = [[r["rate"] - r["ci95"][0] for r in rows], [r["ci95"][1] - r["rate"] for r in rows]]
+        # clipped at 0: at a rate of 0 or 1 the interval's bound equals the rate up to float rounding, and
+        # matplotlib refuses an error bar of -1e-17
+        err = [[max(0.0, r["rate"] - r["ci95"][0]) for r in rows], [max(0.0, r["ci95"][1] - r["rate"]) for r in rows]]
         ax.bar(range(len(rows)), rates, yerr=err, capsize=4, color="#4c72b0")
         ax.set_xticks(range(len(rows)), labels, fontsize=8)
         for i, r in enumerate(rows):

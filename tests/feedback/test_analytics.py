@@ -85,3 +85,14 @@ def test_ab_verdict_when_not_significant(db_url):
         (ab,) = report(s, None, None)["experiments"]
     assert ab["significant"] is False and ab["needed_per_arm"] == needed_per_arm(0.3, 0.5, 0.05, 0.8)
     assert f"needs about {ab['needed_per_arm']} decided completions per arm (have 10)" in ab["verdict"]
+
+
+def test_the_acceptance_plot_takes_rates_of_0_and_1_for_any_count(tmp_path):
+    """At a rate of 0 or 1 the Wilson bound equals the rate up to float rounding; a bar of -1e-17 made matplotlib
+    refuse the plot (the simulate stage failed on some counts)."""
+    from feedback.analytics import plot, wilson
+
+    rows = [{"model": "m", "language": f"l{n}", "shown": n, "rate": float(k == n), "ci95": list(wilson(k, n))}
+            for n in range(1, 400) for k in (0, n)]
+    plot({"by_version_language": rows}, tmp_path / "acceptance.png")
+    assert (tmp_path / "acceptance.png").stat().st_size > 0
