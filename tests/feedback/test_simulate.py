@@ -246,8 +246,12 @@ def test_several_choices_make_preference_pairs_deterministically(tmp_path, fim_m
         decisions, bounties, _ = load_store(s)
     snap = build_snapshot(decisions, bounties, params)
     assert snap.pairs and all(p["chosen"] != p["rejected"] for p in snap.pairs)
-    chosen = {r[4] for v in mixed for r in v if r[5] == "accepted"}
+    # chosen: what the user kept at the cursor (the real continuation the simulated user reports), else the
+    # accepted suggestion (rlhf.chosen); never a rejected one
+    chosen = {r[4] for v in mixed for r in v if r[5] == "accepted"} | {d.kept for d in decisions if d.kept}
+    rejected = {r[4] for v in by_request.values() for r in v if r[5] == "rejected"}
     assert {p["chosen"] for p in snap.pairs} <= chosen
+    assert {p["rejected"] for p in snap.pairs} <= rejected
 
     # Seeded sampling: a rerun serves the same suggestions and records the same decisions.
     assert ownllm(["feedback", "simulate", "--params", str(path)]) == 0
