@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from feedback.db import upgrade
-from gateway_fixtures import Gateway, fresh_pg_url, live_server, start_gateway
+from gateway_fixtures import Gateway, drop_fresh_pg_databases, fresh_pg_url, live_server, start_gateway
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_test_pg_databases():
+    yield
+    drop_fresh_pg_databases()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])

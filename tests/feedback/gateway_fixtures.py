@@ -59,8 +59,12 @@ def require_pg() -> str:
     pytest.skip(reason)
 
 
+CREATED_PG_DATABASES: list[str] = []
+
+
 def fresh_pg_url() -> str:
-    """A new, empty database on the test PostgreSQL server (so tests never see each other's rows)."""
+    """A new, empty database on the test PostgreSQL server (so tests never see each other's rows); dropped at the
+    end of the session by `drop_fresh_pg_databases` (tests/feedback/conftest.py)."""
     from sqlalchemy.engine import make_url
 
     server = require_pg()
@@ -70,7 +74,26 @@ def fresh_pg_url() -> str:
     with eng.connect() as c:
         c.execute(text(f'CREATE DATABASE "{name}"'))
     eng.dispose()
+    CREATED_PG_DATABASES.append(name)
     return base.set(database=name).render_as_string(hide_password=False)
+
+
+def drop_fresh_pg_databases() -> list[str]:
+    """Drop every database `fresh_pg_url` made in this process (a developer's long-lived server would otherwise
+    collect one per test). FORCE ends connections a test's engine still holds. Returns the names dropped."""
+    if not CREATED_PG_DATABASES:
+        return []
+    eng = make_engine(os.environ["OWNLLM_TEST_PG_URL"], isolation_level="AUTOCOMMIT")
+    dropped = []
+    try:
+        with eng.connect() as c:
+            while CREATED_PG_DATABASES:
+                name = CREATED_PG_DATABASES.pop()
+                c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+                dropped.append(name)
+    finally:
+        eng.dispose()
+    return dropped
 
 
 class PreloadedPool(BackendPool):
