@@ -1,17 +1,21 @@
 """Acceptance analytics: rates per model version x language with 95% intervals, and the A/B verdict.
 
 Counting happens in the database (one GROUP BY per question, using the (version, language, time)
-index); Python only turns the few aggregated rows into intervals and tests. The statistics are the
-textbook formulas, written out because they are a few lines each and scipy/statsmodels would add a
-large dependency for them:
-- Wilson score interval for a binomial rate (sound at small n and near 0 or 1);
-- two-sided two-proportion z-test with pooled variance for the difference between arms;
-- the per-arm sample size that would detect the observed difference at the configured alpha and power.
+index); Python only turns the few aggregated rows into intervals and tests:
+- Wilson score interval for a binomial rate (statsmodels; sound at small n and near 0 or 1);
+- the A/B difference between arms clustered by user: users are what ``feedback.routing`` randomises, and one
+  user's choices are not independent of each other (one heavy user can make a difference look certain when
+  choices are counted). The difference comes from a linear probability model (statsmodels OLS of
+  accepted-or-not on the arm) with cluster-robust standard errors grouped by user, t with users − 1 degrees
+  of freedom; the two-proportion z-test counting choices is kept beside it (``by_choice``) for comparison;
+- the per-arm sample size that would detect the observed difference at the configured alpha and power,
+  inflated by the design effect the clustering measured.
 """
 
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from datetime import datetime, timedelta
 from statistics import NormalDist
 from typing import Any
@@ -115,13 +119,85 @@ def acceptance(s: Session, since: datetime | None = None, until: datetime | None
     return out
 
 
+AB_RESAMPLES = 4999
+BCA_MAX_USERS = 400
+AB_SEED = 0  # fixed: the same counts give the same CI and p-value on every page load and report
+
+
+def clustered_difference(cells: list[tuple[Any, int, int, int]], n_resamples: int = AB_RESAMPLES,
+                         seed: int = AB_SEED) -> dict[str, Any]:
+    """Treatment − control acceptance (pooled rates) with a CI and p-value that resample users, not choices.
+
+    ``cells`` are (user, arm, accepted, shown) with arm 0 = control, 1 = treatment. Users are what routing
+    randomises, so they are the unit: the CI is a user-level bootstrap (scipy.stats.bootstrap resampling each
+    arm's users, BCa, percentile when BCa fails on few users), the p-value a permutation test that reassigns
+    whole users between arms (scipy.stats.permutation_test; exact when there are few users). A cluster-robust
+    OLS (statsmodels) was tried first and rejected: its sandwich error is near zero for the user who makes
+    most of an arm's choices (the pooled rate is fitted to that user, so their residual vanishes), and it
+    called one heavy user's preference significant (tests/feedback/test_analytics.py). ``design_effect`` is
+    the bootstrap variance over the variance counting choices as independent (unpooled binomial): roughly how
+    many choices one independent observation is worth. Needs at least 2 users with shown completions per arm.
+    """
+    import warnings
+
+    import numpy as np
+    from scipy import stats
+
+    live = [c for c in cells if c[3] > 0]
+    users = [{c[0] for c in live if c[1] == arm} for arm in (0, 1)]
+    out: dict[str, Any] = {"users": len(users[0] | users[1]), "users_per_arm": [len(users[0]), len(users[1])],
+                           "diff": None, "ci95": None, "p_value": None, "design_effect": None,
+                           "method": "user bootstrap CI, user permutation p"}
+    if min(out["users_per_arm"]) < 2:
+        return out
+    acc = np.array([c[2] for c in live], dtype=float)
+    shown = np.array([c[3] for c in live], dtype=float)
+    arm = np.array([c[1] for c in live])
+    # Samples are indices into the (user, arm) cells, so a resample keeps each user's accepted and shown together.
+    control, treatment = np.flatnonzero(arm == 0).astype(float), np.flatnonzero(arm == 1).astype(float)
+
+    def pooled_diff(c, t, axis=-1):
+        c, t = c.astype(np.int64), t.astype(np.int64)
+        return acc[t].sum(axis=axis) / shown[t].sum(axis=axis) - acc[c].sum(axis=axis) / shown[c].sum(axis=axis)
+
+    diff = float(pooled_diff(control, treatment))
+    n1, n2 = shown[arm == 0].sum(), shown[arm == 1].sum()
+    p1, p2 = acc[arm == 0].sum() / n1, acc[arm == 1].sum() / n2
+    naive_var = p1 * (1 - p1) / n1 + p2 * (1 - p2) / n2
+    # BCa corrects the percentile interval's bias at few users; its jackknife costs users², and past a few
+    # hundred users the percentile interval is as good, so large experiments use it directly.
+    method = "BCa" if out["users"] <= BCA_MAX_USERS else "percentile"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # BCa on few users (or a degenerate spread) warns; handled below
+        res = stats.bootstrap((control, treatment), pooled_diff, vectorized=True, n_resamples=n_resamples,
+                              method=method, rng=np.random.default_rng(seed))
+        lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            res = stats.bootstrap((control, treatment), pooled_diff, vectorized=True, n_resamples=n_resamples,
+                                  method="percentile", rng=np.random.default_rng(seed))
+            lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    perm = stats.permutation_test((control, treatment), pooled_diff, permutation_type="independent",
+                                  vectorized=True, n_resamples=n_resamples, alternative="two-sided",
+                                  rng=np.random.default_rng(seed + 1))
+    se = float(res.standard_error)
+    out.update(diff=diff, ci95=[min(lo, diff), max(hi, diff)], p_value=float(perm.pvalue),
+               method=f"user bootstrap ({method}) CI, user permutation p",
+               design_effect=float(se ** 2 / naive_var) if naive_var > 0 else None)
+    return out
+
+
 def experiment_report(s: Session, exp: Experiment, alpha: float, power: float,
                       since: datetime | None = None, until: datetime | None = None,
                       ignored_after_s: float = 10.0) -> dict[str, Any]:
-    """Arms' acceptance on the traffic the experiment routed, the difference, the test and the verdict."""
+    """Arms' acceptance on the traffic the experiment routed, the difference clustered by user, and the verdict.
+
+    One query counts per (arm, user); the arms' rates are sums over their users, the test clusters by user
+    (:func:`clustered_difference`). ``by_choice`` keeps the z-test that counts choices as independent, which is
+    optimistic whenever a few users make most choices."""
     accepted = func.sum(case((FeedbackEvent.kind == FeedbackKind.accepted, 1), else_=0))
-    q = (select(ExperimentArm.name, ModelVersion.name, ExperimentArm.traffic_share, func.count(FeedbackEvent.id),
-                _ignored(until or utcnow(), ignored_after_s), accepted)
+    q = (select(ExperimentArm.id, ExperimentArm.name, ModelVersion.name, ExperimentArm.traffic_share,
+                Completion.user_id, func.count(FeedbackEvent.id), _ignored(until or utcnow(), ignored_after_s),
+                accepted)
          .select_from(ExperimentArm)
          .join(ModelVersion, ModelVersion.id == ExperimentArm.model_version_id)
          .outerjoin(Completion, and_(Completion.experiment_id == ExperimentArm.experiment_id,
@@ -129,34 +205,58 @@ def experiment_report(s: Session, exp: Experiment, alpha: float, power: float,
                                      _window(since, until)))
          .outerjoin(FeedbackEvent, FeedbackEvent.completion_id == Completion.id)
          .where(ExperimentArm.experiment_id == exp.id)
-         .group_by(ExperimentArm.id, ExperimentArm.name, ModelVersion.name, ExperimentArm.traffic_share)
-         .order_by(ExperimentArm.id))
-    arms = [{"arm": a, "model": m, "traffic_share": share, **_rate(int(acc or 0), decided, int(ignored or 0))}
-            for a, m, share, decided, ignored, acc in s.execute(q)]
-    out: dict[str, Any] = {"experiment": exp.name, "status": exp.status.value, "arms": arms}
+         .group_by(ExperimentArm.id, ExperimentArm.name, ModelVersion.name, ExperimentArm.traffic_share,
+                   Completion.user_id)
+         .order_by(ExperimentArm.id, Completion.user_id))
+    per_arm: dict[int, dict[str, Any]] = {}
+    sums: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0])  # decided, ignored, accepted
+    per_user: list[tuple[int, int, int, int]] = []  # (arm id, user, accepted, shown)
+    for arm_id, a, m, share, user, decided, ignored, acc in s.execute(q):
+        per_arm.setdefault(arm_id, {"arm": a, "model": m, "traffic_share": share})
+        decided, ignored, acc = int(decided or 0), int(ignored or 0), int(acc or 0)
+        for i, v in enumerate((decided, ignored, acc)):
+            sums[arm_id][i] += v
+        if user is not None:
+            per_user.append((arm_id, user, acc, decided + ignored))
+    arms = [{**info, **_rate(sums[i][2], sums[i][0], sums[i][1]),
+             "users_shown": sum(1 for a, _, _, n in per_user if a == i and n > 0)} for i, info in per_arm.items()]
+    out: dict[str, Any] = {"experiment": exp.name, "status": exp.status.value, "arms": arms, "counts": "users"}
     if len(arms) != 2:
         out["verdict"] = "needs exactly two arms"
         return out
     c, t = arms
-    test = two_proportion_test(c["accepted"], c["shown"], t["accepted"], t["shown"])
+    control_id = next(iter(per_arm))
+    out["by_choice"] = two_proportion_test(c["accepted"], c["shown"], t["accepted"], t["shown"])
+    test = clustered_difference([(u, 0 if a == control_id else 1, acc, n) for a, u, acc, n in per_user])
     out.update(test)
-    if test["p_value"] is None:
+    if c["shown"] == 0 or t["shown"] == 0:
         out.update(significant=False, needed_per_arm=None, verdict="no decided completions in one of the arms yet")
         return out
+    if test["p_value"] is None:
+        out.update(significant=False, needed_per_arm=None,
+                   verdict=(f"not enough users to test: the difference is clustered by user and needs at least 2 "
+                            f"users with shown completions in each arm (control {test['users_per_arm'][0]}, "
+                            f"treatment {test['users_per_arm'][1]})"))
+        return out
+    deff = max(1.0, test["design_effect"] or 1.0)
     need = needed_per_arm(c["rate"], t["rate"], alpha, power)
+    need = None if need is None else math.ceil(need * deff)
     significant = test["p_value"] < alpha
     out.update(significant=significant, alpha=alpha, power=power, needed_per_arm=need)
+    users = (f"{test['users']} users ({test['users_per_arm'][0]} control, {test['users_per_arm'][1]} treatment), "
+             f"clustered by user")
+    ci = f"95% CI [{test['ci95'][0]:+.1%}, {test['ci95'][1]:+.1%}]"
     better = "treatment" if test["diff"] > 0 else "control"
     if significant:
-        out["verdict"] = (f"significant: {better} is better by {abs(test['diff']):.1%} "
-                          f"(p={test['p_value']:.3g} < {alpha})")
+        out["verdict"] = (f"significant counting {users}: {better} is better by {abs(test['diff']):.1%} "
+                          f"({ci}, p={test['p_value']:.3g} < {alpha})")
     elif need is None:
-        out["verdict"] = "not significant: the arms' rates are identical"
+        out["verdict"] = f"not significant counting {users}: the arms' rates are identical"
     else:
         have = min(c["shown"], t["shown"])
-        out["verdict"] = (f"not significant (p={test['p_value']:.3g}); a true difference of "
-                          f"{abs(test['diff']):.1%} needs about {need} decided completions per arm "
-                          f"(have {have}) at alpha={alpha}, power={power}")
+        out["verdict"] = (f"not significant counting {users} ({ci}, p={test['p_value']:.3g}); a true difference of "
+                          f"{abs(test['diff']):.1%} needs about {need} shown completions per arm "
+                          f"(have {have}; design effect {deff:.2f}) at alpha={alpha}, power={power}")
     return out
 
 

@@ -108,6 +108,16 @@ def test_every_page_shows_the_stores_and_the_reports_numbers(browser, console, w
             row = page.locator(f'#exp-1 tr[data-arm="{arm["arm"]}"]')
             assert row.locator("td.shown").inner_text() == f"{arm['shown']:,}"
             assert row.locator("td.rate").inner_text() == fmt(arm["rate"])
+            assert row.locator("td.users-shown").inner_text() == f"{arm['users_shown']:,}"
+        # the difference's CI and p-value are the ones clustered by user, and the page says how many users
+        assert exp["counts"] == "users" and "users" in exp["verdict"]
+        if exp["p_value"] is None:
+            assert page.locator("#exp-1 .clustered").count() == 0
+        else:
+            clustered = page.locator("#exp-1 .clustered")
+            assert clustered.locator(".p").inner_text() == f"{exp['p_value']:.4f}"
+            assert clustered.locator(".ci").inner_text() == f"[{exp['ci95'][0]:.3f}, {exp['ci95'][1]:.3f}]"
+            assert f"counting {exp['users']:,} users" in clustered.inner_text()
         with factory() as s:
             users = s.execute(select(User.name)).scalars().all()
         assert sum(int(page.locator(f'#exp-1 tr[data-arm="{a}"] td.users').inner_text()) for a in ("control", "treatment")) \
