@@ -33,9 +33,9 @@ sys.path.insert(0, str(REPO))
 
 from feedback import analytics, store  # noqa: E402
 from feedback.app import create_app, serve_in_thread  # noqa: E402
+from feedback.config import ServeConfig  # noqa: E402
 from feedback.db import downgrade, make_engine, session_factory, upgrade  # noqa: E402
 from feedback.models import Completion, FeedbackEvent, FeedbackKind, User, utcnow  # noqa: E402
-from pipeline.config import ServeConfig  # noqa: E402
 
 PAGES = ["/console", "/console/versions", "/console/ab", "/console/loop", "/console/training", "/console/data"]
 LANGS = ["python", "javascript", "c"]

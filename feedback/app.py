@@ -44,7 +44,7 @@ from feedback.db import check_at_head, current_revision, make_engine
 from feedback.models import Completion, FeedbackKind, KeptSource, ModelVersion, ServeStatus, User, utcnow
 from feedback.requests import CompletionInput
 from feedback.routing import NoModel, Route, route, visible_versions
-from pipeline.config import FeedbackConfig, ServeConfig
+from feedback.config import FeedbackConfig, ServeConfig
 
 log = logging.getLogger("ownllm.serve")
 DB_ERRORS = (OperationalError, DBAPIError, PoolTimeout)
@@ -188,7 +188,7 @@ class BackendPool:
 
     def upstream_of(self, version: ModelVersion):
         """The version's own upstream (serve.upstreams), else the default one when backend is openai."""
-        from pipeline.config import UpstreamConfig
+        from feedback.config import UpstreamConfig
 
         own = self.cfg.upstreams.get(version.name)
         if own is not None:
@@ -294,12 +294,13 @@ APP_FACTORY = "feedback.app:app_from_env"
 
 def app_from_env() -> FastAPI:
     """The app of one ``ownllm serve`` worker process (uvicorn calls this, ``factory=True``)."""
-    from pipeline.config import Params
+    from feedback.config import FeedbackParams
+    from pipeline.config import params_schema
 
     raw = os.environ.get(SERVE_CONFIG_ENV)
     if not raw:
         raise RuntimeError(f"${SERVE_CONFIG_ENV} is not set: start the gateway with `ownllm serve`")
-    params = Params.model_validate_json(raw)
+    params = params_schema(FeedbackParams).model_validate_json(raw)
     return create_app(params.serve, params=params)
 
 
@@ -307,7 +308,7 @@ def create_app(cfg: ServeConfig, backends: BackendPool | None = None, check_sche
                params=None) -> FastAPI:
     """Build the gateway. Raises StoreNotAtHead at once (not on first request) if the store needs migrating.
 
-    ``params`` (a pipeline.config.Params) tells the console where the reports are, and the editor APIs their
+    ``params`` (a feedback.config.FeedbackParams) tells the console where the reports are, and the editor APIs their
     ``feedback`` settings; default: the defaults."""
     engine = make_engine(cfg.db_url, sqlite_busy_timeout_s=cfg.sqlite_busy_timeout_s)
     if check_schema:

@@ -9,12 +9,12 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from pipeline.cli import UserError
-from pipeline.config import Params, load_params
+from feedback.config import FeedbackParams, load_feedback_params
 from pipeline.tracking import say, write_json
 
 
-def _setup(args) -> tuple[Params, str]:
-    params = load_params(args.params)
+def _setup(args) -> tuple[FeedbackParams, str]:
+    params = load_feedback_params(args.params)
     return params, getattr(args, "db_url", None) or params.serve.db_url
 
 
@@ -161,7 +161,7 @@ def _parse_time(text: str | None, name: str) -> datetime | None:
     return t.replace(tzinfo=None) if t.tzinfo is None else t.astimezone(tz=None).replace(tzinfo=None)
 
 
-def write_report(factory, out_dir: str | Path, since, until, params: Params, window: dict) -> dict:
+def write_report(factory, out_dir: str | Path, since, until, params: FeedbackParams, window: dict) -> dict:
     from feedback.analytics import plot, report
 
     with factory() as s:

@@ -42,7 +42,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline.cli import UserError
-from pipeline.config import Params, SimulateConfig, load_params
+from feedback.config import FeedbackParams, SimulateConfig, load_feedback_params
 from pipeline.fim_prompt import SPECIAL_TOKENS
 from pipeline.tracking import say, stage_run
 
@@ -240,7 +240,7 @@ def _rate(acc: int, n: int) -> dict:
     return {"accepted": acc, "decided": n, "rate": acc / n if n else None, "ci95": [lo, hi]}
 
 
-def simulate(params: Params, db_url: str, round_no: int = 0) -> dict:
+def simulate(params: FeedbackParams, db_url: str, round_no: int = 0) -> dict:
     import httpx
 
     from feedback import store
@@ -252,7 +252,10 @@ def simulate(params: Params, db_url: str, round_no: int = 0) -> dict:
     cfg = params.feedback.simulate
     try:
         # The 'feedback' part of the validation split only: the 'gate' part is the RLHF gate's held-out set.
-        docs = validation_docs(params, columns=("id", "lang", "path", "content"), part="feedback")
+        # Its size is the gate's parameter (rlhf.gate.heldout_frac, in the composed params; this package
+        # cannot import rlhf's schema, only read the value the gate also reads).
+        docs = validation_docs(params, columns=("id", "lang", "path", "content"), part="feedback",
+                               gate_frac=params.rlhf.gate.heldout_frac)
     except FileNotFoundError as exc:
         raise UserError(str(exc)) from None
     files = pick_files(docs, cfg)
@@ -368,7 +371,7 @@ def _check(r, what: str) -> None:
 def main(args) -> int:
     from pipeline import numerics
 
-    params = load_params(args.params)
+    params = load_feedback_params(args.params)
     numerics.apply(params.numerics)  # the simulated users' completions come from the model
     db_url = args.db_url or params.serve.db_url
     with stage_run(STAGE, params) as run:

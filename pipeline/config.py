@@ -1,18 +1,23 @@
 """params.yaml as typed configuration.
 
-Every knob of every stage lives in one YAML file (llm-foundry style), validated here with pydantic at
-load. Unknown keys are errors, so a typo never silently falls back to a default. Any stage accepts
+Every knob of every stage lives in one YAML file (llm-foundry style), validated with pydantic at load.
+Unknown keys are errors, so a typo never silently falls back to a default. Any stage accepts
 ``--params FILE`` with this same schema.
+
+This module holds the pipeline's sections and the loader; feedback/config.py and rlhf/config.py hold the
+sections of the layers above, composed into one schema at load (``params_schema``).
 """
 
 from __future__ import annotations
 
+import functools
 import sysconfig
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 
 class ParamsError(ValueError):
@@ -423,159 +428,6 @@ class EvalConfig(Section):
     lower_is_better: list[str] = []
 
 
-# --------------------------------------------------------------------------- serving and feedback
-class UpstreamConfig(Section):
-    """One model version's own upstream server (an A/B test can compare two vLLM deployments)."""
-
-    url: str  # OpenAI-compatible base URL, e.g. http://vllm-tuned:8000/v1
-    # template: the gateway sends the FIM prompt as plain `prompt` (vLLM rejects `suffix`); suffix: forwards
-    # OpenAI's `suffix` (servers that build FIM prompts themselves, e.g. another ownllm gateway).
-    fim: Literal["template", "suffix"] = "template"
-    model: str | None = None  # the name the upstream serves it under (default: the version's name)
-    api_key_env: str | None = None  # env var with its key (default: serve.upstream_api_key_env)
-
-
-class ServeConfig(Section):
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    db_url: str = "sqlite:///var/feedback.db"
-    # local: in-process transformers, loading each routed version's `path`; openai: forward to upstream_url.
-    backend: Literal["local", "openai"] = "local"
-    model_dir: str = "models/base"
-    upstream_url: str | None = None  # e.g. http://vllm:8000/v1
-    upstream_api_key_env: str = "OWNLLM_UPSTREAM_API_KEY"  # name of the env var holding the upstream key
-    upstream_fim: Literal["template", "suffix"] = "template"  # how a suffix reaches upstream_url (UpstreamConfig.fim)
-    # Per model version (by name): its own upstream, whatever `backend` says; others use the default.
-    upstreams: dict[str, UpstreamConfig] = {}
-    device: str = "cpu"
-    num_threads: int | None = Field(None, ge=1)  # torch threads of the local backend; None = torch default
-    # The in-process engine for a version whose directory has the CTranslate2 conversion (<dir>/ct2/, written
-    # by `ownllm export`); a directory without it, or engine: transformers, is served by transformers.
-    engine: Literal["ctranslate2", "transformers"] = "ctranslate2"
-    quantization: Literal["float32", "int8"] = "float32"  # CTranslate2 compute type, applied at load
-    batch_wait_ms: float = Field(5.0, ge=0, le=1000)  # requests arriving this close share a decoding batch
-    max_batch: int = Field(32, ge=1)  # rows (prompts x n) per decoding batch
-    # Threads for generation without a batcher of its own (transformers, upstream HTTP) and for relaying
-    # streams; AnyIO's pool is left to the store queries, so health, metrics and feedback never wait.
-    max_concurrent_generations: int = Field(256, ge=1)
-    max_prompt_chars: int = Field(32_000, ge=1)
-    max_tokens_limit: int = Field(512, ge=1)
-    max_n: int = Field(8, ge=1)
-    max_stop: int = Field(4, ge=1)
-    max_body_bytes: int = Field(1_000_000, ge=1024)
-    max_feedback_batch: int = Field(1000, ge=1)
-    sqlite_busy_timeout_s: float = Field(10.0, gt=0)
-    retention_days: int = Field(30, ge=1)
-
-
-class SimulateConfig(Section):
-    users: int = Field(4, ge=1)
-    files: int = Field(24, ge=1)  # held-out files replayed, spread round-robin over languages
-    cursors_per_file: int = Field(2, ge=1)
-    min_line_chars: int = Field(8, ge=1)  # a cursor line has at least this much non-blank text
-    min_kept_chars: int = Field(4, ge=1)  # a cursor leaves at least this many non-blank characters to type
-    # A suggestion counts as accepted when the part the user accepts (partial accept, cut at a word
-    # boundary) holds at least this many whole words: one word is the smallest unit editors accept.
-    min_accept_words: int = Field(1, ge=1)
-    # Suggestions per cursor (the gateway's `n`), as an IDE that lets its user cycle through several: the
-    # closest one is accepted if it passes the accept rule, the others rejected (preference pairs).
-    # 1 = one greedy suggestion.
-    choices: int = Field(2, ge=1)
-    temperature: float = Field(0.8, gt=0, le=2)  # sampling when choices > 1 (seeded per cursor)
-    top_p: float = Field(0.95, gt=0, le=1)
-    max_tokens: int = Field(32, ge=1)
-    max_context_chars: int = Field(2000, ge=16)  # prefix/suffix characters sent, as an editor plugin would
-    bounties: int = Field(16, ge=0)  # demo bounties derived from held-out functions with docstrings
-    model_name: str = "base"  # the version name serve.model_dir is registered under when absent
-    reset: bool = True  # replace the previous simulated traffic (so reruns give the same store and reports)
-    # True: the user types what they kept and the editor asks again on the next line, naming the file, so the
-    # gateway derives kept_text from that request (feedback/kept.py, kept_source 'derived'); False: the user
-    # reports kept_text with each event (kept_source 'simulated'). params.yaml turns it on for the default pipeline.
-    typing: bool = False
-    seed: int = 11
-
-
-class FeedbackConfig(Section):
-    simulate: SimulateConfig = SimulateConfig()
-    reports_dir: str = "reports/feedback"
-    report_days: float = Field(30.0, gt=0)  # default window of `ownllm feedback report`
-    ab_alpha: float = Field(0.05, gt=0, lt=1)  # two-sided significance level of the A/B test
-    ab_power: float = Field(0.8, gt=0, lt=1)  # power for the "needed sample size" of the A/B verdict
-    # Editors (feedback/tabby.py, feedback/continue_events.py, feedback/kept.py):
-    ignored_after_s: float = Field(10.0, gt=0)  # viewed, then neither accepted nor dismissed within this: ignored
-    derive_window_s: float = Field(600.0, gt=0)  # later requests of the same file this recent settle kept_text
-    tabby_max_tokens: int = Field(64, ge=1)  # Tabby-shaped requests carry no max_tokens
-    tabby_temperature: float = Field(0.0, ge=0, le=2)  # ... nor, usually, a temperature: greedy
-    tabby_seed: int | None = Field(None, ge=0)  # ... nor a seed: this one when sampling (None = unseeded)
-
-
-class RLHFGateConfig(Section):
-    # The held-out replay (rlhf/heldout.py): this share of the validation files, chosen by a hash of the
-    # document id, is the gate's alone: simulate, bounties, snapshot and tuning never see them.
-    heldout_frac: float = Field(0.5, gt=0, lt=1)
-    cursors_per_file: int = Field(32, ge=1)  # cursors per held-out file (fewer where a file has fewer lines)
-    max_files: int | None = Field(None, ge=1)  # null: every held-out file
-    max_tokens: int = Field(24, ge=1)  # suggestion length (greedy, cut at the end of the line)
-    batch_size: int = Field(64, ge=1)
-    # Utility per cursor = accepted characters - reject_cost_chars for every suggestion shown and not accepted.
-    reject_cost_chars: float = Field(2.0, ge=0)
-    # Non-inferiority: pass when the 95% CI's lower bound of the utility difference (tuned - parent,
-    # characters per cursor) is above -margin; promote to `promote_to` only when the gain is significant.
-    margin: float = 0.1  # negative: a superiority margin (tuned must be better by at least -margin)
-    alpha: float = Field(0.05, gt=0, lt=1)
-    promote_to: str = "all"
-    # HumanEval / FIM exact match: tuned may be worse than its parent by at most regression_z standard
-    # errors of the parent's rate on that many cases (pipeline.eval.paired.sampling_tolerance).
-    regression_z: float = Field(1.96, gt=0)
-    resamples: int = Field(4999, ge=99)  # bootstrap / permutation resamples
-    seed: int = 13
-    skip_humaneval: bool = False  # the tiny CPU default may skip the slow HumanEval part of the gate
-
-
-class RLHFFilterConfig(Section):
-    # The suggestion filter (rlhf/filter.py): fitted per tuned model on a replay of the feedback files, judged
-    # by the gate as part of the deployed version (model + filter).
-    enabled: bool = True
-    cursors_per_file: int = Field(8, ge=1)  # training replay: cursors per feedback file
-    seed: int = 17
-
-
-class RLHFConfig(Section):
-    snapshot_dir: str = "data/feedback"
-    base_model: str = "models/base"  # parent when no model version is in production yet
-    sft_out: str = "models/sft"
-    tuned_out: str = "models/tuned"
-    work_dir: str = "checkpoints/rlhf"  # trainer scratch (nothing is saved there by default)
-    registry_dir: str = "models/registry"  # registered versions' weights, one folder per version
-    method: Literal["dpo", "kto"] = "dpo"
-    min_pairs: int = Field(8, ge=1)
-    sft_epochs: float = Field(1.0, gt=0)
-    dpo_epochs: float = Field(1.0, gt=0)
-    sft_max_steps: int | None = Field(None, ge=1)  # caps the epochs (the CPU default stays in minutes)
-    dpo_max_steps: int | None = Field(None, ge=1)
-    lr: float = Field(5e-5, gt=0)
-    beta: float = Field(0.1, gt=0)
-    batch_size: int = Field(4, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    max_length: int = Field(256, ge=8)
-    max_prompt_chars: int = Field(1024, ge=16)  # snapshot keeps the end of longer prompts (the cursor side)
-    max_pairs_per_context: int = Field(4, ge=1)  # a busy context must not dominate the preferences
-    # The learners' data (each measured separately, docs/RLHF.md): SFT on kept code (the cursor's FIM prompt ->
-    # what the user kept), SFT on bounties, and the preference pairs' chosen side at a cursor.
-    sft_kept: bool = True
-    sft_bounties: bool = True
-    chosen: Literal["kept", "accepted", "both"] = "kept"  # accepted is used where nothing was kept
-    rpo_alpha: float | None = Field(None, ge=0)  # DPO + this x NLL on the chosen (TRL rpo_alpha); null = plain DPO
-    log_every: int = Field(5, ge=1)
-    device: Literal["auto", "cpu", "gpu"] = "auto"
-    bf16_on_gpu: bool = True
-    lock_file: str = "var/rlhf.lock"
-    state_file: str = "var/rlhf/last_refresh.json"
-    refresh_runner: Literal["dvc", "direct"] = "dvc"  # dvc: `dvc exp run`; direct: the stages in-process
-    gate: RLHFGateConfig = RLHFGateConfig()
-    filter: RLHFFilterConfig = RLHFFilterConfig()
-
-
 class BisectConfig(Section):
     out: str = "reports/bisect"
     max_replays: int = Field(32, ge=1)
@@ -635,6 +487,14 @@ class ReproConfig(Section):
 
 # ---------------------------------------------------------------------------------------------- root
 class Params(Section):
+    """The pipeline's sections of params.yaml (data to evaluation): the schema of this package alone.
+
+    The packages above own theirs (feedback.config: serve, feedback; rlhf.config: rlhf) as subclasses of
+    this one, registered under the ``ownllm.params`` entry points (pyproject.toml) so that this layer never
+    imports them. ``load_params`` validates against all of them composed (``params_schema``): every stage,
+    whichever package it belongs to, gets the whole file, and an unknown key anywhere is still an error.
+    """
+
     seed: int = 1234
     engine: Literal["local", "spark"] = "local"
     workers: int | None = Field(None, ge=1)  # local engine processes; default: all cores
@@ -648,9 +508,6 @@ class Params(Section):
     train: TrainConfig = TrainConfig()
     export: ExportConfig = ExportConfig()
     eval: EvalConfig = EvalConfig()
-    serve: ServeConfig = ServeConfig()
-    feedback: FeedbackConfig = FeedbackConfig()
-    rlhf: RLHFConfig = RLHFConfig()
     bisect: BisectConfig = BisectConfig()
     numerics: NumericsConfig = NumericsConfig()
     repro: ReproConfig = ReproConfig()
@@ -659,12 +516,54 @@ class Params(Section):
     source_file: str | None = Field(None, exclude=True)
 
 
+PARAMS_ENTRY_POINTS = "ownllm.params"
+
+
+@functools.cache
+def _registered() -> tuple[type[Params], ...]:
+    """The ``ownllm.params`` entry points: Params subclasses that add a package's sections."""
+    out = []
+    for ep in sorted(entry_points(group=PARAMS_ENTRY_POINTS), key=lambda e: e.name):
+        try:
+            cls = ep.load()
+        except ModuleNotFoundError as exc:  # a package that is not installed owns no section
+            if exc.name and ep.value.startswith(exc.name):
+                continue
+            raise
+        if not (isinstance(cls, type) and issubclass(cls, Params)):
+            raise TypeError(f"entry point {PARAMS_ENTRY_POINTS}:{ep.name} = {ep.value} is not a Params subclass")
+        out.append(cls)
+    return tuple(out)
+
+
+@functools.cache
+def _compose(classes: tuple[type[Params], ...]) -> type[Params]:
+    # A class already extended by another adds nothing; the rest are combined by inheritance (pydantic
+    # collects the fields along the MRO), the most derived first so the MRO exists.
+    leaves = [c for c in dict.fromkeys(classes) if not any(o is not c and issubclass(o, c) for o in classes)]
+    if not leaves:
+        return Params
+    if len(leaves) == 1:
+        return leaves[0]
+    return create_model("Params", __base__=tuple(sorted(leaves, key=lambda c: -len(c.__mro__))),
+                        __module__=__name__)
+
+
+def params_schema(schema: type[Params] | None = None) -> type[Params]:
+    """The whole params.yaml schema: this package's Params with every registered extension (and ``schema``,
+    a caller's own extension, for one that runs without the entry points installed)."""
+    return _compose(_registered() + ((schema,) if schema is not None else ()))
+
+
 def _format_errors(path: str, exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
         if err["type"] == "extra_forbidden":
-            lines.append(f"{loc}: unknown key")
+            # With no package registered, a top-level section of feedback/rlhf is unknown too: say why.
+            hint = (f" (no {PARAMS_ENTRY_POINTS} entry point is installed, so only the pipeline's sections are "
+                    "known: install the package, `make install`)") if len(err["loc"]) == 1 and not _registered() else ""
+            lines.append(f"{loc}: unknown key{hint}")
         elif err["type"] == "missing":
             lines.append(f"{loc}: required key is missing")
         else:
@@ -672,18 +571,23 @@ def _format_errors(path: str, exc: ValidationError) -> str:
     return f"invalid parameters in {path}:\n  " + "\n  ".join(lines)
 
 
-def parse_params(data: Any, path: str = "<params>") -> Params:
+P = TypeVar("P", bound=Params)
+
+
+def parse_params(data: Any, path: str = "<params>", schema: type[P] = Params) -> P:
+    """Validate a mapping against the whole schema; the result is an instance of ``schema`` (which the
+    composed schema always extends), so a package asks for its own subclass and gets typed sections."""
     if not isinstance(data, dict):
         raise ParamsError(f"invalid parameters in {path}: expected a mapping at top level, got {type(data).__name__}")
     if "source_file" in data:
         raise ParamsError(f"invalid parameters in {path}:\n  source_file: unknown key")
     try:
-        return Params.model_validate({**data, "source_file": path})
+        return params_schema(schema).model_validate({**data, "source_file": path})
     except ValidationError as exc:
         raise ParamsError(_format_errors(path, exc)) from None
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
+def load_params(path: str | Path = "params.yaml", schema: type[P] = Params) -> P:
     p = Path(path)
     if not p.is_file():
         raise ParamsError(f"parameters file not found: {p}")
@@ -691,4 +595,4 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ParamsError(f"cannot parse {p} as YAML: {exc}") from None
-    return parse_params(data, str(p))
+    return parse_params(data, str(p), schema)

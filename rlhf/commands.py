@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pipeline.cli import UserError
-from pipeline.config import load_params
+from rlhf.config import load_rlhf_params
 
 
 def _db_url(args, params) -> str:
@@ -13,7 +13,7 @@ def _db_url(args, params) -> str:
 def snapshot(args) -> int:
     from rlhf import stages
 
-    params = load_params(args.params)
+    params = load_rlhf_params(args.params)
     stages.snapshot(params, _db_url(args, params))
     return 0
 
@@ -23,7 +23,7 @@ def sft(args) -> int:
     from rlhf.tune import TuneError
 
     try:
-        stages.sft(load_params(args.params))
+        stages.sft(load_rlhf_params(args.params))
     except TuneError as exc:
         raise UserError(str(exc)) from None
     return 0
@@ -34,7 +34,7 @@ def dpo(args) -> int:
     from rlhf.tune import TuneError
 
     try:
-        stages.preference(load_params(args.params))
+        stages.preference(load_rlhf_params(args.params))
     except TuneError as exc:
         raise UserError(str(exc)) from None
     return 0
@@ -44,7 +44,7 @@ def gate(args) -> int:
     from rlhf import stages
 
     try:
-        stages.gate(load_params(args.params))
+        stages.gate(load_rlhf_params(args.params))
     except (FileNotFoundError, ValueError) as exc:
         raise UserError(str(exc)) from None
     return 0
@@ -53,7 +53,7 @@ def gate(args) -> int:
 def register(args) -> int:
     from rlhf import stages
 
-    params = load_params(args.params)
+    params = load_rlhf_params(args.params)
     try:
         stages.register(params, _db_url(args, params), on_fail=args.on_fail)
     except stages.GateFailed:
@@ -68,7 +68,7 @@ def refresh(args) -> int:
     from rlhf.lock import LockBusy
     from rlhf.refresh import refresh as run_refresh
 
-    params = load_params(args.params)
+    params = load_rlhf_params(args.params)
     try:
         outcome = run_refresh(params, _db_url(args, params), args.runner)
     except LockBusy as exc:
@@ -84,7 +84,7 @@ def lineage(args) -> int:
     from feedback.store import NotFound
     from rlhf.lineage import check, describe, render
 
-    params = load_params(args.params)
+    params = load_rlhf_params(args.params)
     try:
         info = describe(_db_url(args, params), args.version)
     except NotFound as exc:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Params
+from rlhf.config import RLHFParams
 from pipeline.tracking import write_json
 
 PARENT_NAME = "rlhf-parent"
@@ -90,7 +90,7 @@ def _fmt(v: float | None) -> str:
     return f"{v:8.3f}" if isinstance(v, (int, float)) else f"{'-':>8}"
 
 
-def evaluate(params: Params, name: str, model_dir: str | Path, docs: list[dict] | None = None, show=None) -> Path:
+def evaluate(params: RLHFParams, name: str, model_dir: str | Path, docs: list[dict] | None = None, show=None) -> Path:
     """Every gate metric of one model into ``reports/eval/<name>/``, on the gate's held-out files only."""
     from pipeline.eval.fim import run_fim
     from pipeline.eval.idioms import run_idioms
@@ -108,7 +108,7 @@ def evaluate(params: Params, name: str, model_dir: str | Path, docs: list[dict] 
     return out
 
 
-def paired_tests(parent_rows: list[dict], tuned_rows: list[dict], params: Params) -> dict:
+def paired_tests(parent_rows: list[dict], tuned_rows: list[dict], params: RLHFParams) -> dict:
     """The held-out replay, cursor by cursor: McNemar on acceptance, clustered CIs on the numeric metrics."""
     from pipeline.eval.paired import clustered_mean_difference, mcnemar_exact
 
@@ -129,7 +129,7 @@ def paired_tests(parent_rows: list[dict], tuned_rows: list[dict], params: Params
             "reject_cost_chars": gate.reject_cost_chars, "margin": gate.margin, "alpha": gate.alpha}
 
 
-def decide(paired: dict, regressions: list[str], params: Params) -> tuple[bool, bool, list[str]]:
+def decide(paired: dict, regressions: list[str], params: RLHFParams) -> tuple[bool, bool, list[str]]:
     """(passed, significant, reasons) from the paired utility test of the model and the non-regression checks.
 
     The deployed version (model + filter) is reported beside it (``paired["deployed"]``) but does not decide
@@ -150,7 +150,7 @@ def decide(paired: dict, regressions: list[str], params: Params) -> tuple[bool, 
     return passed, significant, reasons
 
 
-def compare(params: Params, parent_dir: Path, tuned_dir: Path, deployed_dir: Path | None = None) -> GateResult:
+def compare(params: RLHFParams, parent_dir: Path, tuned_dir: Path, deployed_dir: Path | None = None) -> GateResult:
     """Non-regression checks on the eval reports, the paired replay tests, and the rule."""
     from pipeline.eval.compare import compare_reports, sampling_tolerances
     from rlhf.heldout import read_rows
@@ -177,7 +177,7 @@ def compare(params: Params, parent_dir: Path, tuned_dir: Path, deployed_dir: Pat
                       params.rlhf.gate.promote_to if significant else ("staff" if passed else None), reasons)
 
 
-def run_gate(params: Params, parent: dict, tuned_dir: str | Path, docs: list[dict] | None = None,
+def run_gate(params: RLHFParams, parent: dict, tuned_dir: str | Path, docs: list[dict] | None = None,
              filter_docs: list[dict] | None = None) -> GateResult:
     """Evaluate parent and tuned model on the held-out files (and, with ``rlhf.filter.enabled``, the deployed
     version: the tuned model + its suggestion filter fitted on ``filter_docs``, default the feedback files),
@@ -193,8 +193,9 @@ def run_gate(params: Params, parent: dict, tuned_dir: str | Path, docs: list[dic
         from pipeline.eval.fim import validation_docs
         from rlhf.filter import train_filter
 
-        filt = train_filter(tuned_dir, params, validation_docs(params, part="feedback") if filter_docs is None
-                            else filter_docs)
+        if filter_docs is None:
+            filter_docs = validation_docs(params, part="feedback", gate_frac=params.rlhf.gate.heldout_frac)
+        filt = train_filter(tuned_dir, params, filter_docs)
         deployed = Path(params.eval.out) / DEPLOYED_NAME
         write_json(deployed / "filter.json", filt.to_json())
         replay(str(tuned_dir), params, docs, out_dir=deployed, show=filt.show)
@@ -205,12 +206,12 @@ def run_gate(params: Params, parent: dict, tuned_dir: str | Path, docs: list[dic
     return result
 
 
-def gate_path(params: Params) -> Path:
+def gate_path(params: RLHFParams) -> Path:
     """The gate's result is the stage's DVC metrics file (deterministic values only)."""
     return Path(params.tracking.reports_dir) / f"{STAGE}.json"
 
 
-def read_gate(params: Params) -> dict:
+def read_gate(params: RLHFParams) -> dict:
     import json
 
     p = gate_path(params)

@@ -25,20 +25,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.config import Params
+from rlhf.config import RLHFParams
 
 RESULTS_FILE = "heldout_results.jsonl"
 SUMMARY_FILE = "heldout.json"
 
 
-def gate_docs(params: Params) -> list[dict]:
+def gate_docs(params: RLHFParams) -> list[dict]:
     """The gate's held-out files (the 'gate' part of the validation split), canonical order."""
     from pipeline.eval.fim import validation_docs
 
-    return validation_docs(params, part="gate")
+    return validation_docs(params, part="gate", gate_frac=params.rlhf.gate.heldout_frac)
 
 
-def gate_cursors(docs: list[dict], params: Params):
+def gate_cursors(docs: list[dict], params: RLHFParams):
     """The replay's cursors: the simulator's cursor rule with the gate's seed and cursor count."""
     from feedback.simulate import cursors
     from pipeline.fim_prompt import SPECIAL_TOKENS
@@ -51,7 +51,7 @@ def gate_cursors(docs: list[dict], params: Params):
     return [c for d in files for c in cursors(d, sim, per_file=gate.cursors_per_file)]
 
 
-def suggest(model_dir: str | Path, params: Params, cases) -> tuple[list[str], list[float]]:
+def suggest(model_dir: str | Path, params: RLHFParams, cases) -> tuple[list[str], list[float]]:
     """One greedy suggestion per cursor (cut at the end of its line) and its mean token log-probability."""
     from pipeline.eval.generate import GenerationSettings, generate, load_model
     from pipeline.fim_prompt import FimPromptBuilder
@@ -68,7 +68,7 @@ def suggest(model_dir: str | Path, params: Params, cases) -> tuple[list[str], li
     return outs, logprobs
 
 
-def score(cases, suggestions: list[str], logprobs: list[float], params: Params, show=None) -> list[dict]:
+def score(cases, suggestions: list[str], logprobs: list[float], params: RLHFParams, show=None) -> list[dict]:
     """Per-cursor outcome rows. ``show``: optional callable(row) -> bool, the suggestion filter."""
     from feedback.simulate import is_accepted
 
@@ -103,7 +103,7 @@ def summarise(rows: list[dict]) -> dict:
             "utility_per_cursor": sum(r["utility"] for r in rows) / n if n else 0.0}
 
 
-def replay(model_dir: str | Path, params: Params, docs: list[dict], out_dir: str | Path | None = None,
+def replay(model_dir: str | Path, params: RLHFParams, docs: list[dict], out_dir: str | Path | None = None,
            show=None) -> dict:
     """Replay the held-out cursors on ``model_dir``; write ``heldout.json`` + ``heldout_results.jsonl``
     to ``out_dir`` when given. Returns the summary with the rows under ``"rows"``."""

@@ -21,11 +21,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.config import Params
+from rlhf.config import RLHFParams
 from pipeline.tracking import write_json
 
 
-def round_report(params: Params, gate: dict, manifest: dict | None, tune: dict | None = None,
+def round_report(params: RLHFParams, gate: dict, manifest: dict | None, tune: dict | None = None,
                  round_no: int = 1) -> dict:
     eval_out = Path(params.eval.out)
     heldout = {}
@@ -63,7 +63,7 @@ def _paired_ci(paired: dict, metric: str) -> dict:
     return {"ci95": t["ci95"], "p_value": t["p_value"]} if t else {}
 
 
-def loop_report(params: Params, gate: dict, manifest: dict | None, tune: dict | None = None,
+def loop_report(params: RLHFParams, gate: dict, manifest: dict | None, tune: dict | None = None,
                 round_no: int = 1, earlier: list[dict] | None = None) -> dict:
     """The whole ``reports/loop.json``: ``earlier`` rounds plus this gate's round."""
     rounds = [*(earlier or []), round_report(params, gate, manifest, tune, round_no)]
@@ -111,7 +111,7 @@ def plot(report: dict, out: str | Path) -> Path:
     return out
 
 
-def write_loop(params: Params, gate: dict, manifest: dict | None, tune: dict | None = None,
+def write_loop(params: RLHFParams, gate: dict, manifest: dict | None, tune: dict | None = None,
                round_no: int = 1, earlier: list[dict] | None = None) -> dict:
     """Write ``reports/loop.json`` + ``loop.png`` with ``earlier`` rounds and this one."""
     report = loop_report(params, gate, manifest, tune, round_no, earlier)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.cli import UserError
-from pipeline.config import Params
+from rlhf.config import RLHFParams
 from pipeline.tools import find_tool, tool_env
 from pipeline.tracking import say, write_json
 from rlhf.lock import RefreshLock
@@ -42,7 +42,7 @@ def read_state(path: str | Path) -> dict:
     return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
 
 
-def refresh(params: Params, db_url: str, runner: str | None = None, repo: str | Path = ".") -> RefreshOutcome:
+def refresh(params: RLHFParams, db_url: str, runner: str | None = None, repo: str | Path = ".") -> RefreshOutcome:
     from rlhf.snapshot import take_snapshot
 
     cfg = params.rlhf
@@ -69,7 +69,7 @@ def refresh(params: Params, db_url: str, runner: str | None = None, repo: str | 
         return outcome
 
 
-def _run_dvc(params: Params, exp_name: str, repo: str | Path) -> dict:
+def _run_dvc(params: RLHFParams, exp_name: str, repo: str | Path) -> dict:
     """``dvc exp run`` up to the register stage; the stages are the same `ownllm rlhf ...` commands.
 
     DVC comes from ownllm's own environment (cron's PATH lacks the venv), and so do the ``ownllm`` commands
@@ -82,14 +82,14 @@ def _run_dvc(params: Params, exp_name: str, repo: str | Path) -> dict:
     return _register_result(params)
 
 
-def _register_result(params: Params) -> dict:
+def _register_result(params: RLHFParams) -> dict:
     from rlhf.register import STAGE
 
     p = Path(params.tracking.reports_dir) / f"{STAGE}.json"
     return json.loads(p.read_text(encoding="utf-8"))
 
 
-def run_direct(params: Params, db_url: str) -> dict:
+def run_direct(params: RLHFParams, db_url: str) -> dict:
     """The DVC stages' work, in-process and in order (what `dvc exp run` runs, minus the bookkeeping)."""
     from rlhf import stages
 

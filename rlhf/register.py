@@ -15,7 +15,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import Params
+from rlhf.config import RLHFParams
 from rlhf.gate import read_gate
 from rlhf.snapshot import read_manifest
 
@@ -51,7 +51,7 @@ def reproduce_commands(git_rev: str | None, exp_name: str | None) -> list[str]:
     return cmds
 
 
-def register_tuned(params: Params, db_url: str, repo: str | Path = ".") -> RegisterResult:
+def register_tuned(params: RLHFParams, db_url: str, repo: str | Path = ".") -> RegisterResult:
     """Register ``rlhf.tuned_out`` if the gate passed; never touches the registry otherwise."""
     from feedback.db import session_factory
     from feedback.lineage import file_hash, git_rev, model_hash

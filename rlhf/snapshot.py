@@ -31,7 +31,7 @@ import pyarrow as pa
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from pipeline.config import Params
+from rlhf.config import RLHFParams
 from pipeline.data.dedup import dedup_table
 from pipeline.data.records import DOC_SCHEMA, REJECT_SCHEMA, make_doc, to_table, write_rejected
 from pipeline.data.steps.pii import redact_pii
@@ -171,13 +171,13 @@ class _Context:
     kept: set[str] = field(default_factory=set)  # what the user really kept here (usually one text)
 
 
-def _redact(text: str, params: Params, counts: Counter) -> str:
+def _redact(text: str, params: RLHFParams, counts: Counter) -> str:
     red = redact_pii(text, params.data.clean.pii)
     counts.update({k: v for k, v in red.counts.items() if v})
     return red.text
 
 
-def build_snapshot(decisions: list[Decision], bounties: list[BountyText], params: Params,
+def build_snapshot(decisions: list[Decision], bounties: list[BountyText], params: RLHFParams,
                    decontaminator=None) -> Snapshot:
     """Turn store rows into the three datasets (pure function of its inputs; order of inputs is irrelevant)."""
     cfg = params.rlhf
@@ -265,7 +265,7 @@ def _doc(source: str, rid: str, lang: str, content: str) -> dict:
     return {**make_doc(source, rid, lang, content), "id": rid}
 
 
-def _filter_docs(docs: list[dict], params: Params, decontaminator) -> tuple[set[str], pa.Table]:
+def _filter_docs(docs: list[dict], params: RLHFParams, decontaminator) -> tuple[set[str], pa.Table]:
     """Run the pipeline's dedup, then its decontamination, over snapshot documents: (kept ids, rejected)."""
     table = to_table(sorted(docs, key=lambda d: d["id"]), DOC_SCHEMA)
     if table.num_rows == 0:
@@ -292,7 +292,7 @@ def decontaminate(table: pa.Table, deco) -> tuple[pa.Table, pa.Table]:
     return table.take(pa.array(keep, type=pa.int64())), to_table(dropped, REJECT_SCHEMA)
 
 
-def benchmark_decontaminator(params: Params):
+def benchmark_decontaminator(params: RLHFParams):
     """HumanEval (and ``decontam.benchmark_files``) n-gram index: what tuning must not see. None if disabled."""
     if not params.decontam.enabled:
         return None
@@ -324,7 +324,7 @@ def read_manifest(snapshot_dir: str | Path) -> dict | None:
     return json.loads(p.read_text(encoding="utf-8"))
 
 
-def take_snapshot(params: Params, db_url: str) -> tuple[Snapshot, dict]:
+def take_snapshot(params: RLHFParams, db_url: str) -> tuple[Snapshot, dict]:
     """Read the store and build the snapshot in memory (no files written): (snapshot, parent)."""
     from feedback.db import session_factory
 

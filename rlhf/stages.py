@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.config import Params
+from rlhf.config import RLHFParams
 from pipeline.tracking import say, stage_run, wandb_mode, write_json
 
 
-def snapshot(params: Params, db_url: str) -> dict:
+def snapshot(params: RLHFParams, db_url: str) -> dict:
     from rlhf.snapshot import take_snapshot, write_snapshot
 
     with stage_run("rlhf_snapshot", params) as run:
@@ -28,12 +28,12 @@ def snapshot(params: Params, db_url: str) -> dict:
     return manifest
 
 
-def _report_to(params: Params) -> str:
+def _report_to(params: RLHFParams) -> str:
     # Explicit, never transformers' "all": W&B (offline unless WANDB_API_KEY) or nothing.
     return "none" if wandb_mode(params) == "disabled" else "wandb"
 
 
-def _tune(stage: str, params: Params, fn) -> dict:
+def _tune(stage: str, params: RLHFParams, fn) -> dict:
     import os
 
     if _report_to(params) == "wandb":
@@ -52,19 +52,19 @@ def _tune(stage: str, params: Params, fn) -> dict:
     return {**res.metrics(), "tokens_per_s": res.tokens_per_s, "seconds": res.seconds}
 
 
-def sft(params: Params) -> dict:
+def sft(params: RLHFParams) -> dict:
     from rlhf.tune import run_sft
 
     return _tune("rlhf_sft", params, run_sft)
 
 
-def preference(params: Params) -> dict:
+def preference(params: RLHFParams) -> dict:
     from rlhf.tune import run_preference
 
     return _tune("rlhf_dpo", params, run_preference)
 
 
-def gate(params: Params) -> dict:
+def gate(params: RLHFParams) -> dict:
     """Evaluate tuned vs parent, write the gate result and the loop report; never fails on a bad verdict."""
     from rlhf.gate import run_gate
     from rlhf.loop import write_loop
@@ -90,7 +90,7 @@ def gate(params: Params) -> dict:
     return result.to_json()
 
 
-def register(params: Params, db_url: str, on_fail: str = "exit") -> dict:
+def register(params: RLHFParams, db_url: str, on_fail: str = "exit") -> dict:
     """Register the tuned model if the gate passed. ``on_fail='exit'`` raises GateFailed (exit 1)."""
     from rlhf.gate import read_gate
     from rlhf.register import STAGE, register_tuned

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Params, RLHFConfig
+from rlhf.config import RLHFConfig, RLHFParams
 
 SFT_FILE = "sft.jsonl"
 PAIRS_FILE = "pairs.jsonl"
@@ -139,7 +139,7 @@ def weights_hash(model_dir: str | Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------- trainers
-def _common_args(params: Params, stage: str, epochs: float, max_steps: int | None, report_to: str) -> dict:
+def _common_args(params: RLHFParams, stage: str, epochs: float, max_steps: int | None, report_to: str) -> dict:
     cfg = params.rlhf
     return dict(
         output_dir=str(Path(cfg.work_dir) / stage),
@@ -219,7 +219,7 @@ def _seed_all(seed: int) -> None:
     set_seed(seed, deterministic=False)
 
 
-def run_sft(params: Params, report_to: str = "none", model_dir: Path | None = None) -> TuneResult:
+def run_sft(params: RLHFParams, report_to: str = "none", model_dir: Path | None = None) -> TuneResult:
     """SFT the parent on the snapshot's bounties → ``rlhf.sft_out``."""
     from trl import SFTConfig, SFTTrainer
 
@@ -254,7 +254,7 @@ def preference_method(cfg: RLHFConfig, n_pairs: int) -> str:
     return "dpo"
 
 
-def run_preference(params: Params, report_to: str = "none", model_dir: Path | None = None) -> TuneResult:
+def run_preference(params: RLHFParams, report_to: str = "none", model_dir: Path | None = None) -> TuneResult:
     """DPO (or KTO) from the SFT model → ``rlhf.tuned_out``; the SFT model is also the reference."""
     cfg = params.rlhf
     src = model_dir or Path(cfg.sft_out)
@@ -273,7 +273,7 @@ def run_preference(params: Params, report_to: str = "none", model_dir: Path | No
     return _run_kto(params, src, out, unpaired, snap / UNPAIRED_FILE, report_to)
 
 
-def _run_dpo(params: Params, src: Path, out: Path, rows: list[dict], path: Path, report_to: str) -> TuneResult:
+def _run_dpo(params: RLHFParams, src: Path, out: Path, rows: list[dict], path: Path, report_to: str) -> TuneResult:
     from trl import DPOConfig, DPOTrainer
 
     cfg = params.rlhf
@@ -295,7 +295,7 @@ def _run_dpo(params: Params, src: Path, out: Path, rows: list[dict], path: Path,
     return TuneResult("dpo", len(ds), steps, loss, int(tokens), secs, out)
 
 
-def _run_kto(params: Params, src: Path, out: Path, rows: list[dict], path: Path, report_to: str) -> TuneResult:
+def _run_kto(params: RLHFParams, src: Path, out: Path, rows: list[dict], path: Path, report_to: str) -> TuneResult:
     from trl import KTOConfig, KTOTrainer
 
     cfg = params.rlhf

@@ -75,7 +75,8 @@ def _page(request: Request, template: str, v: Viewer | None, page: str, status: 
 
 
 def build_router(params=None) -> APIRouter:
-    from pipeline.config import FeedbackConfig, StatsConfig
+    from feedback.config import FeedbackConfig
+    from pipeline.config import StatsConfig
 
     paths = reports.ReportPaths.from_params(params)
     fb = params.feedback if params else FeedbackConfig()

@@ -31,9 +31,9 @@ def take(params_path: str, db_url: str | None, out: Path, width: int, height: in
     from feedback.app import create_app, serve_in_thread
     from feedback.db import StoreNotAtHead, check_at_head, make_engine, session_factory
     from feedback.models import ApiKey, utcnow
-    from pipeline.config import load_params
+    from feedback.config import load_feedback_params
 
-    params = load_params(params_path)
+    params = load_feedback_params(params_path)
     url = db_url or params.serve.db_url
     u = make_url(url)
     if u.get_backend_name() == "sqlite" and u.database and not Path(u.database).is_file():

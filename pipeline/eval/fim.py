@@ -25,19 +25,22 @@ from pipeline.fim_prompt import SPECIAL_TOKENS, FimPromptBuilder
 
 
 def validation_docs(params: Params, columns: tuple[str, ...] = ("id", "lang", "path", "content"),
-                    part: str | None = None) -> list[dict]:
+                    part: str | None = None, gate_frac: float | None = None) -> list[dict]:
     """Documents of data/dedup in the validation split (``records.split_of``), in canonical (lang, id) order.
 
-    ``part`` narrows them to one side of ``records.val_part_of`` (``rlhf.gate.heldout_frac``): ``"gate"``,
-    the files only the RLHF gate sees, or ``"feedback"``, the files the simulated user replays."""
+    ``part`` narrows them to one side of ``records.val_part_of`` with ``gate_frac`` (the caller passes
+    ``rlhf.gate.heldout_frac``, a section of a layer above this one): ``"gate"``, the files only the RLHF gate
+    sees, or ``"feedback"``, the files the simulated user replays."""
     from pipeline.data.records import read_docs, split_of, val_part_of
 
     if part not in (None, "gate", "feedback"):
         raise ValueError(f"part must be None, 'gate' or 'feedback', not {part!r}")
+    if part is not None and gate_frac is None:
+        raise ValueError("part needs gate_frac (rlhf.gate.heldout_frac)")
     table = read_docs(params.data.dedup.out, columns=list(dict.fromkeys(("id", "lang", *columns))))
     rows = [r for r in table.to_pylist() if split_of(r["id"], params.shards.val_frac) == "val"]
     if part is not None:
-        rows = [r for r in rows if val_part_of(r["id"], params.rlhf.gate.heldout_frac) == part]
+        rows = [r for r in rows if val_part_of(r["id"], gate_frac) == part]
     return sorted(rows, key=lambda r: (r["lang"], r["id"]))
 
 

@@ -17,8 +17,8 @@ from sqlalchemy import text
 
 from feedback import store
 from feedback.app import BackendPool, create_app
+from feedback.config import ServeConfig
 from feedback.db import make_engine, session_factory, upgrade
-from pipeline.config import ServeConfig
 
 def free_port() -> int:
     with socket.socket() as s:

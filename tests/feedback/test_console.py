@@ -20,10 +20,11 @@ from sqlalchemy import func, select
 from console_fixtures import REPO, build_console_world
 from feedback import analytics, store
 from feedback.app import create_app
+from feedback.config import ServeConfig
 from feedback.db import session_factory, upgrade
 from feedback.models import AuditEvent, Completion, RolloutState, User, utcnow
 from gateway_fixtures import live_server
-from pipeline.config import ServeConfig, load_params
+from pipeline.config import load_params
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

@@ -129,7 +129,7 @@ def test_int8_quantization_loads_and_generates(tiny_ct2_model_dir):
 def test_pool_serves_whichever_format_a_version_has(tiny_ct2_model_dir, tiny_model_dir):
     from feedback.app import BackendPool
     from feedback.models import ModelVersion
-    from pipeline.config import ServeConfig
+    from feedback.config import ServeConfig
 
     pool = BackendPool(ServeConfig(num_threads=1))
     with_ct2 = pool.get(ModelVersion(name="a", path=str(tiny_ct2_model_dir)))
@@ -143,7 +143,7 @@ def test_pool_serves_whichever_format_a_version_has(tiny_ct2_model_dir, tiny_mod
 def test_a_loading_version_does_not_block_loaded_ones(tiny_backend):
     from feedback.app import BackendPool
     from feedback.models import ModelVersion
-    from pipeline.config import ServeConfig
+    from feedback.config import ServeConfig
 
     release = threading.Event()
 

@@ -203,7 +203,7 @@ def test_upstream_backend_forwards_to_an_openai_compatible_server(gateway, tmp_p
     from feedback.app import create_app
     from feedback.db import session_factory, upgrade
     from gateway_fixtures import live_server
-    from pipeline.config import ServeConfig
+    from feedback.config import ServeConfig
 
     url = f"sqlite:///{tmp_path / 'front.db'}"
     upgrade(url)

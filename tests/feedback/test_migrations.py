@@ -8,9 +8,9 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
 from feedback.app import create_app
+from feedback.config import ServeConfig
 from feedback.db import StoreNotAtHead, current_revision, downgrade, head_revision, make_engine, upgrade
 from feedback.models import Base
-from pipeline.config import ServeConfig
 
 TABLES = {"users", "api_keys", "model_versions", "completions", "feedback_events", "bounties", "experiments",
           "experiment_arms", "audit_events"}

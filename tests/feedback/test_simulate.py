@@ -11,8 +11,8 @@ import yaml
 
 from feedback.simulate import (accepted_length, cursor_columns, cursor_seed, cursors, decide, is_accepted,
                                pick_files, words_in)
+from feedback.config import SimulateConfig
 from pipeline.cli import main as ownllm
-from pipeline.config import SimulateConfig
 from pipeline.data.records import DOC_SCHEMA, make_doc, split_of, to_table, write_docs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -193,8 +193,8 @@ def fim_model_dir(tiny_model_dir, tmp_path_factory):
     from pipeline.eval.fim import validation_docs
 
     cfg = params.feedback.simulate
-    cases = [(c.prefix, c.suffix, c.kept) for d in pick_files(validation_docs(params, part="feedback"), cfg)
-             for c in cursors(d, cfg)]
+    docs = validation_docs(params, part="feedback", gate_frac=params.rlhf.gate.heldout_frac)
+    cases = [(c.prefix, c.suffix, c.kept) for d in pick_files(docs, cfg) for c in cursors(d, cfg)]
     return fim_tune(tiny_model_dir, tmp_path_factory.mktemp("fim_model"), cases, steps=100,
                     max_new_tokens=cfg.max_tokens, max_chars=cfg.max_context_chars)
 
@@ -278,7 +278,8 @@ def test_typing_mode_lets_the_gateway_derive_what_was_kept(tmp_path, tiny_model_
     params = load_params(path)
     cfg = params.feedback.simulate
     cases = [c for d in pick_files(validation_docs(params, columns=("id", "lang", "path", "content"),
-                                                   part="feedback"), cfg) for c in cursors(d, cfg)]
+                                                   part="feedback", gate_frac=params.rlhf.gate.heldout_frac),
+                                 cfg) for c in cursors(d, cfg)]
     expected = {c.prefix: c.kept for c in cases}
     with session_factory(f"sqlite:///{tmp_path / 'fb.db'}")() as s:
         rows = s.execute(select(Completion.prompt, Completion.kept_text, Completion.kept_source, Completion.filepath,

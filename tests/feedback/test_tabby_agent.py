@@ -21,9 +21,9 @@ from sqlalchemy.orm import selectinload
 
 import pytest
 from editor_clients import JsonLinesClient, LspClient, agent_home
+from feedback.config import FeedbackConfig
 from gateway_fixtures import Gateway, live_server, start_gateway
 from feedback.models import Completion, FeedbackEvent
-from pipeline.config import FeedbackConfig
 
 SOURCE = ('"""Text helpers."""\n'
           "\n"

@@ -18,9 +18,9 @@ from fastapi.responses import JSONResponse
 from feedback import store
 from feedback.app import create_app
 from feedback.backends import GenRequest
+from feedback.config import ServeConfig, UpstreamConfig
 from feedback.db import session_factory, upgrade
 from gateway_fixtures import live_server
-from pipeline.config import ServeConfig, UpstreamConfig
 
 PREFIX, SUFFIX = "def shorten(text, width):\n    ", "\n    return result\n"
 
