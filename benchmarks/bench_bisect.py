@@ -26,20 +26,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def tiny_tokenizer(out: Path) -> Path:
-    """The test suite's tiny BPE tokenizer (tests/conftest.py), rebuilt: same corpus, same settings."""
-    from conftest import SPECIAL_TOKENS, TINY_CORPUS_FILES, stdlib_files
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """The test suite's tiny BPE tokenizer (tests/conftest.py) rebuilt: same corpus, vocabulary and tokens."""
+    from conftest import TINY_CORPUS_FILES, stdlib_files
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(list(stdlib_files(TINY_CORPUS_FILES).values()), trainers.BpeTrainer(
-        vocab_size=1024, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<fim_pad>",
-                            bos_token="<|endoftext|>", unk_token=None, additional_special_tokens=SPECIAL_TOKENS[1:],
-                            model_input_names=["input_ids", "attention_mask"]).save_pretrained(out)
+    from benchmarks.tiny_models import fit_tokenizer
+
+    fit_tokenizer(out, list(stdlib_files(TINY_CORPUS_FILES).values()), 1024 + 16)  # the 16 reserved take no merges
     return out
 
 

@@ -21,7 +21,6 @@ import argparse
 import os
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,11 +29,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import load_params  # noqa: E402
-from pipeline.fim_prompt import SPECIAL_TOKENS  # noqa: E402
 from pipeline.eval.humaneval import STOP_SEQUENCES, load_problems, program_for, score  # noqa: E402
 from pipeline.eval.sandbox import python_argv, sandbox_from_config  # noqa: E402
 
-SPECIAL = list(SPECIAL_TOKENS)
 
 
 def bench_sandbox(params, n: int) -> None:
@@ -63,31 +60,11 @@ def bench_sandbox(params, n: int) -> None:
 
 
 def embedded_model(params, out: Path) -> Path:
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from benchmarks.tiny_models import stdlib_texts, tiny_model
 
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    texts = [(stdlib / f).read_text() for f in ("textwrap.py", "argparse.py", "typing.py", "inspect.py", "pathlib.py",
-                                                "subprocess.py", "collections/__init__.py", "dataclasses.py")]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=params.tokenizer.vocab_size, special_tokens=SPECIAL,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                       show_progress=False))
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=SPECIAL[0], pad_token="<fim_pad>",
-                                     additional_special_tokens=SPECIAL[1:])
-    hf_tok.save_pretrained(out)
-    m = params.model
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(hf_tok), hidden_size=m.d_model, num_hidden_layers=m.n_layers,
-                      num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads,
-                      intermediate_size=m.intermediate_size or int(8 * m.d_model / 3 / 64 + 1) * 64,
-                      max_position_embeddings=m.max_seq_len, rope_theta=m.rope_theta,
-                      eos_token_id=hf_tok.eos_token_id, pad_token_id=hf_tok.pad_token_id, tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    return out
+    texts = stdlib_texts(["textwrap.py", "argparse.py", "typing.py", "inspect.py", "pathlib.py", "subprocess.py",
+                          "collections/__init__.py", "dataclasses.py"])
+    return tiny_model(out, texts, params.tokenizer.vocab_size, params.model)
 
 
 def bench_generation(params, model_dir: Path, n_prompts: int) -> None:

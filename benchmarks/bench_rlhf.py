@@ -29,31 +29,9 @@ FILES = ["textwrap.py", "shlex.py", "fnmatch.py", "glob.py", "heapq.py", "queue.
 
 
 def default_model(out: Path, params) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from benchmarks.tiny_models import stdlib_texts, tiny_model
 
-    import torch
-
-    from pipeline.fim_prompt import SPECIAL_TOKENS
-
-    special = list(SPECIAL_TOKENS)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([(STDLIB / f).read_text() for f in FILES],
-                            trainers.BpeTrainer(vocab_size=4096, special_tokens=special, show_progress=False,
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=special[0], pad_token=special[4],
-                                 bos_token=special[0], additional_special_tokens=special[1:4])
-    hf.save_pretrained(out)
-    m = params.model
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(hf), hidden_size=m.d_model, intermediate_size=m.intermediate_size or 4 * m.d_model,
-                      num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads,
-                      max_position_embeddings=m.max_seq_len, eos_token_id=hf.eos_token_id,
-                      pad_token_id=hf.pad_token_id, tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    return out
+    return tiny_model(out, stdlib_texts(FILES), 4096, params.model)
 
 
 def fill_store(url: str, model_dir: Path, contexts: int) -> None:

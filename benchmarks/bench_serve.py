@@ -43,7 +43,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `ownllm serve` sets it
 
 from feedback import store  # noqa: E402
 from feedback.db import session_factory, upgrade  # noqa: E402
-from pipeline.fim_prompt import SPECIAL_TOKENS  # noqa: E402
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 NEW_TOKENS = 32
@@ -51,44 +50,18 @@ PROMPT_TOKENS = 200
 
 
 # ------------------------------------------------------------------------------------------------ models
-def fit_tokenizer(out: Path, vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    texts = [f.read_text(encoding="utf-8", errors="replace") for f in sorted(STDLIB.glob("*.py"))[:60]]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                       show_progress=False))
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=SPECIAL_TOKENS[0], bos_token=SPECIAL_TOKENS[0],
-                                 pad_token="<fim_pad>",
-                                 additional_special_tokens=list(SPECIAL_TOKENS[1:]))
-    hf.save_pretrained(out)
-    return hf
-
-
 def build_model(out: Path, d_model: int | None = None, n_layers: int | None = None, n_heads: int | None = None,
                 intermediate: int | None = None, max_pos: int | None = None) -> Path:
     """A Llama of params.yaml's shape (or the given one) with random weights, plus its CT2 conversion."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    from benchmarks.tiny_models import stdlib_texts, tiny_model
     from pipeline.config import load_params
     from pipeline.train.export import convert_to_ct2
 
     p = load_params(REPO / "params.yaml")
-    m = p.model
-    hf = fit_tokenizer(out, p.tokenizer.vocab_size)
-    d = d_model or m.d_model
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(hf), hidden_size=d, num_hidden_layers=n_layers or m.n_layers,
-                      num_attention_heads=n_heads or m.n_heads, num_key_value_heads=n_heads or m.n_kv_heads,
-                      intermediate_size=intermediate or m.intermediate_size or 64 * -(-8 * d // 3 // 64),
-                      max_position_embeddings=max_pos or m.max_seq_len, eos_token_id=hf.eos_token_id,
-                      pad_token_id=hf.pad_token_id, bos_token_id=hf.eos_token_id, tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).save_pretrained(out)
+    shape = {"d_model": d_model, "n_layers": n_layers, "n_heads": n_heads, "n_kv_heads": n_heads,
+             "intermediate_size": intermediate, "max_seq_len": max_pos}
+    tiny_model(out, stdlib_texts(first=60), p.tokenizer.vocab_size, p.model,
+               **{k: v for k, v in shape.items() if v is not None})
     convert_to_ct2(out)
     return out
 

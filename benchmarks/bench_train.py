@@ -24,27 +24,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def build_stdlib_data(root: Path, seq_len: int, vocab: int) -> tuple[Path, Path]:
     import hashlib
-    import sysconfig
 
     import numpy as np
     from streaming import MDSWriter
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
-    from pipeline.fim_prompt import SPECIAL_TOKENS
+    from benchmarks.tiny_models import fit_tokenizer, stdlib_texts
 
-    special = list(SPECIAL_TOKENS)
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:150]
-    texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab, special_tokens=special, show_progress=False,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=special[0], pad_token="<fim_pad>",
-                                 additional_special_tokens=special[1:])
+    texts = stdlib_texts(first=150)
     tok_dir = root / "tokenizer"
-    hf.save_pretrained(tok_dir)
+    hf = fit_tokenizer(tok_dir, texts, vocab)
     stream, spans_all, samples = [], [], []
     for t in texts:
         did = hashlib.sha1(t.encode()).hexdigest()[:16]
