@@ -41,6 +41,7 @@ from feedback import continue_events, kept, store, tabby
 from feedback.backends import (Backend, BackendError, BadGenerationRequest, Generation, GenRequest, LocalBackend,
                                StreamDelta, UpstreamBackend)
 from feedback.db import check_at_head, current_revision, make_engine
+from feedback.ingest import GroupCommitWriter, UnknownKey
 from feedback.models import Completion, FeedbackKind, KeptSource, ModelVersion, ServeStatus, User, utcnow
 from feedback.requests import CompletionInput
 from feedback.routing import NoModel, Route, route, visible_versions
@@ -271,20 +272,31 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": payload})
 
 
-def current_user(request: Request) -> User:
-    """The user behind the Bearer key (keys are looked up by hash)."""
+def _bearer(request: Request) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise ApiError(401, "missing API key: send `Authorization: Bearer <key>`", "authentication_error")
+    return key.strip()
+
+
+async def bearer_key(request: Request) -> str:
+    """The request's API key (not yet checked against the store); async, so no worker-thread hop."""
+    return _bearer(request)
+
+
+def current_user(request: Request) -> User:
+    """The user behind the Bearer key (keys are looked up by hash)."""
+    key = _bearer(request)
     with request.app.state.factory() as s:
-        user = store.authenticate(s, key.strip())
+        user = store.authenticate(s, key)
     if user is None:
         raise ApiError(401, "invalid API key", "authentication_error")
     return user
 
 
 UserDep = Annotated[User, Depends(current_user)]
+KeyDep = Annotated[str, Depends(bearer_key)]
 
 
 # ------------------------------------------------------------------------------------------------ the app
@@ -374,20 +386,36 @@ def create_app(cfg: ServeConfig, backends: BackendPool | None = None, check_sche
                     "choices": [{"index": c.choice_index, "text": c.completion, "finish_reason": c.finish_reason,
                                  "feedback": c.feedback.kind.value if c.feedback else None} for c in rows]}
 
+    writer = app.state.feedback_writer = GroupCommitWriter(factory)
+
     @app.post("/v1/feedback")
-    def feedback(body: FeedbackItem | FeedbackBatch, user: UserDep) -> dict:
+    async def feedback(body: FeedbackItem | FeedbackBatch, key: KeyDep) -> dict:
+        """Stored by the group commit (feedback/ingest.py): answered after the commit that holds its events;
+        the key is checked in the same transaction."""
         items = body.events if isinstance(body, FeedbackBatch) else [body]
         if len(items) > cfg.max_feedback_batch:
             raise ApiError(400, f"too many events: {len(items)} > {cfg.max_feedback_batch}", param="events")
         events = [store.FeedbackInput(i.id, i.event, i.index, i.time_to_decision_ms, i.accepted_chars, i.kept_text,
                                       i.kept_source) for i in items]
-        with factory.begin() as s:
-            results = store.record_feedback(s, user, events)
+        if cfg.feedback_group_commit:
+            try:
+                results = await asyncio.wrap_future(writer.submit(key, events))
+            except UnknownKey:
+                raise ApiError(401, "invalid API key", "authentication_error") from None
+        else:
+            results = await run_in_threadpool(_feedback_alone, key, events)
         for res in results:
             if not res.duplicate:
                 metrics.feedback.labels(res.model, res.language, res.kind).inc()
         out = [{"id": r.request_id, "index": r.index, "event": r.kind, "duplicate": r.duplicate} for r in results]
         return {"events": out} if isinstance(body, FeedbackBatch) else out[0]
+
+    def _feedback_alone(key: str, events: list[store.FeedbackInput]) -> list[store.FeedbackResult]:
+        with factory.begin() as s:  # one transaction per request (serve.feedback_group_commit false)
+            user = store.authenticate(s, key)
+            if user is None:
+                raise ApiError(401, "invalid API key", "authentication_error")
+            return store.record_feedback(s, user, events)
 
     @app.post("/v1/bounties", status_code=201)
     def bounties(body: BountyRequest, user: UserDep) -> dict:

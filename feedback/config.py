@@ -54,6 +54,9 @@ class ServeConfig(Section):
     max_stop: int = Field(4, ge=1)
     max_body_bytes: int = Field(1_000_000, ge=1024)
     max_feedback_batch: int = Field(1000, ge=1)
+    # POST /v1/feedback: the requests waiting are written in one transaction (feedback/ingest.py); false =
+    # one transaction per request (the old path, kept as benchmarks/bench_serve.py's baseline).
+    feedback_group_commit: bool = True
     sqlite_busy_timeout_s: float = Field(10.0, gt=0)
     retention_days: int = Field(30, ge=1)
 

@@ -227,28 +227,68 @@ def record_feedback(s: Session, user: User, events: Iterable[FeedbackInput]) -> 
     contradicts the stored one raises :class:`Conflict`, and the caller's transaction rolls back.
     The same event twice is stored once (one decision per completion, enforced by a unique key).
     """
-    events = list(events)
-    if not events:
-        return []
-    keys = {(e.request_id, e.index) for e in events}
-    rows = s.execute(select(Completion.id, Completion.request_id, Completion.choice_index, Completion.language,
-                            ModelVersion.name, Completion.completion).join(ModelVersion)
-                     .where(Completion.user_id == user.id,
-                            Completion.request_id.in_({k[0] for k in keys}))).all()
-    ids = {(r.request_id, r.choice_index): r.id for r in rows}
+    out = record_feedback_many(s, [(user, list(events))])[0]
+    if isinstance(out, StoreError):
+        raise out
+    return out
+
+
+def record_feedback_many(s: Session, requests: list[tuple[User, list[FeedbackInput]]]
+                         ) -> list[list[FeedbackResult] | StoreError]:
+    """:func:`record_feedback` for many requests in one transaction, with a constant number of queries.
+
+    The gateway's group commit (feedback/ingest.py) writes every request that arrived while the previous
+    commit ran through this. Each request is still all or nothing: a request with an unknown completion or a
+    contradicting decision gets its :class:`StoreError` in its slot of the result and adds nothing; the others
+    are stored. Requests are decided in order, as if each had its own transaction: a later request that
+    contradicts an earlier one's decision in the same group is a :class:`Conflict`, a repeat is a duplicate.
+    """
+    wanted = {e.request_id for _, events in requests for e in events}
+    if not wanted:
+        return [[] for _ in requests]
+    rows = s.execute(select(Completion.id, Completion.user_id, Completion.request_id, Completion.choice_index,
+                            Completion.language, ModelVersion.name, Completion.completion).join(ModelVersion)
+                     .where(Completion.request_id.in_(wanted))).all()
+    ids = {(r.user_id, r.request_id, r.choice_index): r.id for r in rows}
     labels = {r.id: (r.name, r.language) for r in rows}
     texts = {r.id: r.completion for r in rows}
+    decided: dict[int, FeedbackKind] = {r.completion_id: r.kind for r in s.execute(
+        select(FeedbackEvent.completion_id, FeedbackEvent.kind).where(FeedbackEvent.completion_id.in_(ids.values())))}
+    results: list[list[FeedbackResult] | StoreError] = []
+    new: list[dict] = []
     kept: dict[int, tuple[str, KeptSource]] = {}
-    missing = sorted(keys - ids.keys())
+    for user, events in requests:
+        try:
+            res, mine_new, mine_kept = _decide(user, events, ids, labels, texts, decided)
+        except StoreError as exc:
+            results.append(exc)
+            continue
+        results.append(res)
+        new += mine_new
+        kept.update(mine_kept)
+        decided.update({row["completion_id"]: row["kind"] for row in mine_new})
+    if new:
+        _insert_ignoring_duplicates(s, new)
+    now = utcnow()
+    for cid, (text, source) in kept.items():  # the latest report of what was kept wins
+        s.execute(update(Completion).where(Completion.id == cid)
+                  .values(kept_text=text, kept_source=source.value, kept_at=now))
+    return results
+
+
+def _decide(user: User, events: list[FeedbackInput], ids: dict, labels: dict, texts: dict,
+            decided: dict[int, FeedbackKind]) -> tuple[list[FeedbackResult], list[dict], dict]:
+    """One request's events checked against what is stored (and decided earlier in the group); raises
+    :class:`StoreError` without side effects."""
+    keys = {(e.request_id, e.index) for e in events}
+    missing = sorted(k for k in keys if (user.id, *k) not in ids)
     if missing:
         rid, idx = missing[0]
         raise NotFound(f"no completion {rid!r} (choice {idx}) for this user")
-    existing = {r.completion_id: r.kind for r in s.execute(
-        select(FeedbackEvent.completion_id, FeedbackEvent.kind).where(FeedbackEvent.completion_id.in_(ids.values())))}
-    out, new, seen = [], [], {}
+    out, new, seen, kept = [], [], {}, {}
     for e in events:
-        cid = ids[(e.request_id, e.index)]
-        prior = existing.get(cid, seen.get(cid))
+        cid = ids[(user.id, e.request_id, e.index)]
+        prior = decided.get(cid, seen.get(cid))
         if prior is not None and prior != e.kind:
             raise Conflict(f"completion {e.request_id!r} (choice {e.index}) was already {prior.value}, "
                            f"cannot record {e.kind.value}")
@@ -270,13 +310,7 @@ def record_feedback(s: Session, user: User, events: Iterable[FeedbackInput]) -> 
             new.append({"completion_id": cid, "kind": e.kind, "time_to_decision_ms": e.time_to_decision_ms,
                         "accepted_chars": e.accepted_chars, "created_at": utcnow()})
         out.append(FeedbackResult(e.request_id, e.index, e.kind.value, prior is not None, *labels[cid]))
-    if new:
-        _insert_ignoring_duplicates(s, new)
-    now = utcnow()
-    for cid, (text, source) in kept.items():  # the latest report of what was kept wins
-        s.execute(update(Completion).where(Completion.id == cid)
-                  .values(kept_text=text, kept_source=source.value, kept_at=now))
-    return out
+    return out, new, kept
 
 
 def _insert_ignoring_duplicates(s: Session, rows: list[dict]) -> None:
