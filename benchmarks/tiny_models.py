@@ -39,15 +39,19 @@ def fit_tokenizer(out: Path, texts: list[str], vocab_size: int, reserved_tokens:
     return AutoTokenizer.from_pretrained(str(out))
 
 
-def random_llama(out: Path, tokenizer, model=None, seed: int = 0, **overrides) -> Path:
+def llama(tokenizer, model=None, seed: int = 0, **overrides):
     """A Llama sized by ``model`` (a ``ModelConfig``; default: the schema's defaults) with ``overrides``
-    (``d_model=128``...) and random weights seeded by ``seed``, saved in ``out`` (beside its tokenizer)."""
+    (``d_model=128``...) and random weights seeded by ``seed``, in memory."""
     from pipeline.config import ModelConfig
     from pipeline.train.model import build_model
 
     base = model.model_dump() if model is not None else {}
-    cfg = ModelConfig.model_validate({**base, **overrides})  # validated: heads must divide d_model
-    build_model(cfg, tokenizer, seed).save_pretrained(out)
+    return build_model(ModelConfig.model_validate({**base, **overrides}), tokenizer, seed)  # validated shape
+
+
+def random_llama(out: Path, tokenizer, model=None, seed: int = 0, **overrides) -> Path:
+    """``llama`` saved in ``out`` (beside its tokenizer)."""
+    llama(tokenizer, model, seed, **overrides).save_pretrained(out)
     return Path(out)
 
 

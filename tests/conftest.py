@@ -8,9 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.fim_prompt import EOS, FIM_PAD
-from pipeline.tokenizer import special_tokens
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("OWNLLM_WANDB_MODE", "disabled")  # tests that exercise W&B set it themselves
@@ -19,8 +16,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
-# The production layout: EOS, the FIM tokens (pipeline/fim_prompt.py), 16 reserved (span corruption).
-SPECIAL_TOKENS = special_tokens(16)
 
 
 def stdlib_files(names: list[str]) -> dict[str, str]:
@@ -41,28 +36,16 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     plausible Python tokens; it is for tests of the machinery, not of quality.
     """
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from benchmarks.tiny_models import fit_tokenizer, llama
 
     out = tmp_path_factory.mktemp("tiny_model")
     texts = list(stdlib_files(TINY_CORPUS_FILES).values())
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1024 + 16, special_tokens=SPECIAL_TOKENS,  # the reserved 16 take no merges
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=FIM_PAD, bos_token=EOS, unk_token=None,
-                                     additional_special_tokens=SPECIAL_TOKENS[1:],
-                                     model_input_names=["input_ids", "attention_mask"])
-    hf_tok.save_pretrained(out)
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(hf_tok), hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                      eos_token_id=hf_tok.eos_token_id, bos_token_id=hf_tok.eos_token_id,
-                      pad_token_id=hf_tok.pad_token_id, tie_word_embeddings=True)
-    model = LlamaForCausalLM(cfg)
+    # The pipeline's tokenizer trainer and model builder (the production special tokens, 16 reserved that take
+    # no merges), shared with the benchmarks.
+    hf_tok = fit_tokenizer(out, texts, 1024 + 16, reserved_tokens=16)
+    model = llama(hf_tok, seed=0, d_model=64, intermediate_size=176, n_layers=2, n_heads=4, n_kv_heads=4,
+                  max_seq_len=256)
     ids = []
     for t in texts:
         ids.extend(hf_tok(t)["input_ids"] + [hf_tok.eos_token_id])
