@@ -24,7 +24,7 @@ from sqlalchemy import and_, case, func, select, true
 from sqlalchemy.orm import Session
 
 from feedback.models import (Completion, Experiment, ExperimentArm, FeedbackEvent, FeedbackKind, ModelVersion,
-                             utcnow)
+                             ServeStatus, utcnow)
 
 Z95 = NormalDist().inv_cdf(0.975)
 
@@ -86,7 +86,11 @@ def _ignored(now: datetime, ignored_after_s: float):
 
 
 def _window(since: datetime | None, until: datetime | None, user_id: int | None = None):
-    conds = [] if user_id is None else [Completion.user_id == user_id]
+    """Completions in the window that were served: a row still ``pending`` (being generated or streamed), or
+    ``disconnected``/``failed`` (the client never saw all of it), was not shown and counts nowhere."""
+    conds = [Completion.status == ServeStatus.served.value]
+    if user_id is not None:
+        conds.append(Completion.user_id == user_id)
     if since is not None:
         conds.append(Completion.created_at >= since)
     if until is not None:

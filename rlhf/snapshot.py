@@ -97,13 +97,15 @@ def row_id(*parts: str) -> str:
 
 # ------------------------------------------------------------------------------------------ the store
 def load_store(session: Session) -> tuple[list[Decision], list[BountyText], int]:
-    """Decided completions whose texts are still retained, and all bounties; plus how many were purged."""
-    from feedback.models import Bounty, Completion, FeedbackEvent, FeedbackKind
+    """Decided completions that were served and whose texts are still retained, and all bounties; plus how many
+    were purged. A pending, disconnected or failed row was not shown whole, so its decision teaches nothing."""
+    from feedback.models import Bounty, Completion, FeedbackEvent, FeedbackKind, ServeStatus
 
     rows = session.execute(
         select(Completion.language, Completion.prompt, Completion.suffix, Completion.completion, FeedbackEvent.kind,
                Completion.kept_text)
         .join(FeedbackEvent, FeedbackEvent.completion_id == Completion.id)
+        .where(Completion.status == ServeStatus.served.value)
         .order_by(Completion.id)
     ).all()
     decisions, purged = [], 0

@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 
 from feedback import store
-from feedback.analytics import needed_per_arm, report, two_proportion_test, wilson
+from feedback.analytics import acceptance, needed_per_arm, report, two_proportion_test, wilson
 from feedback.db import session_factory
 from feedback.models import Completion, FeedbackKind, utcnow
 
@@ -27,7 +27,8 @@ def test_two_proportion_test_and_sample_size():
     assert needed_per_arm(0.3, 0.3, 0.05, 0.8) is None
 
 
-def _fill(s, version, user, lang, accepted, rejected, undecided=0, exp_id=None, age_days=0.0, prefix=""):
+def _fill(s, version, user, lang, accepted, rejected, undecided=0, exp_id=None, age_days=0.0, prefix="",
+          status="served"):
     n = 0
     for kind, count in ((FeedbackKind.accepted, accepted), (FeedbackKind.rejected, rejected), (None, undecided)):
         for _ in range(count):
@@ -36,7 +37,7 @@ def _fill(s, version, user, lang, accepted, rejected, undecided=0, exp_id=None, 
             s.add(Completion(request_id=rid, choice_index=0, user_id=user.id, model_version_id=version.id,
                              experiment_id=exp_id, language=lang, prompt="p", completion="c", prompt_hash="h",
                              finish_reason="stop", prompt_tokens=1, completion_tokens=1, latency_ms=1.0,
-                             created_at=utcnow() - timedelta(days=age_days)))
+                             created_at=utcnow() - timedelta(days=age_days), status=status))
             s.flush()
             if kind is not None:
                 store.record_feedback(s, user, [store.FeedbackInput(rid, kind)])
@@ -86,6 +87,33 @@ def test_report_aggregates_in_the_database_with_window_and_ab_verdict(db_url):
     assert "treatment is better by 15.0%" in ab["verdict"]
     with f() as s:  # without a window: everything
         assert {r["model"]: r["decided"] for r in report(s, None, None)["by_version"]}["base"] == 114
+
+
+def test_only_served_completions_count_as_shown(db_url):
+    """A row still pending (being generated or streamed), disconnected or failed was not shown whole: it counts
+    in no served, decided or acceptance number, nor in an A/B arm (with the status filter removed this fails)."""
+    f = session_factory(db_url)
+    with f.begin() as s:
+        users, base, tuned, exp = _ab(s, 4)
+        for u in users[:2]:
+            _fill(s, base, u, "python", 1, 1, exp_id=exp.id)
+        for u in users[2:]:
+            _fill(s, tuned, u, "python", 2, 0, exp_id=exp.id)
+        for status in ("pending", "disconnected", "failed"):
+            _fill(s, base, users[0], "python", 3, 0, undecided=2, exp_id=exp.id, prefix=status, status=status)
+            _fill(s, tuned, users[2], "python", 0, 3, exp_id=exp.id, prefix=status, status=status)
+            _fill(s, base, users[1], "rust", 1, 1, prefix=status, status=status)  # a cell with nothing served
+    with f() as s:
+        rep = report(s, None, None)
+        mine = acceptance(s, user_id=users[0].id)
+    cells = {(r["model"], r["language"]): r for r in rep["by_version_language"]}
+    assert set(cells) == {("base", "python"), ("tuned", "python")}
+    assert (cells[("base", "python")]["served"], cells[("base", "python")]["decided"],
+            cells[("base", "python")]["accepted"]) == (4, 4, 2)
+    assert (cells[("tuned", "python")]["served"], cells[("tuned", "python")]["accepted"]) == (4, 4)
+    assert [(r["served"], r["accepted"]) for r in mine] == [(2, 1)]
+    (ab,) = rep["experiments"]
+    assert [(a["shown"], a["accepted"]) for a in ab["arms"]] == [(4, 2), (4, 4)]
 
 
 def test_ab_verdict_when_not_significant(db_url):

@@ -123,3 +123,24 @@ def test_kept_code_becomes_sft_and_the_chosen_side_of_pairs(tmp_path, tiny_model
     # No kept text (a client that reports none): the accepted suggestion stays the chosen side.
     plain = [Decision(d.language, d.prefix, d.suffix, d.completion, d.accepted) for d in decisions]
     assert {p["chosen"] for p in build_snapshot(plain, [], params).pairs} == {" 3.14"}
+
+
+def test_only_served_completions_reach_the_snapshot(tmp_path, tiny_model_dir):
+    """A decision on a row that was not served whole (pending, disconnected, failed) is not training data."""
+    from sqlalchemy import update
+
+    from feedback.db import session_factory
+    from feedback.models import Completion
+    from rlhf.snapshot import load_store
+
+    decisions = sample_decisions(4)
+    url = make_store(tmp_path, tiny_model_dir, decisions)
+    with session_factory(url)() as s:
+        assert len(load_store(s)[0]) == len(decisions)
+    with session_factory(url).begin() as s:
+        for rid, status in (("req-0", "pending"), ("req-1", "disconnected"), ("req-2", "failed")):
+            s.execute(update(Completion).where(Completion.request_id == rid).values(status=status))
+    with session_factory(url)() as s:
+        kept = load_store(s)[0]
+    assert len(kept) == len(decisions) - 3
+    assert {d.completion for d in kept} == {c for _, _, c, _ in decisions[3:]}
