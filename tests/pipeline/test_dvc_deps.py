@@ -162,6 +162,8 @@ def project_files(root: str) -> frozenset[str]:
             nodes = [mod.defs[def_name]]
         local = {**mod.bindings, **mod._bindings(nodes)}
         for node in (n for top in nodes for n in ast.walk(top)):
+            if isinstance(node, ast.Attribute) and (chain := params_chain(node)):
+                PARAMS_READ.setdefault(root, set()).add(chain)
             if isinstance(node, ast.Import):
                 todo += [(a.name, None) for a in node.names]
             elif isinstance(node, ast.ImportFrom):
@@ -195,6 +197,19 @@ def project_files(root: str) -> frozenset[str]:
                         todo.append((cmod.name, cls.name, m.name))
 
     return frozenset(modules[name].path.relative_to(REPO).as_posix() for name in used)
+
+
+# root → the ``params.a.b`` chains its reachable code reads (filled by ``project_files``).
+PARAMS_READ: dict[str, set[str]] = {}
+
+
+def params_chain(node: ast.Attribute) -> str | None:
+    """``params.rlhf.gate.heldout_frac`` → ``"rlhf.gate.heldout_frac"``; None for an attribute not read off ``params``."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    return ".".join(reversed(parts)) if isinstance(node, ast.Name) and node.id == "params" else None
 
 
 def local_target(mod: Module, base: ast.expr) -> str:
@@ -267,3 +282,27 @@ def test_stages_that_apply_numerics_are_pinned_and_track_them(stage, cmd, deps):
         return
     params = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"][stage].get("params", [])
     assert "numerics" in params, f"stage {stage!r} applies params `numerics` but does not list them in dvc.yaml"
+
+
+# Parameters that decide which documents a stage reads (the train/validation split, the gate's share of the
+# validation files). Most parameters a stage's code can reach do not change its outputs (W&B settings, the
+# engine, paths that its deps name), so only these are checked: a stage that reads one without listing it keeps
+# stale outputs when the split moves (the simulator replayed gate files after rlhf.gate.heldout_frac changed).
+SPLIT_PARAMS = ("shards.val_frac", "rlhf.gate.heldout_frac")
+
+
+@pytest.mark.parametrize("stage,cmd,deps", stage_commands(), ids=lambda v: v if isinstance(v, str) and " " in v else None)
+def test_stages_that_read_a_data_split_track_it(stage, cmd, deps):
+    root = handler(cmd)
+    project_files(root)
+    listed = [p if isinstance(p, str) else next(iter(p))
+              for p in yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"][stage].get("params", [])]
+    for key in SPLIT_PARAMS:
+        if any(c == key or c.startswith(key + ".") for c in PARAMS_READ.get(root, ())):
+            assert any(key == p or key.startswith(p + ".") for p in listed), \
+                f"stage {stage!r} ({cmd}) reads params.{key} but does not list it in dvc.yaml"
+
+
+def test_the_walk_sees_params_reads():
+    project_files("feedback.simulate:main")
+    assert "rlhf.gate.heldout_frac" in PARAMS_READ["feedback.simulate:main"]
