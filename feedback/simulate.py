@@ -22,7 +22,9 @@ as it does for a real editor. That follow-up request asks for one token; its ans
 
 Rounds (``--round R``): round R takes the next ``cursors_per_file`` cursors of each file
 (:func:`cursor_candidates` orders them once), so no round reuses an earlier round's cursor line, and
-feedback accumulates (only round 0 replaces earlier simulated traffic, and only it posts bounties).
+feedback accumulates: round 0 replaces all earlier simulated traffic and posts the bounties; round R > 0
+tags its requests (:func:`end_user`) and replaces only its own and later rounds' traffic, so a rerun of
+round R (`dvc repro` after a change) leaves the store as a first run would.
 
 Deterministic given params: files, cursors and users come from seeded choices; each request carries a
 ``seed`` derived from ``seed``, the round and the cursor index (:func:`cursor_seed`; the local backend
@@ -222,6 +224,33 @@ def reset_simulated(s) -> dict[str, int]:
     return {"completions": n_comp, "feedback_events": n_fb, "bounties": n_b}
 
 
+ROUND_TAG = "/round-"
+
+
+def end_user(user: str, round_no: int) -> str:
+    """The OpenAI ``user`` field of a simulated request: the editor, and the round for rounds after the first
+    (so a rerun of round R can replace its own traffic, and that of later rounds, and nothing else)."""
+    return f"{user}/ide" + (f"{ROUND_TAG}{round_no}" if round_no else "")
+
+
+def reset_rounds_from(s, round_no: int) -> dict[str, int]:
+    """Remove simulated traffic of round ``round_no`` and later (a rerun of a round, as `dvc repro` does when
+    round R changed, must not find its previous run's requests, nor those of the rounds after it)."""
+    from sqlalchemy import delete, select
+
+    from feedback.models import Completion, FeedbackEvent, User
+
+    rows = s.execute(select(Completion.id, Completion.end_user).join(User, User.id == Completion.user_id)
+                     .where(User.name.startswith(SIM_USER_PREFIX), Completion.end_user.contains(ROUND_TAG))).all()
+    ids = [i for i, who in rows if int(who.rsplit(ROUND_TAG, 1)[1]) >= round_no]
+    n_fb = n_comp = 0
+    for k in range(0, len(ids), 500):  # bounded IN lists
+        chunk = ids[k:k + 500]
+        n_fb += s.execute(delete(FeedbackEvent).where(FeedbackEvent.completion_id.in_(chunk))).rowcount
+        n_comp += s.execute(delete(Completion).where(Completion.id.in_(chunk))).rowcount
+    return {"completions": n_comp, "feedback_events": n_fb} if n_comp else {}
+
+
 def derived_bounties(docs: list[dict], limit: int):
     from feedback.bounties import derive
 
@@ -270,7 +299,7 @@ def simulate(params: FeedbackParams, db_url: str, round_no: int = 0) -> dict:
     name, created = ensure_model_registered(factory, params.serve.model_dir, cfg.model_name)
     users = [f"{SIM_USER_PREFIX}{i}" for i in range(cfg.users)]
     with factory.begin() as s:
-        removed = reset_simulated(s) if cfg.reset and round_no == 0 else {}
+        removed = (reset_simulated(s) if round_no == 0 else reset_rounds_from(s, round_no)) if cfg.reset else {}
         keys = {u: store.create_key(s, u, staff=False) for u in users}
 
     serve_cfg = params.serve.model_copy(update={"db_url": db_url, "host": "127.0.0.1"})
@@ -289,7 +318,7 @@ def simulate(params: FeedbackParams, db_url: str, round_no: int = 0) -> dict:
                 r = client.post("/completions", json={
                     "model": "auto", "prompt": case.prefix, "suffix": case.suffix, "max_tokens": cfg.max_tokens,
                     "n": cfg.choices, **sampling, "seed": cursor_seed(cfg.seed + 7919 * round_no, i),
-                    "language": case.lang, "stop": ["\n"], "user": f"{user}/ide", **where(case)})
+                    "language": case.lang, "stop": ["\n"], "user": end_user(user, round_no), **where(case)})
                 _check(r, "completion")
                 body = r.json()
                 texts = [c["text"] for c in sorted(body["choices"], key=lambda c: c["index"])]
@@ -308,7 +337,7 @@ def simulate(params: FeedbackParams, db_url: str, round_no: int = 0) -> dict:
                     prefix, suffix = typed_on(case, cfg.max_context_chars)
                     r = client.post("/completions", json={
                         "model": "auto", "prompt": prefix, "suffix": suffix, "max_tokens": 1, "temperature": 0,
-                        "language": case.lang, "user": f"{user}/ide", **where(case)})
+                        "language": case.lang, "user": end_user(user, round_no), **where(case)})
                     _check(r, "follow-up completion")
                     follow_ups += 1
                 events.update(ev[0] for ev in decisions if ev is not None)

@@ -18,7 +18,7 @@ DEFAULT_PARAMS = "params.yaml"
 # Commands that run a model: their floating point is pinned by params `numerics` before torch loads
 # (pipeline/numerics.py). Matched against the leading words of the command line; `serve` stays native.
 NUMERICS_COMMANDS = {("train",), ("export",), ("eval",), ("bisect",), ("rlhf", "sft"), ("rlhf", "preference"), ("rlhf", "dpo"),
-                     ("rlhf", "gate"), ("rlhf", "refresh"), ("feedback", "simulate"), ("repro", "probe")}
+                     ("rlhf", "gate"), ("rlhf", "round"), ("rlhf", "refresh"), ("feedback", "simulate"), ("repro", "probe")}
 
 
 def add_params_arg(parser: argparse.ArgumentParser) -> None:

@@ -1,4 +1,4 @@
-"""`ownllm rlhf snapshot|sft|preference|gate|register|refresh` and `ownllm lineage VERSION`."""
+"""`ownllm rlhf snapshot|sft|preference|gate|register|round|loop|refresh` and `ownllm lineage VERSION`."""
 
 from __future__ import annotations
 
@@ -38,6 +38,18 @@ def register(sub) -> None:
     p.add_argument("--on-fail", choices=["exit", "record"], default="exit",
                    help="failed gate: exit 1 (default) or only record it (the DVC stage, so `dvc repro` completes)")
     p.set_defaults(func=lazy("rlhf.commands:register"))
+
+    p = cmds.add_parser("round", help="a later refresh round of `dvc repro` (stage refresh@round-N): simulate "
+                                      "round N-1's traffic, then snapshot ... register from the version round N-1 "
+                                      "deployed → <rlhf.loop.dir>/round-N/")
+    add_params_arg(p)
+    _db_arg(p)
+    p.add_argument("round", metavar="ROUND", help="round-N (N >= 2), one of rlhf.loop.rounds")
+    p.set_defaults(func=lazy("rlhf.commands:loop_round"))
+
+    p = cmds.add_parser("loop", help="reports/loop.json + loop.png: every round's gate metrics with their 95%% CIs")
+    add_params_arg(p)
+    p.set_defaults(func=lazy("rlhf.commands:loop"))
 
     p = cmds.add_parser("refresh", help="the periodic job: snapshot → sft → preference → gate → register, if there is new feedback")
     add_params_arg(p)

@@ -63,6 +63,28 @@ def register(args) -> int:
     return 0
 
 
+def loop_round(args) -> int:
+    from rlhf import stages
+    from rlhf.tune import TuneError
+
+    params = load_rlhf_params(args.params)
+    try:
+        stages.loop_round(params, _db_url(args, params), args.round)
+    except (TuneError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    return 0
+
+
+def loop(args) -> int:
+    from rlhf import stages
+
+    try:
+        stages.loop(load_rlhf_params(args.params))
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    return 0
+
+
 def refresh(args) -> int:
     from pipeline.tracking import say
     from rlhf.lock import LockBusy

@@ -1,4 +1,4 @@
-"""The RLHF sections of params.yaml (`rlhf`, with its `gate` and `filter`), owned by this package.
+"""The RLHF sections of params.yaml (`rlhf`, with its `gate`, `filter` and `loop`), owned by this package.
 
 ``RLHFParams`` extends the feedback layer's schema; it is registered under the ``ownllm.params`` entry
 point (pyproject.toml), so ``pipeline.config.load_params`` validates them in every stage's file.
@@ -6,10 +6,11 @@ point (pyproject.toml), so ``pipeline.config.load_params`` validates them in eve
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from feedback.config import FeedbackParams
 from pipeline.config import Section, load_params
@@ -46,6 +47,23 @@ class RLHFFilterConfig(Section):
     seed: int = 17
 
 
+class RLHFLoopConfig(Section):
+    # Refresh rounds after the first (`dvc repro`: the snapshot ... register stages are round 1). Key: the round
+    # ("round-N", DVC's stage refresh@round-N, output <dir>/round-N); value: the output of the round before it,
+    # which DVC cannot compute from N (round 2: round 1's register report; round N: <dir>/round-(N-1)).
+    dir: str = "loop"
+    rounds: dict[str, str] = {}
+
+    @field_validator("rounds", mode="before")
+    @classmethod
+    def _round_names(cls, v):
+        for key in (v or {}):
+            if not (isinstance(key, str) and re.fullmatch(r"round-([2-9]|[1-9][0-9]+)", key)):
+                raise ValueError(f"round {key!r}: name later rounds 'round-2', 'round-3', ... (round 1 is the "
+                                 f"snapshot ... register stages; DVC silently drops integer keys)")
+        return v
+
+
 class RLHFConfig(Section):
     snapshot_dir: str = "data/feedback"
     base_model: str = "models/base"  # parent when no model version is in production yet
@@ -80,6 +98,7 @@ class RLHFConfig(Section):
     refresh_runner: Literal["dvc", "direct"] = "dvc"  # dvc: `dvc exp run`; direct: the stages in-process
     gate: RLHFGateConfig = RLHFGateConfig()
     filter: RLHFFilterConfig = RLHFFilterConfig()
+    loop: RLHFLoopConfig = RLHFLoopConfig()
 
 
 class RLHFParams(FeedbackParams):

@@ -1,9 +1,26 @@
-"""The loop report: every gate metric of every refresh round, with its paired CI, ``reports/loop.json`` + plot.
+"""Several refresh rounds in `dvc repro`, and the loop report: ``reports/loop.json`` + plot.
 
-``reports/loop.json``::
+The rounds (docs/RLHF.md "Several rounds"): round 1 is the ``simulate`` → ``snapshot`` → ``sft`` →
+``preference`` → ``gate`` → ``register`` stages (what `ownllm rlhf refresh` runs from the live store). Each
+later round is one DVC stage, ``refresh@round-N`` (``rlhf.loop.rounds``), writing one folder,
+``<rlhf.loop.dir>/round-N/``, laid out like the classic outputs (:func:`round_params`):
+``feedback/simulate.json`` + ``feedback/simulated/`` (this round's traffic), ``snapshot/``, ``sft/``, ``tuned/``,
+``eval/rlhf-{parent,tuned,deployed}/``, ``rlhf_{snapshot,sft,dpo,gate,register}.json``. Round N:
+
+1. the simulated users draw round N-1's cursors (``ownllm feedback simulate --round N-1``: disjoint from every
+   other round's and from the gate's held-out files), served by the gateway as in production; the store
+   accumulates the feedback of every round so far;
+2. the snapshot of the whole store; its parent is the version round N-1 deployed: the version round N-1
+   registered if its gate passed, else round N-1's own parent (:func:`deployed_after`);
+3. SFT, preference tuning, gate and register exactly as in round 1 (the register stage's ``--on-fail record``).
+
+``reports/loop.json`` (stage ``loop``, :func:`write_loop`)::
 
     {"rounds": [                      # one entry per refresh round, oldest first
        {"round": 1, "parent": "base", "gate_passed": true, "significant": false, "promote_to": "staff",
+        "registered": "ft-...",        # the version the round registered (null: gate failed)
+        "deployed": "ft-...",          # what the next round tunes from
+        "traffic": {"simulate_round": 0, "cursors": 191, "accepted": 3, "served_by": "base", ...},
         "reasons": [...],              # why it failed / why the gain is not significant
         "heldout": {"parent": {...}, "tuned": {...}},   # heldout.json of each model (rates, chars, utility)
         "paired": {"utility": {"diff", "ci95", "p_value", "n", "clusters", ...}, "accepted_chars": {...},
@@ -12,17 +29,20 @@
         "snapshot": {...counts}, "tuning": {...}}, ...],
      "gate_passed": <last round's verdict>}
 
-Written from the gate result whatever its verdict: a tuned model that did not improve, or did worse, is
-reported as such. The plot shows the utility and accepted-characters differences per round with their 95% CIs.
+Every round is reported whatever its verdict: a tuned model that did not improve, or did worse, is reported
+as such. The plot shows the utility and accepted-characters differences per round with their 95% CIs.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import time
 from pathlib import Path
 
 from rlhf.config import RLHFParams
-from pipeline.tracking import write_json
+from pipeline.tracking import say, write_json
 
 
 def round_report(params: RLHFParams, gate: dict, manifest: dict | None, tune: dict | None = None,
@@ -111,10 +131,156 @@ def plot(report: dict, out: str | Path) -> Path:
     return out
 
 
-def write_loop(params: RLHFParams, gate: dict, manifest: dict | None, tune: dict | None = None,
-               round_no: int = 1, earlier: list[dict] | None = None) -> dict:
-    """Write ``reports/loop.json`` + ``loop.png`` with ``earlier`` rounds and this one."""
-    report = loop_report(params, gate, manifest, tune, round_no, earlier)
+ROUND1_REPORT = "rlhf_register.json"  # round 1's last output: what round 2 continues from
+
+
+def round_number(name: str) -> int:
+    """``round-N`` → N (``N`` alone is accepted too, for the command line)."""
+    m = re.fullmatch(r"(?:round-)?([0-9]+)", name.strip())
+    if not m or int(m.group(1)) < 1:
+        raise ValueError(f"round {name!r}: expected round-N with N >= 1 (round-2, round-3, ...)")
+    return int(m.group(1))
+
+
+def round_dir(params: RLHFParams, n: int) -> Path:
+    return Path(params.rlhf.loop.dir) / f"round-{n}"
+
+
+def round_params(params: RLHFParams, n: int) -> RLHFParams:
+    """The parameters round ``n`` runs with: round 1's are ``params`` (the classic stages' paths); a later
+    round writes everything under its own folder, laid out the same way (so every stage function works
+    unchanged). The registry and the feedback store are shared, as in production."""
+    if n == 1:
+        return params
+    d = round_dir(params, n)
+    return params.model_copy(update={
+        "rlhf": params.rlhf.model_copy(update={"snapshot_dir": str(d / "snapshot"), "sft_out": str(d / "sft"),
+                                               "tuned_out": str(d / "tuned")}),
+        "tracking": params.tracking.model_copy(update={"reports_dir": str(d)}),
+        "eval": params.eval.model_copy(update={"out": str(d / "eval")}),
+        "feedback": params.feedback.model_copy(update={"reports_dir": str(d / "feedback")}),
+    })
+
+
+def previous_output(params: RLHFParams, n: int) -> Path:
+    """What round ``n`` (>= 2) continues from, as ``rlhf.loop.rounds`` must name it (DVC's dependency)."""
+    return Path(params.tracking.reports_dir) / ROUND1_REPORT if n == 2 else round_dir(params, n - 1)
+
+
+def later_rounds(params: RLHFParams) -> list[int]:
+    """The configured rounds after the first, in order; they must be 2, 3, ... each after the one before."""
+    rounds = sorted(round_number(k) for k in params.rlhf.loop.rounds)
+    if rounds != list(range(2, len(rounds) + 2)):
+        raise ValueError(f"rlhf.loop.rounds: {sorted(params.rlhf.loop.rounds)} must be round-2 ... round-K "
+                         f"with none missing")
+    for n in rounds:
+        want = previous_output(params, n)
+        got = params.rlhf.loop.rounds[f"round-{n}"]
+        if Path(got) != want:
+            raise ValueError(f"rlhf.loop.rounds.round-{n} is {got!r}; it must be {str(want)!r}, the output of "
+                             f"round {n - 1} (DVC runs round {n} after it)")
+    return rounds
+
+
+def _read(path: Path) -> dict | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def deployed_after(params: RLHFParams, n: int) -> dict:
+    """The version round ``n`` leaves deployed, ``{"version", "model_dir"}``: the one it registered if its gate
+    passed (its weights: round n's tuned output, identical to the registry's copy, hash-checked by register),
+    else the parent it tuned from."""
+    from rlhf.tune import PARENT_FILE
+
+    rp = round_params(params, n)
+    reg = _read(Path(rp.tracking.reports_dir) / ROUND1_REPORT)
+    parent = _read(Path(rp.rlhf.snapshot_dir) / PARENT_FILE)
+    if reg is None or parent is None:
+        raise FileNotFoundError(f"round {n} has not run: no {Path(rp.tracking.reports_dir) / ROUND1_REPORT} "
+                                f"or {Path(rp.rlhf.snapshot_dir) / PARENT_FILE}")
+    if reg.get("registered"):
+        return {"version": reg["version"], "model_dir": rp.rlhf.tuned_out}
+    return {"version": parent.get("version"), "model_dir": parent["model_dir"]}
+
+
+def run_round(params: RLHFParams, db_url: str, name: str) -> dict:
+    """Round ``name`` (``round-N``, N >= 2): simulate round N-1's traffic, then snapshot → sft → preference →
+    gate → register from the version round N-1 deployed, all into ``<rlhf.loop.dir>/round-N/``."""
+    from feedback.simulate import STAGE as SIMULATE_STAGE, simulate
+    from pipeline.cli import UserError
+    from rlhf import stages
+
+    n = round_number(name)
+    try:
+        if n < 2 or n not in later_rounds(params):
+            raise ValueError(f"round {name!r} is not one of rlhf.loop.rounds ({sorted(params.rlhf.loop.rounds)}); "
+                             f"round 1 is the snapshot ... register stages")
+        parent = deployed_after(params, n - 1)
+    except (ValueError, FileNotFoundError) as exc:
+        raise UserError(str(exc)) from None
+    rp = round_params(params, n)
+    out = round_dir(params, n)
+    shutil.rmtree(out, ignore_errors=True)  # DVC removes its output first; a direct call must start clean too
+    out.mkdir(parents=True)
+    say(f"[rlhf round {n}] traffic: simulate round {n - 1}; tuning from {parent['version'] or parent['model_dir']} "
+        f"(deployed after round {n - 1})")
+    from pipeline import numerics
+    from pipeline.tracking import stage_run
+
+    numerics.apply(params.numerics)
+    seconds: dict[str, float] = {}
+
+    def timed(step: str, fn, *args, **kw):
+        t0 = time.monotonic()
+        out = fn(*args, **kw)
+        seconds[step] = time.monotonic() - t0
+        return out
+
+    with stage_run(SIMULATE_STAGE, rp) as run:  # → <round>/feedback/simulate.json, like round 1's reports/...
+        sim = timed("simulate", simulate, rp, db_url, round_no=n - 1)
+        run.summary(sim)
+    ev = sim["choice_events"]
+    say(f"[rlhf round {n}] simulate round {n - 1}: {sim['cursors']} fresh cursors x {sim['choices']} suggestions, "
+        f"{ev['accepted']} accepted, {ev['rejected']} rejected (served by {', '.join(sim['by_model']) or '-'})")
+    timed("snapshot", stages.snapshot, rp, db_url, parent=parent)
+    timed("sft", stages.sft, rp)
+    timed("preference", stages.preference, rp)
+    timed("gate", stages.gate, rp)
+    result = timed("register", stages.register, rp, db_url, on_fail="record")
+    # Wall times go to the console only: the outputs must hash the same on every rerun.
+    say(f"[rlhf round {n}] done in {sum(seconds.values()):.0f} s ("
+        + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + f") → {out}")
+    return result
+
+
+def collect_round(params: RLHFParams, n: int) -> dict:
+    """Round ``n``'s entry of ``reports/loop.json``, read from its outputs."""
+    from rlhf.gate import read_gate
+    from rlhf.snapshot import read_manifest
+
+    rp = round_params(params, n)
+    reports = Path(rp.tracking.reports_dir)
+    tune = {name.removeprefix("rlhf_"): r for name in ("rlhf_sft", "rlhf_dpo")
+            if (r := _read(reports / f"{name}.json")) is not None}
+    entry = round_report(rp, read_gate(rp), read_manifest(rp.rlhf.snapshot_dir), tune, n)
+    reg = _read(reports / ROUND1_REPORT) or {}
+    entry["registered"] = reg.get("version") if reg.get("registered") else None
+    entry["deployed"] = deployed_after(params, n)["version"] if reg else None
+    from feedback.simulate import STAGE as SIMULATE_STAGE
+
+    sim = _read(reports / f"{SIMULATE_STAGE}.json") or {}
+    entry["traffic"] = {"simulate_round": sim.get("round"), "cursors": sim.get("cursors"),
+                        "accepted": sim.get("accepted"), "rate": sim.get("rate"), "ci95": sim.get("ci95"),
+                        "choice_events": sim.get("choice_events"), "served_by": sim.get("by_model")}
+    return entry
+
+
+def write_loop(params: RLHFParams, rounds: list[int] | None = None) -> dict:
+    """Write ``reports/loop.json`` + ``loop.png``: round 1 and every configured later round (or ``rounds``)."""
+    rounds = [1, *later_rounds(params)] if rounds is None else rounds
+    entries = [collect_round(params, n) for n in rounds]
+    report = {"rounds": entries, "gate_passed": entries[-1]["gate_passed"], "margin": params.rlhf.gate.margin,
+              "reject_cost_chars": params.rlhf.gate.reject_cost_chars}
     reports = Path(params.tracking.reports_dir)
     write_json(reports / "loop.json", report)
     plot(report, reports / "loop.png")

@@ -14,11 +14,14 @@ from rlhf.config import RLHFParams
 from pipeline.tracking import say, stage_run, wandb_mode, write_json
 
 
-def snapshot(params: RLHFParams, db_url: str) -> dict:
+def snapshot(params: RLHFParams, db_url: str, parent: dict | None = None) -> dict:
+    """``parent``: the model to tune from (a later loop round's: the version the round before deployed);
+    default the version serving everyone in the store (production)."""
     from rlhf.snapshot import take_snapshot, write_snapshot
 
     with stage_run("rlhf_snapshot", params) as run:
-        snap, parent = take_snapshot(params, db_url)
+        snap, production = take_snapshot(params, db_url)
+        parent = parent or production
         manifest = write_snapshot(snap, params.rlhf.snapshot_dir, parent)
         run.summary(manifest)
     c = manifest["counts"]
@@ -65,10 +68,8 @@ def preference(params: RLHFParams) -> dict:
 
 
 def gate(params: RLHFParams) -> dict:
-    """Evaluate tuned vs parent, write the gate result and the loop report; never fails on a bad verdict."""
+    """Evaluate tuned vs parent and write the gate result; never fails on a bad verdict."""
     from rlhf.gate import run_gate
-    from rlhf.loop import write_loop
-    from rlhf.snapshot import read_manifest
     from rlhf.tune import PARENT_FILE
 
     cfg = params.rlhf
@@ -77,16 +78,10 @@ def gate(params: RLHFParams) -> dict:
         {"version": None, "model_dir": cfg.base_model}
     with stage_run("rlhf_gate", params, write_metrics=False) as run:
         result = run_gate(params, parent, cfg.tuned_out)
-        tune = {}
-        for name in ("rlhf_sft", "rlhf_dpo"):
-            p = Path(params.tracking.reports_dir) / f"{name}.json"
-            if p.is_file():
-                tune[name.removeprefix("rlhf_")] = json.loads(p.read_text(encoding="utf-8"))
-        write_loop(params, result.to_json(), read_manifest(cfg.snapshot_dir), tune)
         run.summary({r["metric"]: r["tuned"] for r in result.rows})
     print(result.table())
     say(f"[rlhf gate] {'passed' if result.passed else 'FAILED'}: tuned vs {parent['version'] or parent['model_dir']} "
-        f"→ {Path(params.tracking.reports_dir) / 'rlhf_gate.json'}, reports/loop.json")
+        f"→ {Path(params.tracking.reports_dir) / 'rlhf_gate.json'}")
     return result.to_json()
 
 
@@ -98,8 +93,9 @@ def register(params: RLHFParams, db_url: str, on_fail: str = "exit") -> dict:
     result = register_tuned(params, db_url)
     write_json(Path(params.tracking.reports_dir) / f"{STAGE}.json", result.to_json())
     if result.registered:
-        say(f"[rlhf register] registered {result.version} (rollout staff, parent {result.lineage['parent']}); "
-            f"promote with `ownllm models promote {result.version} --to ab:10`")
+        rollout = result.lineage.get("rollout") or "staff"
+        say(f"[rlhf register] registered {result.version} (rollout {rollout}, parent {result.lineage['parent']})"
+            + ("; promote with `ownllm models promote " + result.version + " --to ab:10`" if rollout == "staff" else ""))
     else:
         gate_json = read_gate(params)
         from rlhf.gate import GateResult
@@ -109,6 +105,24 @@ def register(params: RLHFParams, db_url: str, on_fail: str = "exit") -> dict:
         if on_fail == "exit":
             raise GateFailed(result.reason)
     return result.to_json()
+
+
+def loop_round(params: RLHFParams, db_url: str, name: str) -> dict:
+    """One later refresh round of `dvc repro` (DVC stage ``refresh@round-N``): see :func:`rlhf.loop.run_round`."""
+    from rlhf.loop import run_round
+
+    return run_round(params, db_url, name)
+
+
+def loop(params: RLHFParams) -> dict:
+    """``reports/loop.json`` + ``loop.png``: every round's gate metrics with their CIs (DVC stage ``loop``)."""
+    from rlhf.loop import write_loop
+
+    report = write_loop(params)
+    verdicts = ", ".join(f"round {r['round']} {'pass' if r['gate_passed'] else 'FAIL'}" for r in report["rounds"])
+    say(f"[rlhf loop] {len(report['rounds'])} round(s): {verdicts} → "
+        f"{Path(params.tracking.reports_dir) / 'loop.json'}, loop.png")
+    return report
 
 
 class GateFailed(RuntimeError):

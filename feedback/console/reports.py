@@ -20,7 +20,7 @@ MAX_CHART_POINTS = 4000
 
 @dataclass(frozen=True)
 class ReportPaths:
-    loop: Path  # reports/loop.json (gate stage)
+    loop: Path  # reports/loop.json (loop stage: every refresh round)
     gate: Path  # reports/rlhf_gate.json
     train_dir: Path  # reports/train/: loss.csv, val_loss.csv, spikes.json
     data_stats: Path  # reports/data/stats.json

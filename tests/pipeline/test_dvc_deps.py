@@ -225,10 +225,28 @@ def local_target(mod: Module, base: ast.expr) -> str:
     return "builtins"
 
 
-def stage_commands() -> list[tuple[str, str, list[str]]]:
+def stage_definitions() -> dict[str, dict]:
+    """dvc.yaml's stages; a ``foreach`` stage (the refresh rounds) as its ``do`` body for one key of the params
+    it iterates over, DVC's name ``stage@key``."""
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
-    out = []
+    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    out = {}
     for name, stage in stages.items():
+        if "foreach" not in stage:
+            out[name] = stage
+            continue
+        items = params
+        for part in stage["foreach"].strip("${} ").split("."):
+            items = items[part]
+        key, item = next(iter(items.items()))
+        text = yaml.safe_dump(stage["do"]).replace("${key}", key).replace("${item}", item)
+        out[f"{name}@{key}"] = yaml.safe_load(text)
+    return out
+
+
+def stage_commands() -> list[tuple[str, str, list[str]]]:
+    out = []
+    for name, stage in stage_definitions().items():
         cmds = stage["cmd"] if isinstance(stage["cmd"], list) else [stage["cmd"]]
         deps = [d if isinstance(d, str) else next(iter(d)) for d in stage.get("deps", [])]
         out.extend((name, cmd, deps) for cmd in cmds)
@@ -280,7 +298,7 @@ def test_stages_that_apply_numerics_are_pinned_and_track_them(stage, cmd, deps):
         assert pinned, f"{cmd!r} applies params `numerics` but is missing from pipeline.cli.NUMERICS_COMMANDS"
     if not pinned:
         return
-    params = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"][stage].get("params", [])
+    params = stage_definitions()[stage].get("params", [])
     assert "numerics" in params, f"stage {stage!r} applies params `numerics` but does not list them in dvc.yaml"
 
 

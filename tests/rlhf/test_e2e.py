@@ -21,6 +21,9 @@ def test_refresh_end_to_end_then_nothing_to_do(tmp_path, tiny_model_dir):
     first = refresh(params, url)
     assert first.status == "registered" and first.exit_code == 0 and first.version.startswith("ft-")
     reports = tmp_path / "reports"
+    from rlhf import stages
+
+    stages.loop(params)  # the `loop` stage: one round here (no rlhf.loop.rounds)
     loop = json.loads((reports / "loop.json").read_text())
     rnd = loop["rounds"][-1]
     assert loop["gate_passed"] and rnd["snapshot"] == {"sft": 2, "pairs": 8, "unpaired": 12}
@@ -67,4 +70,6 @@ def test_failing_gate_exits_nonzero_and_registers_nothing(tmp_path, tiny_model_d
         assert [v.name for v in list_versions(s)] == ["base"]
     with pytest.raises(stages.GateFailed):
         stages.register(params, url)
+    loop = stages.loop(params)["rounds"]
+    assert [(r["gate_passed"], r["registered"], r["deployed"]) for r in loop] == [(False, None, "base")]
     assert json.loads((tmp_path / "reports/loop.json").read_text())["gate_passed"] is False
