@@ -314,7 +314,7 @@ def test_stages_that_read_a_data_split_track_it(stage, cmd, deps):
     root = handler(cmd)
     project_files(root)
     listed = [p if isinstance(p, str) else next(iter(p))
-              for p in yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"][stage].get("params", [])]
+              for p in stage_definitions()[stage].get("params", [])]
     for key in SPLIT_PARAMS:
         if any(c == key or c.startswith(key + ".") for c in PARAMS_READ.get(root, ())):
             assert any(key == p or key.startswith(p + ".") for p in listed), \
