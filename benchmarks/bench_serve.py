@@ -321,6 +321,22 @@ async def _feedback(url: str, key: str, ids: list[str], clients: int, batch: int
         return time.perf_counter() - t0
 
 
+def _tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of a process and its children (``--workers`` processes)."""
+    import psutil
+
+    procs = [psutil.Process(pid)]
+    procs += procs[0].children(recursive=True)
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 def bench_ingest(pg_url: str, model_dir: Path, singles: int, clients: int, workers: int, rounds: int) -> None:
     """Feedback events/s over HTTP into PostgreSQL through `ownllm serve`, interleaved: one transaction per
     request (serve.feedback_group_commit false, the baseline) vs the group commit, with 1 and N workers."""
@@ -361,6 +377,7 @@ def bench_ingest(pg_url: str, model_dir: Path, singles: int, clients: int, worke
         servers[(label, n)] = (start_server(pg_url, model_dir, port, 1, "--workers", str(n), params=params),
                                f"http://127.0.0.1:{port}/v1")
     rates: dict[tuple[str, int, int], list[float]] = {}
+    cpu: dict[tuple[str, int], list[float]] = {}  # server CPU seconds per one-event request
     nxt = 0
     try:
         for _ in range(rounds):
@@ -369,8 +386,11 @@ def bench_ingest(pg_url: str, model_dir: Path, singles: int, clients: int, worke
                 for batch, count in runs:
                     ids = [f"cmpl-bench-{i}" for i in range(nxt, nxt + count)]
                     nxt += count
+                    cpu0 = _tree_cpu(servers[(label, n)][0].pid)
                     wall = asyncio.run(_feedback(url, key, ids, clients if batch == 1 else 4, batch))
                     rates.setdefault((label, n, batch), []).append(count / wall)
+                    if batch == 1:
+                        cpu.setdefault((label, n), []).append((_tree_cpu(servers[(label, n)][0].pid) - cpu0) / count)
     finally:
         stop(*(p for p, _ in servers.values()))
     with f() as s:
@@ -381,8 +401,11 @@ def bench_ingest(pg_url: str, model_dir: Path, singles: int, clients: int, worke
     for (label, n, batch), xs in rates.items():
         med = statistics.median(xs)
         ratio = f"{med / base:5.2f}x" if batch == 1 else "      "
+        per = f"  server CPU {1000 * statistics.median(cpu[(label, n)]):.2f} ms/request" if batch == 1 else ""
         print(f"  {label:<24} --workers {n}  {batch:>3} event(s)/request  {med:8.0f} events/s {ratio} "
-              f"(runs: {', '.join(f'{x:.0f}' for x in xs)})")
+              f"(runs: {', '.join(f'{x:.0f}' for x in xs)}){per}")
+    print("  server CPU per request (all its processes, user + system) does not depend on what else the machine "
+          "runs: 1000 / it is the requests/s one free core would serve")
     print(f"  target >= 1000 one-event requests/s; every request answered 200, stored {stored} of {nxt} sent"
           f"{'' if stored == nxt else '  <-- EVENTS LOST'}")
 
