@@ -26,6 +26,10 @@ from sqlalchemy.orm import Session
 from feedback.models import (Completion, Experiment, ExperimentArm, FeedbackEvent, FeedbackKind, ModelVersion,
                              ServeStatus, utcnow)
 
+# Shown: served whole. A completion the suggestion filter hid (status ``filtered``) is in the window and
+# counted in ``filtered``, but no decision, view or A/B outcome of it counts: the user saw nothing.
+SHOWN = Completion.status == ServeStatus.served.value
+
 Z95 = NormalDist().inv_cdf(0.975)
 
 
@@ -82,13 +86,14 @@ def _ignored(now: datetime, ignored_after_s: float):
     """
     cutoff = now - timedelta(seconds=ignored_after_s)
     return func.sum(case((and_(FeedbackEvent.id.is_(None), Completion.viewed_at.is_not(None),
-                               Completion.viewed_at < cutoff), 1), else_=0))
+                               Completion.viewed_at < cutoff, SHOWN), 1), else_=0))
 
 
 def _window(since: datetime | None, until: datetime | None, user_id: int | None = None):
-    """Completions in the window that were served: a row still ``pending`` (being generated or streamed), or
+    """Completions in the window that were served, or hidden by the suggestion filter (``filtered``: counted
+    as such, never as shown): a row still ``pending`` (being generated or streamed), or
     ``disconnected``/``failed`` (the client never saw all of it), was not shown and counts nowhere."""
-    conds = [Completion.status == ServeStatus.served.value]
+    conds = [Completion.status.in_([ServeStatus.served.value, ServeStatus.filtered.value])]
     if user_id is not None:
         conds.append(Completion.user_id == user_id)
     if since is not None:
@@ -109,17 +114,20 @@ def acceptance(s: Session, since: datetime | None = None, until: datetime | None
     day = func.date(Completion.created_at)  # SQLite: 'YYYY-MM-DD' text; PostgreSQL: a date
     names = (["day"] if by_day else []) + ["model"] + (["language"] if by_language else [])
     keys = ([day] if by_day else []) + [ModelVersion.name] + ([Completion.language] if by_language else [])
-    q = (select(*keys, func.count(Completion.id), func.count(Completion.viewed_at),
+    served = func.sum(case((SHOWN, 1), else_=0))
+    filtered = func.sum(case((SHOWN, 0), else_=1))
+    q = (select(*keys, served, filtered, func.count(Completion.viewed_at),
                 _ignored(until or utcnow(), ignored_after_s), func.count(FeedbackEvent.id), accepted)
          .select_from(Completion)
          .join(ModelVersion, ModelVersion.id == Completion.model_version_id)
-         .outerjoin(FeedbackEvent, FeedbackEvent.completion_id == Completion.id)
+         .outerjoin(FeedbackEvent, and_(FeedbackEvent.completion_id == Completion.id, SHOWN))
          .where(_window(since, until, user_id)).group_by(*keys).order_by(*keys))
     out = []
     for row in s.execute(q):
-        served, viewed, ignored, decided, acc = row[-5], row[-4], int(row[-3] or 0), row[-2], int(row[-1] or 0)
+        served, hidden, viewed, ignored, decided, acc = (int(row[-6] or 0), int(row[-5] or 0), row[-4],
+                                                         int(row[-3] or 0), row[-2], int(row[-1] or 0))
         item = {name: str(value) for name, value in zip(names, row)}
-        out.append({**item, "served": served, "viewed": viewed, **_rate(acc, decided, ignored)})
+        out.append({**item, "served": served, "filtered": hidden, "viewed": viewed, **_rate(acc, decided, ignored)})
     return out
 
 
@@ -206,7 +214,7 @@ def experiment_report(s: Session, exp: Experiment, alpha: float, power: float,
          .join(ModelVersion, ModelVersion.id == ExperimentArm.model_version_id)
          .outerjoin(Completion, and_(Completion.experiment_id == ExperimentArm.experiment_id,
                                      Completion.model_version_id == ExperimentArm.model_version_id,
-                                     _window(since, until)))
+                                     _window(since, until), SHOWN))
          .outerjoin(FeedbackEvent, FeedbackEvent.completion_id == Completion.id)
          .where(ExperimentArm.experiment_id == exp.id)
          .group_by(ExperimentArm.id, ExperimentArm.name, ModelVersion.name, ExperimentArm.traffic_share,
@@ -304,11 +312,12 @@ def plot(rep: dict[str, Any], path) -> None:
 
 def render(rep: dict[str, Any]) -> str:
     """The report as a plain-text table for the terminal."""
-    lines = [f"{'model':<20} {'language':<12} {'served':>7} {'viewed':>7} {'decided':>8} {'ignored':>8} "
+    lines = [f"{'model':<20} {'language':<12} {'served':>7} {'filtered':>8} {'viewed':>7} {'decided':>8} {'ignored':>8} "
              f"{'accepted':>9} {'rate':>7}  95% CI"]
     for r in rep["by_version_language"]:
         rate = "-" if r["rate"] is None else f"{r['rate']:.3f}"
-        lines.append(f"{r['model']:<20} {r['language']:<12} {r['served']:>7} {r['viewed']:>7} {r['decided']:>8} "
+        lines.append(f"{r['model']:<20} {r['language']:<12} {r['served']:>7} {r.get('filtered', 0):>8} {r['viewed']:>7} "
+                     f"{r['decided']:>8} "
                      f"{r['ignored']:>8} {r['accepted']:>9} "
                      f"{rate:>7}  [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]")
     for e in rep["experiments"]:

@@ -12,6 +12,7 @@ Failure rules:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import socket
@@ -37,13 +38,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from feedback import continue_events, kept, store, tabby
+from feedback import continue_events, kept, store, suggestion_filter, tabby
 from feedback.backends import (Backend, BackendError, BadGenerationRequest, Generation, GenRequest, LocalBackend,
                                StreamDelta, UpstreamBackend)
 from feedback.db import check_at_head, current_revision, make_engine
 from feedback.ingest import GroupCommitWriter, UnknownKey
 from feedback.models import Completion, FeedbackKind, KeptSource, ModelVersion, ServeStatus, User, utcnow
 from feedback.requests import CompletionInput
+from feedback.suggestion_filter import SuggestionFilter
 from feedback.routing import NoModel, Route, route, visible_versions
 from feedback.config import FeedbackConfig, ServeConfig
 
@@ -169,6 +171,8 @@ class Metrics:
         # The autoscaler's signal (deploy/): completions being generated or streamed by this process now.
         self.inflight = Gauge("ownllm_inflight_completions", "completions in progress (generating or streaming)",
                               registry=self.registry)
+        self.filtered = Counter("ownllm_filtered_completions", "choices the suggestion filter hid",
+                                ["model", "language"], registry=self.registry)
         self.unlogged = Counter("ownllm_completion_log_failures", "completion rows the store could not complete "
                                 "(they stay 'pending' until a retry marks them)", registry=self.registry)
 
@@ -487,6 +491,7 @@ class CompletionService:
         # Backends without a batcher of their own (transformers, upstream HTTP) generate here, and streamed
         # deltas are pulled here; neither ever occupies AnyIO's pool.
         self.generate_pool = ThreadPoolExecutor(cfg.max_concurrent_generations, thread_name_prefix="ownllm-generate")
+        self.filters: dict[tuple[str, str], SuggestionFilter | None] = {}  # per (version, path), checked once
 
     def _route(self, inp: CompletionInput, user: User) -> Route:
         with self.factory() as s:
@@ -500,42 +505,85 @@ class CompletionService:
         return r, self.pool.get(r.version)
 
     def _log(self, rid: str, inp: CompletionInput, gen: GenRequest, r: Route, user: User, out: Generation,
-             latency: float) -> None:
+             latency: float, hidden: list[bool] | None = None) -> None:
+        rows = completion_rows(rid, inp, gen, r, user, [(c.text, c.finish_reason, c.completion_tokens)
+                                                        for c in out.choices], out.prompt_tokens, latency)
+        for row, h in zip(rows, hidden or []):
+            if h:  # the model's text is kept (what the filter hid); the status says nobody saw it
+                row.status = ServeStatus.filtered.value
         with self.factory.begin() as s:
-            s.add_all(completion_rows(rid, inp, gen, r, user, [(c.text, c.finish_reason, c.completion_tokens)
-                                                               for c in out.choices], out.prompt_tokens, latency))
+            s.add_all(rows)
 
-    def _result(self, rid: str, r: Route, inp: CompletionInput, out: Generation, latency: float) -> dict:
+    # -- suggestion filter ---------------------------------------------------------------------------
+    def _filter(self, r: Route) -> SuggestionFilter | None:
+        """The routed version's suggestion filter when ``serve.suggestion_filter`` is on (None: show all).
+
+        Loaded once per version and checked against the weights it serves: a filter fitted for other weights
+        is refused (a 503 naming the version), never applied. Upstream versions have no log-probabilities
+        here, so they are never filtered."""
+        if not self.cfg.suggestion_filter or self.pool.upstream_of(r.version) is not None:
+            return None
+        key = (r.version.name, r.version.path)
+        if key not in self.filters:
+            try:
+                self.filters[key] = suggestion_filter.of_version(r.version)
+            except (suggestion_filter.FilterMismatch, ValueError) as exc:
+                raise BackendError(f"model version {r.version.name!r}: {exc}") from None
+        return self.filters[key]
+
+    def _hidden(self, filt: SuggestionFilter | None, inp: CompletionInput, out: Generation) -> list[bool]:
+        """Per choice: hidden by the filter (an empty suggestion is nothing already, never 'filtered')."""
+        if filt is None:
+            return [False] * len(out.choices)
+        return [bool(c.text) and not filt.show(suggestion_filter.filter_input(inp.prefix, c.text, c.logprob or 0.0,
+                                                                              inp.language))
+                for c in out.choices]
+
+    def _result(self, rid: str, r: Route, inp: CompletionInput, out: Generation, latency: float,
+                hidden: list[bool] | None = None) -> dict:
+        hidden = hidden or [False] * len(out.choices)
         self.metrics.latency.labels(r.version.name, inp.language).observe(latency)
-        self.metrics.completions.labels(r.version.name, inp.language).inc(len(out.choices))
+        self.metrics.completions.labels(r.version.name, inp.language).inc(len(out.choices) - sum(hidden))
+        if any(hidden):
+            self.metrics.filtered.labels(r.version.name, inp.language).inc(sum(hidden))
         n_comp = sum(c.completion_tokens for c in out.choices)
+        # A hidden choice is "nothing": empty text (the OpenAI shape keeps its index), ``filtered`` for shapes
+        # that drop it (Tabby returns no choice).
         return {"id": rid, "created": int(time.time()), "model": r.version.name,
-                "choices": [{"index": i, "text": c.text, "finish_reason": c.finish_reason}
-                            for i, c in enumerate(out.choices)],
+                "choices": [{"index": i, "text": "" if h else c.text, "finish_reason": c.finish_reason,
+                             "filtered": h} for i, (c, h) in enumerate(zip(out.choices, hidden))],
                 "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": n_comp,
                           "total_tokens": out.prompt_tokens + n_comp}}
 
     def complete(self, inp: CompletionInput, user: User) -> dict:
         gen = gen_request(inp, self.cfg)
         r, backend = self._backend(inp, user)
+        filt = self._filter(r)
+        if filt is not None:
+            gen = dataclasses.replace(gen, logprobs=True)
         rid = f"cmpl-{uuid.uuid4().hex}"
         t0 = time.perf_counter()
         with _counting(self.metrics.inflight):
             out = backend.complete(gen)
+        hidden = self._hidden(filt, inp, out)
         latency = time.perf_counter() - t0
-        self._log(rid, inp, gen, r, user, out, latency)
-        return self._result(rid, r, inp, out, latency)
+        self._log(rid, inp, gen, r, user, out, latency, hidden)
+        return self._result(rid, r, inp, out, latency, hidden)
 
     async def acomplete(self, inp: CompletionInput, user: User) -> dict:
         gen = gen_request(inp, self.cfg)
         r, backend = await run_in_threadpool(self._backend, inp, user)  # a model load waits here, off the loop
+        filt = await run_in_threadpool(self._filter, r)  # first use hashes the version's weights: off the loop
+        if filt is not None:
+            gen = dataclasses.replace(gen, logprobs=True)
         rid = f"cmpl-{uuid.uuid4().hex}"
         t0 = time.perf_counter()
         with _counting(self.metrics.inflight):
             out = await self._generate(backend, gen)
+        hidden = self._hidden(filt, inp, out)
         latency = time.perf_counter() - t0
-        await run_in_threadpool(self._log, rid, inp, gen, r, user, out, latency)
-        return self._result(rid, r, inp, out, latency)
+        await run_in_threadpool(self._log, rid, inp, gen, r, user, out, latency, hidden)
+        return self._result(rid, r, inp, out, latency, hidden)
 
     async def _generate(self, backend: Backend, gen: GenRequest) -> Generation:
         submit = getattr(backend, "complete_future", None)  # the CTranslate2 engine: its batcher resolves it

@@ -37,6 +37,8 @@ class GenRequest:
     n: int = 1
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # Also return each choice's mean token log-probability (the suggestion filter's feature; local engines only).
+    logprobs: bool = False
 
 
 @dataclass
@@ -44,6 +46,9 @@ class Choice:
     text: str
     finish_reason: str  # "stop" (eos or a stop sequence) | "length"
     completion_tokens: int
+    # Mean log-probability of the tokens that make up ``text`` (pipeline.eval.generate.mean_logprob), when the
+    # request asked for it.
+    logprob: float | None = None
 
 
 @dataclass
@@ -235,14 +240,20 @@ class LocalBackend:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         return kw
 
-    def _finish(self, new_ids: list[int], req: GenRequest) -> Choice:
+    def _finish(self, new_ids: list[int], req: GenRequest, token_logprobs: list[float] | None = None) -> Choice:
         ended = False
         if any(i in self.stop_ids for i in new_ids):
             first = next(k for k, i in enumerate(new_ids) if i in self.stop_ids)
             new_ids, ended = new_ids[:first], True
         text = self.tok.decode(new_ids, skip_special_tokens=True)
         text, hit = cut_at_stop(text, req.stop)
-        return Choice(text, "stop" if ended or hit else "length", len(new_ids))
+        logprob = None
+        if token_logprobs is not None:
+            # The same function as the held-out replay the suggestion filter was trained on.
+            from pipeline.eval.generate import mean_logprob
+
+            logprob = mean_logprob(self.tok, new_ids, token_logprobs, text, self.pad_id)
+        return Choice(text, "stop" if ended or hit else "length", len(new_ids), logprob)
 
     # -- generation --------------------------------------------------------------------------------
     def complete(self, req: GenRequest) -> Generation:
@@ -254,15 +265,21 @@ class LocalBackend:
         kw = self._gen_kwargs(req, ids, rows)
         if req.stop:  # stop early; the cut is exact below
             kw.update(stopping_criteria=_completion_stop_criteria(self.tok, len(ids), req.stop))
+        if req.logprobs:
+            kw.update(output_scores=True, return_dict_in_generate=True)
         with self.lock, torch.inference_mode():
             if greedy:  # greedy choices are identical: decode once
                 out = self.model.generate(**kw)
-                gen_rows = [out[0]] * req.n
             elif req.seed is not None:
-                gen_rows = list(self.model.generate(**kw))
+                out = self.model.generate(**kw)
             else:
-                gen_rows = list(self.model.generate(**kw, num_return_sequences=req.n))
-        choices = [self._finish(row[len(ids):].tolist(), req) for row in gen_rows]
+                out = self.model.generate(**kw, num_return_sequences=req.n)
+            seqs = out.sequences if req.logprobs else out
+            scores = (self.model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True).tolist()
+                      if req.logprobs else None)
+        rows = [0] * req.n if greedy else list(range(len(seqs)))
+        choices = [self._finish(seqs[r][len(ids):].tolist(), req, scores[r] if scores is not None else None)
+                   for r in rows]
         return Generation(choices, len(ids))
 
     def stream(self, req: GenRequest) -> Stream:

@@ -91,6 +91,8 @@ def register(sub) -> None:
     p.add_argument("--snapshot-hash", help="hash of the feedback snapshot it was tuned on")
     p.add_argument("--eval-report", help="JSON file with its evaluation results")
     p.add_argument("--state", default="staff", help="initial rollout target: staff, ab:PCT, all (default: staff)")
+    p.add_argument("--filter", metavar="FILE", help="its suggestion filter (filter.json from `ownllm rlhf gate`); "
+                   "refused unless fitted for these weights")
     p.set_defaults(func=lazy("feedback.commands:models_register"))
 
     p = cmds.add_parser("promote", help="move a version to staff | ab:PCT | all")

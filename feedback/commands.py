@@ -237,10 +237,21 @@ def models_register(args) -> int:
     if not (Path(args.model_dir) / "config.json").is_file():
         raise UserError(f"no Hugging Face model in {args.model_dir} (config.json missing)")
     state, _pct = _target(args.state)
+    filt = None
+    if getattr(args, "filter", None):
+        import json
+
+        try:
+            filt = json.loads(Path(args.filter).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise UserError(f"--filter {args.filter}: {exc.strerror or exc}") from None
+        except json.JSONDecodeError as exc:
+            raise UserError(f"--filter {args.filter}: not valid JSON ({exc.msg})") from None
     with _factory(url).begin() as s:
         try:
             mv = store.register_model_version(s, args.name, str(Path(args.model_dir).resolve()), parent=args.parent,
                                               snapshot_hash=args.snapshot_hash, state="staff",
+                                              suggestion_filter=filt, filter_source=args.filter if filt else None,
                                               **lineage(args.model_dir, args.eval_report))
             if args.state != "staff":
                 store.promote(s, mv.name, args.state)

@@ -53,8 +53,11 @@ class Job:
     stop_ids: frozenset[int]
     # Called from the batcher thread with (choice, token id, tokens so far); returns True to stop that row.
     on_token: Callable[[int, int, list[int]], bool] | None = None
+    # Record each row's per-token log-probabilities in ``token_logprobs`` (the suggestion filter's feature).
+    logprobs: bool = False
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    token_logprobs: list[list[float]] | None = None  # set before the future resolves, when ``logprobs``
 
     @property
     def key(self) -> tuple:
@@ -126,21 +129,27 @@ class Batcher:
         tokens = [self.tok.convert_ids_to_tokens(job.ids) for job in jobs]
         start = [tokens[k] for k, job in enumerate(jobs) for _ in range(job.n)]
         seen: list[list[int]] = [[] for _ in rows]
+        logprobs: list[list[float]] = [[] for _ in rows]
+        want_logprobs = any(j.logprobs for j in jobs)
         stops = sorted(set().union(*(j.stop_ids for j in jobs)))
         temperature, top_p, max_new = jobs[0].key
 
         def step(s) -> bool:  # runs in this thread, once per generated token of each row
             job, choice = rows[s.batch_id]
             seen[s.batch_id].append(s.token_id)
+            if want_logprobs:
+                logprobs[s.batch_id].append(s.log_prob)
             if job.cancelled.is_set():
                 return True
             return bool(job.on_token and job.on_token(choice, s.token_id, seen[s.batch_id]))
 
         # The per-token callback takes the GIL once per row and token: only pay for it when a row streams or has
         # stop sequences (a plain completion cannot be cut short anyway; it is returned whole).
-        needs_callback = any(j.on_token is not None for j in jobs)
+        # Per-token log-probabilities reach Python only through the callback (with return_scores on; the
+        # result's own score is the mean over every generated token, not over the text a stop string cut).
+        needs_callback = want_logprobs or any(j.on_token is not None for j in jobs)
         kw = dict(max_length=max_new, include_prompt_in_result=False, return_end_token=True, end_token=stops,
-                  callback=step if needs_callback else None)
+                  callback=step if needs_callback else None, return_scores=want_logprobs)
         if temperature > 0:
             kw.update(sampling_topk=0, sampling_topp=top_p, sampling_temperature=temperature)
         try:
@@ -153,10 +162,12 @@ class Batcher:
         self.batches += 1
         self.rows += len(rows)
         out: dict[int, list[list[int]]] = {}
-        for (job, _), res, got in zip(rows, results, seen):
+        for (job, _), res, got, lps in zip(rows, results, seen, logprobs):
             # A row stopped by its callback ends where the callback said; the result holds the same tokens.
             ids = list(res.sequences_ids[0]) if res.sequences_ids else got
             out.setdefault(id(job), []).append(ids)
+            if job.logprobs:
+                job.token_logprobs = (job.token_logprobs or []) + [lps]
         for job in jobs:
             job.future.set_result(out[id(job)])
 
@@ -223,7 +234,8 @@ class CT2Backend(LocalBackend):
         return req.temperature > 0 and req.seed is not None
 
     def _job(self, req: GenRequest, ids: list[int], on_token=None) -> Job:
-        return Job(ids, req.n, req.max_tokens, req.temperature, req.top_p, frozenset(self.stop_ids), on_token)
+        return Job(ids, req.n, req.max_tokens, req.temperature, req.top_p, frozenset(self.stop_ids), on_token,
+                   logprobs=req.logprobs)
 
     def _stop_check(self, req: GenRequest):
         """A callback ending a row once its completion text holds a stop sequence (the cut is exact later)."""
@@ -257,7 +269,8 @@ class CT2Backend(LocalBackend):
                 out.set_exception(f.exception())
             else:
                 try:
-                    out.set_result(Generation([self._finish(r, req) for r in f.result()], len(ids)))
+                    lps = job.token_logprobs or [None] * len(f.result())
+                    out.set_result(Generation([self._finish(r, req, lp) for r, lp in zip(f.result(), lps)], len(ids)))
                 except Exception as exc:  # a decoding error is the request's, not the batcher's
                     out.set_exception(BackendError(f"decoding the completion failed: {exc}"))
 

@@ -27,6 +27,22 @@ def file_hash(path: str | Path) -> str | None:
     return h.hexdigest()
 
 
+def weights_hash(model_dir: str | Path) -> str:
+    """sha256 over the model's weight files (safetensors, else .bin), in name order: what 'identical weights'
+    means. A suggestion filter records it for the model it was fitted on (feedback/suggestion_filter.py)."""
+    d = Path(model_dir)
+    files = sorted(d.glob("*.safetensors")) or sorted(d.glob("*.bin"))
+    if not files:
+        raise FileNotFoundError(f"no weight files (*.safetensors) in {d}")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 def model_hash(model_dir: str | Path) -> str | None:
     """SHA-256 over the weight, config and tokenizer files (names and bytes), in name order."""
     d = Path(model_dir)

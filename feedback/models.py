@@ -80,6 +80,9 @@ class ServeStatus(str, enum.Enum):
     served = "served"
     disconnected = "disconnected"
     failed = "failed"
+    # Generated but not shown: the version's suggestion filter predicted a reject, so the client got nothing
+    # (OpenAI: empty text; Tabby: no choice). Analytics count it as not shown.
+    filtered = "filtered"
 
 
 class ExperimentStatus(str, enum.Enum):

@@ -75,12 +75,28 @@ def register_model_version(s: Session, name: str, path: str, *, git_rev: str | N
                            dvc_lock_hash: str | None = None, snapshot_hash: str | None = None,
                            model_hash: str | None = None, parent: str | None = None,
                            eval_results: dict[str, Any] | None = None,
-                           state: RolloutState | str = RolloutState.staff) -> ModelVersion:
+                           state: RolloutState | str = RolloutState.staff,
+                           suggestion_filter: dict[str, Any] | None = None,
+                           filter_source: str | None = None) -> ModelVersion:
     """Add a model version to the registry (new versions start with staff unless told otherwise).
 
     Registering the same name again with the same weights (``model_hash``) is a no-op that returns the
     existing row; with different weights it is an error, because a version name must mean one model.
+
+    ``suggestion_filter`` (the JSON of a fitted filter, rlhf/filter.py) is carried by the version in
+    ``eval_results["suggestion_filter"]`` with its lineage (its sha256 and ``filter_source``); it is refused
+    (:class:`StoreError`) unless it was fitted for the weights in ``path``.
     """
+    if suggestion_filter is not None:
+        from feedback.suggestion_filter import REGISTRY_KEY, FilterMismatch, SuggestionFilter
+
+        try:
+            filt = SuggestionFilter.from_json(suggestion_filter, filter_source or "suggestion filter")
+            filt.check_model(path, f"model version {name!r}")
+        except (FilterMismatch, ValueError) as exc:
+            raise StoreError(f"cannot register {name!r} with this suggestion filter: {exc}") from None
+        eval_results = {**(eval_results or {}), REGISTRY_KEY: {"filter": filt.to_json(), "sha256": filt.sha256(),
+                                                               "source": filter_source}}
     existing = s.scalar(select(ModelVersion).where(ModelVersion.name == name))
     if existing is not None:
         if model_hash and existing.model_hash and model_hash != existing.model_hash:

@@ -141,7 +141,9 @@ async def complete(request: Request, body: TabbyCompletionRequest, user: User) -
     if inp.filepath:
         await run_in_threadpool(kept.settle_from_request, app.state, inp, user)
     out = await app.state.service.acomplete(inp, user)
-    return {"id": out["id"], "choices": [{"index": c["index"], "text": c["text"]} for c in out["choices"]]}
+    # A choice the suggestion filter hid is not there at all: Tabby's "nothing" is an empty choices list.
+    return {"id": out["id"], "choices": [{"index": c["index"], "text": c["text"]} for c in out["choices"]
+                                         if not c.get("filtered")]}
 
 
 # ------------------------------------------------------------------------------------------------- events

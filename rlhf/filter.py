@@ -9,55 +9,21 @@ shown and not accepted, 0 for showing nothing — so it is judged on the same ut
 
 Training rows: the simulated user's replay of the *feedback* files (never the gate's held-out files) with
 the model the filter is for; each filter records that model's weights hash (``model_sha256``): a filter is
-versioned with its model. The gate replays the held-out files with the filter on (the deployed version:
-model + filter) beside the model alone.
+versioned with its model, and ``ownllm rlhf register`` stores it with the model version (the gateway
+applies it when ``serve.suggestion_filter`` is on). The gate replays the held-out files with the filter on
+(the deployed version: model + filter) beside the model alone, through the same ``filter_input`` /
+``feature_row`` / ``SuggestionFilter.show`` as the gateway (feedback/suggestion_filter.py).
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-FEATURES = ("logprob", "chars", "words", "col", "repeats", "python", "javascript", "c")
-
-
-def feature_row(row: dict) -> list[float]:
-    text = row["suggestion"]
-    tail = row.get("prefix_tail", "")
-    last_line = tail.rsplit("\n", 1)[-1]
-    stripped = text.strip()
-    return [float(row["logprob"]), float(len(text)), float(len(stripped.split())), float(len(last_line)),
-            float(bool(stripped) and stripped in tail), *(float(row.get("lang") == lang) for lang in FEATURES[5:])]
-
-
-@dataclass
-class SuggestionFilter:
-    coef: list[float]
-    intercept: float
-    threshold: float  # show when the predicted acceptance probability is at least this
-    model_sha256: str
-    train_rows: int
-    train_utility_shown_all: float  # utility per cursor on the training rows showing every suggestion
-    train_utility_filtered: float  # ... showing only what passes the threshold
-
-    def prob(self, rows: list[dict]) -> np.ndarray:
-        x = np.array([feature_row(r) for r in rows], dtype=float)
-        return 1.0 / (1.0 + np.exp(-(x @ np.array(self.coef) + self.intercept)))
-
-    def show(self, row: dict) -> bool:
-        return bool(self.prob([row])[0] >= self.threshold)
-
-    def to_json(self) -> dict:
-        return {**asdict(self), "features": list(FEATURES)}
-
-    @classmethod
-    def read(cls, path: str | Path) -> "SuggestionFilter":
-        d = json.loads(Path(path).read_text(encoding="utf-8"))
-        d.pop("features", None)
-        return cls(**d)
+# Features, the classifier's decision and its model check live with the gateway that applies them; training
+# uses the very same code.
+from feedback.suggestion_filter import FEATURES, SuggestionFilter, feature_row  # noqa: F401
 
 
 def best_threshold(p: np.ndarray, accepted_chars: np.ndarray, cost: float) -> tuple[float, float]:

@@ -130,12 +130,13 @@ def paired_tests(parent_rows: list[dict], tuned_rows: list[dict], params: RLHFPa
 
 
 def decide(paired: dict, regressions: list[str], params: RLHFParams) -> tuple[bool, bool, list[str]]:
-    """(passed, significant, reasons) from the paired utility test of the model and the non-regression checks.
+    """(passed, significant, reasons) from the paired utility test of what users would get and the
+    non-regression checks.
 
-    The deployed version (model + filter) is reported beside it (``paired["deployed"]``) but does not decide
-    yet: the gateway does not apply the filter, so promoting on it would promote what users do not get."""
+    What users get is the model + its suggestion filter (``paired["deployed"]``) when the gateway applies the
+    filter (``serve.suggestion_filter``), else the model alone; the other comparison is reported beside it."""
     gate = params.rlhf.gate
-    u = paired["tests"]["utility"]
+    u = deciding(paired, params)["tests"]["utility"]
     lo, hi = u["ci95"]
     reasons = []
     if not lo > -gate.margin:
@@ -148,6 +149,13 @@ def decide(paired: dict, regressions: list[str], params: RLHFParams) -> tuple[bo
         reasons.append(f"utility gain not significant (diff {u['diff']:+.3f}, 95% CI [{lo:+.3f}, {hi:+.3f}], "
                        f"p={u['p_value']:.3g})")
     return passed, significant, reasons
+
+
+def deciding(paired: dict, params: RLHFParams) -> dict:
+    """The paired comparison that decides: model + filter when the gateway applies the filter, else the model."""
+    if params.serve.suggestion_filter and "deployed" in paired:
+        return paired["deployed"]
+    return paired
 
 
 def compare(params: RLHFParams, parent_dir: Path, tuned_dir: Path, deployed_dir: Path | None = None) -> GateResult:
@@ -167,7 +175,8 @@ def compare(params: RLHFParams, parent_dir: Path, tuned_dir: Path, deployed_dir:
     rows = [{"metric": r.metric, "parent": r.base, "tuned": r.candidate, "delta": r.delta, "tolerance": r.tolerance,
              "gated": r.tolerance is not None, "ok": r.status not in ("regressed", "missing"), "status": r.status}
             for r in sorted(shown, key=lambda r: (r.tolerance is None, r.metric))]
-    u = paired["tests"]["utility"]
+    u = deciding(paired, params)["tests"]["utility"]
+    paired["decided_on"] = "deployed" if deciding(paired, params) is not paired else "model"
     rows.insert(0, {"metric": DECIDING_METRIC, "parent": u["parent"], "tuned": u["tuned"], "delta": u["diff"],
                     "tolerance": params.rlhf.gate.margin, "gated": True, "ok": u["ci95"][0] > -params.rlhf.gate.margin,
                     "status": "paired: CI lower bound vs -margin"})

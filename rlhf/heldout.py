@@ -71,13 +71,17 @@ def suggest(model_dir: str | Path, params: RLHFParams, cases) -> tuple[list[str]
 def score(cases, suggestions: list[str], logprobs: list[float], params: RLHFParams, show=None) -> list[dict]:
     """Per-cursor outcome rows. ``show``: optional callable(row) -> bool, the suggestion filter."""
     from feedback.simulate import is_accepted
+    from feedback.suggestion_filter import filter_input
 
     cost = params.rlhf.gate.reject_cost_chars
     min_words = params.feedback.simulate.min_accept_words
     rows = []
     for c, text, lp in zip(cases, suggestions, logprobs):
-        row = {"key": c.key, "file": c.doc_id, "lang": c.lang, "line_no": c.line_no, "col": c.col,
-               "prefix_tail": c.prefix[-200:], "kept": c.kept, "suggestion": text, "logprob": round(lp, 6)}
+        # The suggestion filter's input comes from the same builder as the gateway's (prefix tail, suggestion,
+        # mean token log-probability, language).
+        f = filter_input(c.prefix, text, lp, c.lang)
+        row = {"key": c.key, "file": c.doc_id, "lang": f["lang"], "line_no": c.line_no, "col": c.col,
+               "prefix_tail": f["prefix_tail"], "kept": c.kept, "suggestion": f["suggestion"], "logprob": f["logprob"]}
         shown = bool(text.strip()) and (show is None or bool(show(row)))
         acc = is_accepted(text, c.kept, min_words) if shown else 0
         row.update(shown=shown, accepted=acc > 0, accepted_chars=acc,

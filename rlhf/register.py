@@ -6,6 +6,9 @@ the gate found the gain significant it is promoted at once to ``rlhf.gate.promot
 the next refresh tunes from it), otherwise ``ownllm models promote`` moves it on by hand. Its weights are copied to
 ``rlhf.registry_dir/<version>/`` so that the next ``models/tuned/`` does not overwrite what is served.
 The version name is derived from the weights hash, so registering the same model twice is a no-op.
+With ``rlhf.filter.enabled`` the suggestion filter the gate fitted for these weights is registered with the
+version (refused by the registry if it was fitted for other weights); the gateway applies it when
+``serve.suggestion_filter`` is on.
 """
 
 from __future__ import annotations
@@ -35,6 +38,13 @@ class RegisterResult:
         dvc.lock differ on every reproduction."""
         stable = {k: self.lineage.get(k) for k in ("snapshot_hash", "model_hash", "parent", "rollout")}
         return {"registered": self.registered, "version": self.version, "reason": self.reason, "lineage": stable}
+
+
+def deployed_filter_path(params: RLHFParams) -> Path:
+    """The suggestion filter the gate fitted for the tuned model (``rlhf.gate.run_gate``)."""
+    from rlhf.gate import DEPLOYED_NAME
+
+    return Path(params.eval.out) / DEPLOYED_NAME / "filter.json"
 
 
 def version_name(model_hash: str) -> str:
@@ -67,6 +77,17 @@ def register_tuned(params: RLHFParams, db_url: str, repo: str | Path = ".") -> R
 
         if weights_hash(tuned) != gate["tuned"]["weights_sha256"]:
             return RegisterResult(False, None, f"{tuned} changed since the gate evaluated it; run the gate again", {})
+    filt, filt_path = None, deployed_filter_path(params)
+    if cfg.filter.enabled and filt_path.is_file():  # the filter the gate judged with this model: it goes along
+        import json
+
+        from feedback.suggestion_filter import FilterMismatch, SuggestionFilter
+
+        try:
+            filt = json.loads(filt_path.read_text(encoding="utf-8"))
+            SuggestionFilter.from_json(filt, str(filt_path)).check_model(tuned, "tuned model")
+        except (FilterMismatch, ValueError) as exc:
+            return RegisterResult(False, None, f"{filt_path}: {exc}", {})
     mhash = model_hash(tuned)
     name = version_name(mhash)
     dest = Path(cfg.registry_dir) / name
@@ -84,11 +105,14 @@ def register_tuned(params: RLHFParams, db_url: str, repo: str | Path = ".") -> R
     factory = session_factory(db_url)
     from feedback.store import register_model_version
 
+    if filt is not None:
+        lineage["suggestion_filter"] = str(filt_path)
     with factory.begin() as s:
         register_model_version(s, name, str(dest.resolve()), git_rev=rev, dvc_lock_hash=lineage["dvc_lock_hash"],
                                snapshot_hash=lineage["snapshot_hash"], model_hash=mhash,
                                parent=lineage["parent"], eval_results={"gate": gate, "lineage": lineage},
-                               state="staff")
+                               state="staff", suggestion_filter=filt,
+                               filter_source=str(filt_path) if filt is not None else None)
         target = gate.get("promote_to") or "staff"
         if gate.get("significant") and target != "staff":
             # A significant gain on the paired held-out replay: roll it out (the gate's rule, rlhf.gate.promote_to).

@@ -13,7 +13,6 @@ safetensors, so the same snapshot + the same params give byte-identical weights 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -124,18 +123,13 @@ def parent_model_dir(cfg: RLHFConfig) -> Path:
 
 
 def weights_hash(model_dir: str | Path) -> str:
-    """sha256 over the model's weight files (safetensors), in name order: what 'identical weights' means."""
-    d = Path(model_dir)
-    files = sorted(d.glob("*.safetensors")) or sorted(d.glob("*.bin"))
-    if not files:
-        raise TuneError(f"no weight files (*.safetensors) in {d}")
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode() + b"\0")
-        with f.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+    """sha256 over the model's weight files (feedback.lineage.weights_hash, the one definition)."""
+    from feedback.lineage import weights_hash as _weights_hash
+
+    try:
+        return _weights_hash(model_dir)
+    except FileNotFoundError as exc:
+        raise TuneError(str(exc)) from None
 
 
 # ---------------------------------------------------------------------------------------- trainers

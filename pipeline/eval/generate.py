@@ -85,9 +85,11 @@ def _stop_criteria(tok, prompt_len: int, stop: Sequence[str], leading: str):
     return StoppingCriteriaList([StopOnStrings()])
 
 
-def _mean_logprob(tok, ids: list[int], logprobs: list[float], text: str, pad_id: int | None) -> float:
+def mean_logprob(tok, ids: list[int], logprobs: list[float], text: str, pad_id: int | None) -> float:
     """Mean log-probability of the generated tokens that make up ``text`` (the completion as returned, cut
-    at its stop string): the model's confidence in what it showed, a feature of the suggestion filter."""
+    at its stop string): the model's confidence in what it showed, a feature of the suggestion filter.
+    The gateway's engines call this same function on their own generations (feedback/backends.py,
+    feedback/engine.py), so the filter sees the same feature in training and serving."""
     total, n = 0.0, 0
     for m, (t, lp) in enumerate(zip(ids, logprobs), 1):
         if t == pad_id or t == tok.eos_token_id:
@@ -145,7 +147,7 @@ def generate(model, tok, prompts: Sequence[str], settings: GenerationSettings, d
             text = tok.decode(ids, skip_special_tokens=True)
             out[i] = truncate_at_stop(text, settings.stop, settings.leading)
             if scores is not None:
-                lp[i] = _mean_logprob(tok, ids, scores[row], out[i], tok.pad_token_id)
+                lp[i] = mean_logprob(tok, ids, scores[row], out[i], tok.pad_token_id)
     if stats is not None:
         stats.prompts += len(prompts)
         stats.seconds += time.perf_counter() - start

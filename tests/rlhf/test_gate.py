@@ -180,3 +180,21 @@ def test_gate_passes_a_model_against_itself_fails_a_damaged_one_and_sees_a_real_
     assert filt["model_sha256"] == weights_hash(good_model) and filt["train_rows"] > 0
     assert better.paired["deployed"]["tests"]["utility"]["n"] == 80
     assert "deployed (model + filter)" in better.table()
+
+
+def test_the_rule_judges_model_plus_filter_when_the_gateway_applies_filters(tmp_path):
+    """What decides is what users get: with serve.suggestion_filter on, the deployed comparison (model + filter)."""
+    from rlhf.gate import decide, deciding
+
+    params = rlhf_params(tmp_path, tmp_path / "model")
+
+    def test(lo, hi, p):
+        return {"tests": {"utility": {"diff": (lo + hi) / 2, "ci95": [lo, hi], "p_value": p}}}
+
+    paired = {**test(-0.5, 0.2, 0.4), "deployed": test(0.5, 1.0, 0.001)}
+    off = params.model_copy(update={"serve": params.serve.model_copy(update={"suggestion_filter": False})})
+    on = params.model_copy(update={"serve": params.serve.model_copy(update={"suggestion_filter": True})})
+    assert deciding(paired, off) is paired and deciding(paired, on) is paired["deployed"]
+    assert decide(paired, [], off)[:2] == (False, False)  # the model alone may be worse by more than the margin
+    assert decide(paired, [], on)[:2] == (True, True)  # the deployed version's gain is significant
+    assert decide(test(-0.5, 0.2, 0.4), [], on)[:2] == (False, False)  # no filter fitted: the model decides

@@ -115,3 +115,38 @@ def test_registered_version_lineage_reproduces_weights(tmp_path, tiny_model_dir)
     assert main(["lineage", res.version, "--params", str(pfile), "--db-url", url, "--check", again.rlhf.tuned_out]) == 0
     ok, _ = check(info, tiny_model_dir)
     assert not ok
+
+
+def test_the_version_carries_the_gates_suggestion_filter_and_refuses_one_for_other_weights(tmp_path, tiny_model_dir):
+    import json
+    import shutil
+
+    from feedback.db import session_factory
+    from feedback.store import get_version
+    from feedback.suggestion_filter import REGISTRY_KEY, SuggestionFilter, of_version
+    from rlhf.register import deployed_filter_path
+
+    tuned = tmp_path / "tuned"
+    shutil.copytree(tiny_model_dir, tuned)
+    params = rlhf_params(tmp_path, tiny_model_dir, tuned_out=str(tuned))
+    params = params.model_copy(update={"eval": params.eval.model_copy(update={"out": str(tmp_path / "reports/eval")}),
+                                       "rlhf": params.rlhf.model_copy(update={
+                                           "filter": params.rlhf.filter.model_copy(update={"enabled": True})})})
+    url = make_store(tmp_path, tiny_model_dir, sample_decisions(1))
+    _fake_gate(params, True, tuned)
+    path = deployed_filter_path(params)
+    path.parent.mkdir(parents=True)
+    filt = SuggestionFilter([0.5] + [0.0] * 7, 1.0, 0.4, "0" * 64, 10, -1.0, 0.5)
+    path.write_text(json.dumps(filt.to_json()))
+    res = register_tuned(params, url)  # fitted for other weights: refused, nothing registered
+    assert not res.registered and "suggestion filter was fitted for weights 000000000000" in res.reason
+    assert _versions(url) == ["base"]
+
+    filt.model_sha256 = weights_hash(tuned)
+    path.write_text(json.dumps(filt.to_json()))
+    res = register_tuned(params, url)
+    assert res.registered and res.lineage["suggestion_filter"] == str(path)
+    with session_factory(url)() as s:
+        v = get_version(s, res.version)
+        assert v.eval_results[REGISTRY_KEY]["sha256"] == filt.sha256()
+        assert of_version(v) == filt  # loads back, checked against the registered copy's weights
