@@ -121,14 +121,14 @@ def test_the_gateway_shows_nothing_when_the_filter_predicts_a_reject(filtered_ga
     with factory() as s:
         assert store.get_version(s, "tiny-none").id == row.model_version_id
 
-    # Analytics: filtered rows are served but never shown, whatever a client reports on them.
+    # Analytics: filtered rows are counted as filtered, never as served or shown, whatever a client reports.
     rid = next(c.request_id for c in _all(factory) if c.status == ServeStatus.filtered.value)
     with factory.begin() as s:
         store.record_feedback(s, store.get_or_create_user(s, "alice"), [store.FeedbackInput(rid, FeedbackKind.rejected)])
     with factory() as s:
         cells = {c["model"]: c for c in acceptance(s, by_language=False)}
     assert {m: (c["served"], c["filtered"], c["decided"]) for m, c in cells.items()} == \
-        {"tiny-f": (2, 1, 0), "tiny-none": (1, 1, 0)}  # the reject was on a filtered row: not counted
+        {"tiny-f": (1, 1, 0), "tiny-none": (0, 1, 0)}  # the reject was on a filtered row: not counted
     assert cells["tiny-none"]["shown"] == 0
 
 
