@@ -40,7 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from feedback import continue_events, kept, store, suggestion_filter, tabby
 from feedback.backends import (Backend, BackendError, BadGenerationRequest, Generation, GenRequest, LocalBackend,
-                               StreamDelta, UpstreamBackend)
+                               Sampling, StreamDelta, UpstreamBackend)
 from feedback.db import check_at_head, current_revision, make_engine
 from feedback.ingest import GroupCommitWriter, UnknownKey
 from feedback.models import Completion, FeedbackKind, KeptSource, ModelVersion, ServeStatus, User, utcnow
@@ -451,8 +451,9 @@ def openai_input(body: CompletionRequest, cfg: ServeConfig) -> CompletionInput:
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     return CompletionInput(prefix=prompt, suffix=body.suffix or None, model=body.model,
                            language=body.language or "unknown", client="openai", end_user=body.user,
-                           filepath=body.filepath, max_tokens=body.max_tokens, temperature=body.temperature,
-                           top_p=body.top_p, n=body.n, stop=tuple(stops), seed=body.seed, stream=body.stream)
+                           filepath=body.filepath, stream=body.stream,
+                           sampling=Sampling(max_tokens=body.max_tokens, temperature=body.temperature,
+                                             top_p=body.top_p, n=body.n, stop=tuple(stops), seed=body.seed))
 
 
 def gen_request(inp: CompletionInput, cfg: ServeConfig) -> GenRequest:
@@ -460,16 +461,16 @@ def gen_request(inp: CompletionInput, cfg: ServeConfig) -> GenRequest:
     if len(inp.prefix) + len(inp.suffix or "") > cfg.max_prompt_chars:
         raise ApiError(400, f"prompt: prompt plus suffix is {len(inp.prefix) + len(inp.suffix or '')} characters, "
                        f"over the limit of {cfg.max_prompt_chars}", param="prompt")
-    if inp.max_tokens > cfg.max_tokens_limit:
-        raise ApiError(400, f"max_tokens: {inp.max_tokens} is over the limit of {cfg.max_tokens_limit}",
+    sp = inp.sampling
+    if sp.max_tokens > cfg.max_tokens_limit:
+        raise ApiError(400, f"max_tokens: {sp.max_tokens} is over the limit of {cfg.max_tokens_limit}",
                        param="max_tokens")
-    if inp.n > cfg.max_n:
-        raise ApiError(400, f"n: {inp.n} is over the limit of {cfg.max_n}", param="n")
-    if len(inp.stop) > cfg.max_stop or any(len(s) > 64 or not s for s in inp.stop):
+    if sp.n > cfg.max_n:
+        raise ApiError(400, f"n: {sp.n} is over the limit of {cfg.max_n}", param="n")
+    if len(sp.stop) > cfg.max_stop or any(len(s) > 64 or not s for s in sp.stop):
         raise ApiError(400, f"stop: at most {cfg.max_stop} non-empty sequences of up to 64 characters",
                        param="stop")
-    return GenRequest(prompt=inp.prefix, suffix=inp.suffix, max_tokens=inp.max_tokens, temperature=inp.temperature,
-                      top_p=inp.top_p, n=inp.n, stop=inp.stop, seed=inp.seed)
+    return GenRequest.of(inp.prefix, inp.suffix, sp)
 
 
 class CompletionService:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Iterator, Protocol
 
@@ -28,9 +28,10 @@ class BadGenerationRequest(ValueError):
 
 
 @dataclass(frozen=True)
-class GenRequest:
-    prompt: str
-    suffix: str | None = None
+class Sampling:
+    """How a completion is sampled: what every client API asks for (feedback.requests.CompletionInput carries
+    one) and what every engine takes (a :class:`GenRequest` is one of these plus the text)."""
+
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
@@ -39,6 +40,16 @@ class GenRequest:
     seed: int | None = None
     # Also return each choice's mean token log-probability (the suggestion filter's feature; local engines only).
     logprobs: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenRequest(Sampling):
+    prompt: str
+    suffix: str | None = None
+
+    @classmethod
+    def of(cls, prompt: str, suffix: str | None, sampling: Sampling) -> "GenRequest":
+        return cls(prompt=prompt, suffix=suffix, **{f.name: getattr(sampling, f.name) for f in fields(Sampling)})
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from feedback.backends import Sampling
 from feedback.models import Client
 
 CLIENTS = tuple(c.value for c in Client)
@@ -24,12 +25,7 @@ class CompletionInput:
     end_user: str | None = None  # the client's own user field, as sent
     filepath: str | None = None
     git_url: str | None = None
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    n: int = 1
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
+    sampling: Sampling = Sampling()  # the engine's own type: limits are checked on it, GenRequest built from it
     stream: bool = False
 
     def __post_init__(self):

@@ -36,6 +36,7 @@ from starlette.concurrency import run_in_threadpool
 
 from feedback import kept, store
 from feedback.models import Completion, FeedbackEvent, FeedbackKind, User, utcnow
+from feedback.backends import Sampling
 from feedback.requests import CompletionInput
 
 log = logging.getLogger("ownllm.serve.tabby")
@@ -129,9 +130,10 @@ def tabby_input(body: TabbyCompletionRequest, cfg) -> CompletionInput:
     return CompletionInput(prefix=seg.prefix, suffix=seg.suffix or None, model="auto",
                            language=our_language(body.language), client="tabby", end_user=body.user,
                            filepath=seg.filepath or None, git_url=seg.git_url or None,
-                           max_tokens=cfg.tabby_max_tokens,
-                           temperature=cfg.tabby_temperature if body.temperature is None else body.temperature,
-                           seed=cfg.tabby_seed if body.seed is None else body.seed)
+                           sampling=Sampling(max_tokens=cfg.tabby_max_tokens,
+                                             temperature=cfg.tabby_temperature if body.temperature is None
+                                             else body.temperature,
+                                             seed=cfg.tabby_seed if body.seed is None else body.seed))
 
 
 async def complete(request: Request, body: TabbyCompletionRequest, user: User) -> dict:

@@ -7,6 +7,7 @@ import httpx
 import pytest
 from sqlalchemy import select, update
 
+from feedback.backends import GenRequest, Sampling
 from feedback.models import Completion, User
 from feedback.requests import CompletionInput
 
@@ -16,11 +17,19 @@ def test_a_completion_input_names_a_bad_client():
         CompletionInput(prefix="x", client="emacs")
 
 
+def test_a_gen_request_is_the_input_sampling_plus_its_text():
+    sp = Sampling(max_tokens=7, temperature=0.5, top_p=0.9, n=2, stop=("\n",), seed=3)
+    gen = GenRequest.of("def f(", ")", sp)
+    assert isinstance(gen, Sampling) and (gen.prompt, gen.suffix) == ("def f(", ")")
+    assert Sampling(**{k: getattr(gen, k) for k in vars(sp)}) == sp
+
+
 def test_the_service_logs_client_file_and_repo(gateway):
     with gateway.factory() as s:
         user = s.scalar(select(User).where(User.name == "alice"))
     inp = CompletionInput(prefix="def f(x):\n    return", suffix="\n", language="python", client="tabby",
-                          filepath="src/f.py", git_url="https://example.org/r.git", max_tokens=4, temperature=0)
+                          filepath="src/f.py", git_url="https://example.org/r.git",
+                          sampling=Sampling(max_tokens=4, temperature=0))
     out = gateway.app.state.service.complete(inp, user)
     assert out["id"].startswith("cmpl-") and len(out["choices"]) == 1
     with gateway.factory() as s:
