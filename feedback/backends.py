@@ -27,7 +27,7 @@ class BadGenerationRequest(ValueError):
     """The request cannot be served by this model (e.g. max_tokens beyond its context): a 400."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Sampling:
     """How a completion is sampled: what every client API asks for (feedback.requests.CompletionInput carries
     one) and what every engine takes (a :class:`GenRequest` is one of these plus the text)."""
@@ -42,8 +42,10 @@ class Sampling:
     logprobs: bool = False
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class GenRequest(Sampling):
+    """``GenRequest(prompt, suffix=None, *, <Sampling's fields>)``."""
+
     prompt: str
     suffix: str | None = None
 
