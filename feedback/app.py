@@ -571,27 +571,54 @@ class CompletionService:
         self._log(rid, inp, gen, r, user, out, latency, hidden)
         return self._result(rid, r, inp, out, latency, hidden)
 
+    def _prepare(self, inp: CompletionInput, user: User) -> tuple[Route, Backend, SuggestionFilter | None]:
+        """Route, backend and filter in one worker-thread hop (a model load and the filter's first use, which
+        hashes the version's weights, wait here, off the loop)."""
+        r, backend = self._backend(inp, user)
+        return r, backend, self._filter(r)
+
     async def acomplete(self, inp: CompletionInput, user: User) -> dict:
         gen = gen_request(inp, self.cfg)
-        r, backend = await run_in_threadpool(self._backend, inp, user)  # a model load waits here, off the loop
-        filt = await run_in_threadpool(self._filter, r)  # first use hashes the version's weights: off the loop
+        r, backend, filt = await run_in_threadpool(self._prepare, inp, user)
         if filt is not None:
             gen = dataclasses.replace(gen, logprobs=True)
         rid = f"cmpl-{uuid.uuid4().hex}"
         t0 = time.perf_counter()
+        submit = getattr(backend, "complete_future", None)  # the CTranslate2 engine: its batcher resolves it
+        fut = submit(gen) if submit is not None else None  # a prompt the model cannot take is a 400 here
+        if fut is None:  # generation in the service's pool: generate, then log (one transaction)
+            with _counting(self.metrics.inflight):
+                out = await asyncio.wrap_future(self.generate_pool.submit(backend.complete, gen))
+            hidden = self._hidden(filt, inp, out)
+            latency = time.perf_counter() - t0
+            await run_in_threadpool(self._log, rid, inp, gen, r, user, out, latency, hidden)
+            return self._result(rid, r, inp, out, latency, hidden)
+        # The engine decodes in its own thread while the rows are written as 'pending' (the store's latency
+        # hides behind decoding's); they are completed, and committed, before the response is sent.
         with _counting(self.metrics.inflight):
-            out = await self._generate(backend, gen)
+            try:
+                await run_in_threadpool(self._write_pending, rid, inp, gen, r, user, 0)
+            except BaseException:
+                fut.cancel()  # nothing was recorded, so nothing is served (a store error: 503)
+                raise
+            try:
+                out = await asyncio.wrap_future(fut)
+            except BaseException as exc:
+                status = (ServeStatus.failed if isinstance(exc, Exception) else ServeStatus.disconnected).value
+                with anyio.CancelScope(shield=True):  # the rows say what happened, also when cancelled
+                    try:
+                        await run_in_threadpool(self._complete_rows, rid, user, [("", "", 0)] * gen.n, 0,
+                                                time.perf_counter() - t0, status)
+                    except DB_ERRORS as db_exc:
+                        log.error("completion %s stays 'pending': %s", rid, db_exc)
+                raise
         hidden = self._hidden(filt, inp, out)
         latency = time.perf_counter() - t0
-        await run_in_threadpool(self._log, rid, inp, gen, r, user, out, latency, hidden)
+        statuses = [(ServeStatus.filtered if h else ServeStatus.served).value for h in hidden]
+        await run_in_threadpool(self._complete_rows, rid, user,
+                                [(c.text, c.finish_reason, c.completion_tokens) for c in out.choices],
+                                out.prompt_tokens, latency, statuses)
         return self._result(rid, r, inp, out, latency, hidden)
-
-    async def _generate(self, backend: Backend, gen: GenRequest) -> Generation:
-        submit = getattr(backend, "complete_future", None)  # the CTranslate2 engine: its batcher resolves it
-        fut = submit(gen) if submit is not None else None
-        if fut is None:
-            fut = self.generate_pool.submit(backend.complete, gen)
-        return await asyncio.wrap_future(fut)
 
     def stream(self, inp: CompletionInput, user: User) -> StreamingResponse:
         """:meth:`astream` for a sync endpoint (it runs in an AnyIO worker thread, as FastAPI runs them)."""
@@ -615,13 +642,15 @@ class CompletionService:
             s.add_all(rows)
 
     def _complete_rows(self, rid: str, user: User, choices: list[tuple[str, str, int]], prompt_tokens: int,
-                       latency: float, status: str) -> None:
+                       latency: float, status: str | list[str]) -> None:
+        """Complete the request's pending rows; ``status`` is every choice's, or one per choice."""
         keep = user.store_code is not False
+        statuses = [status] * len(choices) if isinstance(status, str) else status
         with self.factory.begin() as s:
-            for i, (text, finish, n_tok) in enumerate(choices):
+            for i, ((text, finish, n_tok), st) in enumerate(zip(choices, statuses)):
                 s.execute(update(Completion).where(Completion.request_id == rid, Completion.choice_index == i)
                           .values(completion=text if keep else None, finish_reason=finish, completion_tokens=n_tok,
-                                  prompt_tokens=prompt_tokens, latency_ms=latency * 1000, status=status))
+                                  prompt_tokens=prompt_tokens, latency_ms=latency * 1000, status=st))
 
     def _retry_complete_rows(self, *args) -> None:
         """The store failed as a stream ended: keep trying (in the background) to record what was sent,

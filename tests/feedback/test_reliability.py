@@ -157,3 +157,39 @@ def test_store_gone_is_503_everywhere_then_recovers(fragile):
         shutil.move(moved, db_path.parent)
     assert httpx.post(url + "/v1/completions", json=OK, headers=auth).status_code == 200
     assert _count(db_path, "completions") == before + 1
+
+
+@pytest.fixture
+def fragile_ct2(tmp_path, tiny_ct2_backend, tiny_ct2_model_dir):
+    """:func:`fragile` on the CTranslate2 engine, whose rows are written as 'pending' while it decodes."""
+    db_path = tmp_path / "store" / "feedback.db"
+    app, keys, factory = start_gateway(f"sqlite:///{db_path}", tiny_ct2_backend, tiny_ct2_model_dir,
+                                       sqlite_busy_timeout_s=0.3)
+    with live_server(app) as url:
+        yield url, {"Authorization": f"Bearer {keys['alice']}"}, db_path, factory
+
+
+def test_engine_rows_are_pending_during_decoding_and_served_before_the_reply(fragile_ct2):
+    url, auth, db_path, _ = fragile_ct2
+    r = httpx.post(url + "/v1/completions", json={**OK, "n": 2}, headers=auth, timeout=60)
+    assert r.status_code == 200, r.text
+    with sqlite3.connect(db_path) as c:  # committed before the reply: no waiting, no 'pending' left
+        rows = c.execute("select choice_index, status, completion, prompt_tokens from completions "
+                         "where request_id = ? order by choice_index", (r.json()["id"],)).fetchall()
+    assert [(i, st) for i, st, _, _ in rows] == [(0, "served"), (1, "served")]
+    assert [t for _, _, t, _ in rows] == [c["text"] for c in r.json()["choices"]]
+    assert all(p == r.json()["usage"]["prompt_tokens"] > 0 for _, _, _, p in rows)
+
+
+def test_engine_store_locked_before_decoding_ends_is_503_and_nothing_recorded(fragile_ct2):
+    url, auth, db_path, _ = fragile_ct2
+    before = _count(db_path, "completions")
+    blocker = sqlite3.connect(db_path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        r = httpx.post(url + "/v1/completions", json=OK, headers=auth, timeout=30)
+        assert r.status_code == 503 and "unavailable" in r.json()["error"]["message"]
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert _count(db_path, "completions") == before  # the pending rows were never written: nothing was served
