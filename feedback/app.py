@@ -580,6 +580,10 @@ class CompletionService:
     async def acomplete(self, inp: CompletionInput, user: User) -> dict:
         gen = gen_request(inp, self.cfg)
         r, backend, filt = await run_in_threadpool(self._prepare, inp, user)
+        return await self._acomplete_routed(inp, user, gen, r, backend, filt)
+
+    async def _acomplete_routed(self, inp: CompletionInput, user: User, gen: GenRequest, r: Route, backend: Backend,
+                                filt: SuggestionFilter | None) -> dict:
         if filt is not None:
             gen = dataclasses.replace(gen, logprobs=True)
         rid = f"cmpl-{uuid.uuid4().hex}"
@@ -626,13 +630,27 @@ class CompletionService:
 
     async def astream(self, inp: CompletionInput, user: User) -> StreamingResponse:
         gen = gen_request(inp, self.cfg)
-        r, backend = await run_in_threadpool(self._backend, inp, user)
+        r, backend, filt = await run_in_threadpool(self._prepare, inp, user)
+        if filt is not None:
+            # The filter needs the whole suggestion (its mean log-probability) before anything may be shown:
+            # generate, decide and log first, then send each choice as one chunk (a hidden one as empty text).
+            out = await self._acomplete_routed(inp, user, gen, r, backend, filt)
+            return StreamingResponse(self._decided_events(out), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
         rid = f"cmpl-{uuid.uuid4().hex}"
         stream = await run_in_threadpool(backend.stream, gen)  # validates the prompt: a bad one is still a 400
         # Written before the first byte: if this fails, the client gets a 503 and nothing was served.
         await run_in_threadpool(self._write_pending, rid, inp, gen, r, user, stream.prompt_tokens)
         return LoggedStream(self._events(rid, inp, gen, r, user, stream), media_type="text/event-stream",
                             headers={"Cache-Control": "no-cache"})
+
+    @staticmethod
+    async def _decided_events(out: dict):
+        for c in out["choices"]:
+            yield _sse({"id": out["id"], "object": "text_completion", "created": out["created"], "model": out["model"],
+                        "choices": [{"text": c["text"], "index": c["index"], "logprobs": None,
+                                     "finish_reason": c["finish_reason"]}]})
+        yield "data: [DONE]\n\n"
 
     def _write_pending(self, rid, inp, gen, r, user, prompt_tokens: int) -> None:
         rows = completion_rows(rid, inp, gen, r, user, [("", "", 0)] * gen.n, prompt_tokens, 0.0)

@@ -48,8 +48,9 @@ class ServeConfig(Section):
     # Threads for generation without a batcher of its own (transformers, upstream HTTP) and for relaying
     # streams; AnyIO's pool is left to the store queries, so health, metrics and feedback never wait.
     max_concurrent_generations: int = Field(256, ge=1)
-    # Apply a version's suggestion filter (registered with it by `ownllm rlhf register`): a non-streamed
-    # choice the filter predicts will be rejected is returned empty and logged with status `filtered`.
+    # Apply a version's suggestion filter (registered with it by `ownllm rlhf register`): a choice the filter
+    # predicts will be rejected is returned empty (Tabby: dropped) and logged with status `filtered`; streamed
+    # requests to such a version are decided before their first byte.
     suggestion_filter: bool = False
     max_prompt_chars: int = Field(32_000, ge=1)
     max_tokens_limit: int = Field(512, ge=1)

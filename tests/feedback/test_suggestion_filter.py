@@ -3,6 +3,8 @@ fitted (rlhf/filter.py) on the tiny model's own suggestions, and the registry's 
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 from sqlalchemy import select
@@ -111,6 +113,16 @@ def test_the_gateway_shows_nothing_when_the_filter_predicts_a_reject(filtered_ga
     (row,) = _rows(factory, r.json()["id"])
     assert row.status == ServeStatus.served.value
 
+    # Streamed: decided before the first byte (the filter needs the whole suggestion), one chunk per choice.
+    r = httpx.post(f"{url}/v1/completions", json={**body, "prompt": hidden["prefix"], "stream": True, "n": 2},
+                   headers=headers, timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = [line[len("data: "):] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert [c["choices"][0]["text"] for c in chunks] == ["", ""] and {c["choices"][0]["index"] for c in chunks} == {0, 1}
+    assert [x.status for x in _rows(factory, chunks[0]["id"])] == [ServeStatus.filtered.value] * 2
+
     # Tabby's "nothing" is no choice at all. Staff are routed to the staff version, whose filter was fitted on
     # a replay where nothing was accepted: it hides everything.
     tabby = {"language": "python", "segments": {"prefix": shown["prefix"], "suffix": SUFFIX}}
@@ -128,7 +140,7 @@ def test_the_gateway_shows_nothing_when_the_filter_predicts_a_reject(filtered_ga
     with factory() as s:
         cells = {c["model"]: c for c in acceptance(s, by_language=False)}
     assert {m: (c["served"], c["filtered"], c["decided"]) for m, c in cells.items()} == \
-        {"tiny-f": (1, 1, 0), "tiny-none": (0, 1, 0)}  # the reject was on a filtered row: not counted
+        {"tiny-f": (1, 3, 0), "tiny-none": (0, 1, 0)}  # the reject was on a filtered row: not counted
     assert cells["tiny-none"]["shown"] == 0
 
 
@@ -176,8 +188,6 @@ def test_a_filter_for_other_weights_is_refused_at_registration_and_at_load(tmp_p
 
 
 def test_models_register_takes_a_filter_only_for_its_weights(tmp_path, tiny_model_dir, fitted, capsys):
-    import json
-
     from pipeline.cli import main as ownllm
 
     url = f"sqlite:///{tmp_path / 'cli.db'}"
