@@ -187,7 +187,7 @@ def compare(params: RLHFParams, parent_dir: Path, tuned_dir: Path, deployed_dir:
 
 
 def run_gate(params: RLHFParams, parent: dict, tuned_dir: str | Path, docs: list[dict] | None = None,
-             filter_docs: list[dict] | None = None) -> GateResult:
+             filter_docs: list[dict] | None = None, parent_eval: dict | None = None) -> GateResult:
     """Evaluate parent and tuned model on the held-out files (and, with ``rlhf.filter.enabled``, the deployed
     version: the tuned model + its suggestion filter fitted on ``filter_docs``, default the feedback files),
     compare, write ``reports/rlhf_gate.json``."""
@@ -195,7 +195,8 @@ def run_gate(params: RLHFParams, parent: dict, tuned_dir: str | Path, docs: list
     from rlhf.tune import weights_hash
 
     docs = gate_docs(params) if docs is None else docs
-    parent_reports = evaluate(params, PARENT_NAME, parent["model_dir"], docs)
+    parent_reports = (reuse_evaluation(params, parent, parent_eval) if parent_eval else None) \
+        or evaluate(params, PARENT_NAME, parent["model_dir"], docs)
     tuned_reports = evaluate(params, TUNED_NAME, tuned_dir, docs)
     deployed = None
     if params.rlhf.filter.enabled:
@@ -213,6 +214,29 @@ def run_gate(params: RLHFParams, parent: dict, tuned_dir: str | Path, docs: list
     result.tuned = {"model_dir": str(tuned_dir), "weights_sha256": weights_hash(tuned_dir)}
     write_json(gate_path(params), result.to_json())
     return result
+
+
+def reuse_evaluation(params: RLHFParams, parent: dict, parent_eval: dict) -> Path | None:
+    """The parent's evaluation from an earlier gate, copied to ``rlhf-parent``, when it was of the same weights.
+
+    A later loop round's parent was evaluated by the round before (as its tuned model, or as its parent) with
+    the same params on the same held-out files, and every gate metric is deterministic (greedy replay, seeded
+    sampling), so evaluating it again gives the same files; ``parent_eval`` is ``{"dir", "weights_sha256"}``.
+    Anything else (another model, a missing folder) → None: evaluate."""
+    import shutil
+
+    from pipeline.tracking import say
+    from rlhf.tune import weights_hash
+
+    src = Path(parent_eval["dir"])
+    if not (src / "heldout.json").is_file() or weights_hash(parent["model_dir"]) != parent_eval["weights_sha256"]:
+        return None
+    out = Path(params.eval.out) / PARENT_NAME
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(src, out)
+    say(f"[rlhf gate] parent {parent.get('version') or parent['model_dir']}: the evaluation in {src} is of the same "
+        f"weights, held-out files and params; reused")
+    return out
 
 
 def gate_path(params: RLHFParams) -> Path:

@@ -12,7 +12,9 @@ later round is one DVC stage, ``refresh@round-N`` (``rlhf.loop.rounds``), writin
    accumulates the feedback of every round so far;
 2. the snapshot of the whole store; its parent is the version round N-1 deployed: the version round N-1
    registered if its gate passed, else round N-1's own parent (:func:`deployed_after`);
-3. SFT, preference tuning, gate and register exactly as in round 1 (the register stage's ``--on-fail record``).
+3. SFT, preference tuning, gate and register exactly as in round 1 (the register stage's ``--on-fail record``);
+   the gate reuses round N-1's evaluation of the parent (same weights, held-out files and params: the same
+   files a new evaluation would write) instead of evaluating it again.
 
 ``reports/loop.json`` (stage ``loop``, :func:`write_loop`)::
 
@@ -203,6 +205,21 @@ def deployed_after(params: RLHFParams, n: int) -> dict:
     return {"version": parent.get("version"), "model_dir": parent["model_dir"]}
 
 
+def deployed_evaluation(params: RLHFParams, n: int) -> dict | None:
+    """Where round ``n``'s gate evaluated the model it left deployed, with the weights it evaluated: round n+1's
+    gate reuses it for its parent (:func:`rlhf.gate.reuse_evaluation` checks the weights)."""
+    from rlhf.gate import PARENT_NAME, TUNED_NAME
+
+    rp = round_params(params, n)
+    reg = _read(Path(rp.tracking.reports_dir) / ROUND1_REPORT) or {}
+    gate = _read(Path(rp.tracking.reports_dir) / "rlhf_gate.json")
+    if gate is None:
+        return None
+    side, name = ("tuned", TUNED_NAME) if reg.get("registered") else ("parent", PARENT_NAME)
+    sha = gate.get(side, {}).get("weights_sha256")
+    return {"dir": str(Path(rp.eval.out) / name), "weights_sha256": sha} if sha else None
+
+
 def run_round(params: RLHFParams, db_url: str, name: str) -> dict:
     """Round ``name`` (``round-N``, N >= 2): simulate round N-1's traffic, then snapshot → sft → preference →
     gate → register from the version round N-1 deployed, all into ``<rlhf.loop.dir>/round-N/``."""
@@ -245,7 +262,7 @@ def run_round(params: RLHFParams, db_url: str, name: str) -> dict:
     timed("snapshot", stages.snapshot, rp, db_url, parent=parent)
     timed("sft", stages.sft, rp)
     timed("preference", stages.preference, rp)
-    timed("gate", stages.gate, rp)
+    timed("gate", stages.gate, rp, parent_eval=deployed_evaluation(params, n - 1))
     result = timed("register", stages.register, rp, db_url, on_fail="record")
     # Wall times go to the console only: the outputs must hash the same on every rerun.
     say(f"[rlhf round {n}] done in {sum(seconds.values()):.0f} s ("

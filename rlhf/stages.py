@@ -67,8 +67,9 @@ def preference(params: RLHFParams) -> dict:
     return _tune("rlhf_dpo", params, run_preference)
 
 
-def gate(params: RLHFParams) -> dict:
-    """Evaluate tuned vs parent and write the gate result; never fails on a bad verdict."""
+def gate(params: RLHFParams, parent_eval: dict | None = None) -> dict:
+    """Evaluate tuned vs parent and write the gate result; never fails on a bad verdict. ``parent_eval``: an
+    earlier evaluation of the parent to reuse if its weights match (:func:`rlhf.gate.reuse_evaluation`)."""
     from rlhf.gate import run_gate
     from rlhf.tune import PARENT_FILE
 
@@ -77,7 +78,7 @@ def gate(params: RLHFParams) -> dict:
     parent = json.loads(parent_file.read_text(encoding="utf-8")) if parent_file.is_file() else \
         {"version": None, "model_dir": cfg.base_model}
     with stage_run("rlhf_gate", params, write_metrics=False) as run:
-        result = run_gate(params, parent, cfg.tuned_out)
+        result = run_gate(params, parent, cfg.tuned_out, parent_eval=parent_eval)
         run.summary({r["metric"]: r["tuned"] for r in result.rows})
     print(result.table())
     say(f"[rlhf gate] {'passed' if result.passed else 'FAILED'}: tuned vs {parent['version'] or parent['model_dir']} "

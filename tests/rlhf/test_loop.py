@@ -48,7 +48,7 @@ def simulated_cursors(url: str) -> dict[str, set[tuple[str, str]]]:
 
 
 @pytest.mark.slow
-def test_two_rounds_chain_on_fresh_cursors_and_the_loop_reports_both(tmp_path, tiny_model_dir):
+def test_two_rounds_chain_on_fresh_cursors_and_the_loop_reports_both(tmp_path, tiny_model_dir, capsys):
     from rlhf import stages
     from rlhf.loop import round_params
 
@@ -62,7 +62,9 @@ def test_two_rounds_chain_on_fresh_cursors_and_the_loop_reports_both(tmp_path, t
     v1 = first["version"]
     before = simulated_cursors(url)
 
+    capsys.readouterr()
     second = stages.loop_round(params, url, "round-2")
+    assert "evaluation in " in (log := capsys.readouterr().err) and "reused" in log
     r2 = round_params(params, 2)
     out = tmp_path / "loop/round-2"
     # Round 2 tuned from what round 1 deployed (its registered version, round 1's tuned weights)...
@@ -72,6 +74,15 @@ def test_two_rounds_chain_on_fresh_cursors_and_the_loop_reports_both(tmp_path, t
     assert second["registered"] and second["lineage"]["parent"] == v1 and second["version"] != v1
     gate2 = json.loads((out / "rlhf_gate.json").read_text())
     assert gate2["parent"]["version"] == v1
+    # Its gate reused round 1's evaluation of that model (as round 1's tuned model), and evaluating it afresh
+    # writes the same files: the reuse's premise.
+    from rlhf.gate import evaluate, reuse_evaluation
+
+    reused, round1_tuned = out / "eval/rlhf-parent", tmp_path / "reports/eval/rlhf-tuned"
+    fresh = evaluate(r2, "fresh-parent", params.rlhf.tuned_out)
+    for name in ("heldout.json", "heldout_results.jsonl", "fim.json", "fim_results.jsonl", "idioms.json"):
+        assert (reused / name).read_bytes() == (round1_tuned / name).read_bytes() == (fresh / name).read_bytes()
+    assert reuse_evaluation(r2, parent, {"dir": str(round1_tuned), "weights_sha256": "0" * 64}) is None
 
     # ... on fresh cursors: round 2's users asked at cursors round 1 never did, and round 1's traffic stayed.
     after = simulated_cursors(url)
