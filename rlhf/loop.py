@@ -8,8 +8,9 @@ later round is one DVC stage, ``refresh@round-N`` (``rlhf.loop.rounds``), writin
 ``eval/rlhf-{parent,tuned,deployed}/``, ``rlhf_{snapshot,sft,dpo,gate,register}.json``. Round N:
 
 1. the simulated users draw round N-1's cursors (``ownllm feedback simulate --round N-1``: disjoint from every
-   other round's and from the gate's held-out files), served by the gateway as in production; the store
-   accumulates the feedback of every round so far;
+   other round's and from the gate's held-out files), served by the gateway as in production: the version
+   serving everyone after round N-1 (:func:`serving_after`; restored if a rerun finds a later round's
+   promotion in the store); the store accumulates the feedback of every round so far;
 2. the snapshot of the whole store; its parent is the version round N-1 deployed: the version round N-1
    registered if its gate passed, else round N-1's own parent (:func:`deployed_after`);
 3. SFT, preference tuning, gate and register exactly as in round 1 (the register stage's ``--on-fail record``);
@@ -220,6 +221,35 @@ def deployed_evaluation(params: RLHFParams, n: int) -> dict | None:
     return {"dir": str(Path(rp.eval.out) / name), "weights_sha256": sha} if sha else None
 
 
+def serving_after(params: RLHFParams, n: int) -> str | None:
+    """The version serving everyone after round ``n``, as the rounds decided it: the one that served round 1's
+    simulated users (round 1's simulate report), replaced by each round's version that ``register`` promoted to
+    ``all`` (a significant gain). None when round 1's users were served by several versions (an A/B test)."""
+    from feedback.simulate import STAGE as SIMULATE_STAGE
+
+    served = list((_read(Path(params.tracking.reports_dir) / f"{SIMULATE_STAGE}.json") or {}).get("by_model") or {})
+    version = served[0] if len(served) == 1 else None
+    for k in range(1, n + 1):
+        reg = _read(Path(round_params(params, k).tracking.reports_dir) / ROUND1_REPORT) or {}
+        if reg.get("registered") and (reg.get("lineage") or {}).get("rollout") == "all":
+            version = reg["version"]
+    return version
+
+
+def restore_serving(db_url: str, version: str) -> str | None:
+    """Make ``version`` the one serving everyone again if the store says otherwise (a rerun of round N finds
+    what later rounds promoted); returns the version it replaced, if any."""
+    from feedback.db import session_factory
+    from feedback.store import current_all, promote
+
+    with session_factory(db_url).begin() as s:
+        now = current_all(s)
+        if now is not None and now.name == version:
+            return None
+        promote(s, version, "all")
+        return now.name if now is not None else None
+
+
 def run_round(params: RLHFParams, db_url: str, name: str) -> dict:
     """Round ``name`` (``round-N``, N >= 2): simulate round N-1's traffic, then snapshot → sft → preference →
     gate → register from the version round N-1 deployed, all into ``<rlhf.loop.dir>/round-N/``."""
@@ -253,6 +283,9 @@ def run_round(params: RLHFParams, db_url: str, name: str) -> dict:
         seconds[step] = time.monotonic() - t0
         return out
 
+    serving = serving_after(params, n - 1)
+    if serving and (replaced := restore_serving(db_url, serving)):
+        say(f"[rlhf round {n}] {serving} serves everyone again, as after round {n - 1} (the store had {replaced})")
     with stage_run(SIMULATE_STAGE, rp) as run:  # → <round>/feedback/simulate.json, like round 1's reports/...
         sim = timed("simulate", simulate, rp, db_url, round_no=n - 1)
         run.summary(sim)

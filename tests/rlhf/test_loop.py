@@ -111,8 +111,17 @@ def test_two_rounds_chain_on_fresh_cursors_and_the_loop_reports_both(tmp_path, t
         assert "heldout.utility_per_cursor" in r["metrics"] and r["snapshot"]["unpaired"] > 0
     assert (tmp_path / "reports/loop.png").stat().st_size > 1000
 
-    # A rerun of round 2 (what `dvc repro` does after a change) replaces its own traffic, nothing else.
+    # A rerun of round 2 (what `dvc repro` does after a change) replaces its own traffic, nothing else, and its
+    # users are served by the version that served everyone after round 1 again, whatever a later round promoted.
+    from feedback.db import session_factory
+    from feedback.store import current_all, promote
+
+    with session_factory(url).begin() as s:
+        promote(s, second["version"], "all")
     stages.loop_round(params, url, "round-2")
+    with session_factory(url)() as s:
+        assert current_all(s).name == "base"
+    assert list(json.loads((out / "feedback/simulate.json").read_text())["by_model"]) == ["base"]
     assert simulated_cursors(url) == after
     assert json.loads((out / "snapshot/manifest.json").read_text())["content_hash"] == \
         json.loads((tmp_path / "reports/loop.json").read_text())["rounds"][1]["snapshot_hash"]
