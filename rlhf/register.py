@@ -88,6 +88,10 @@ def register_tuned(params: RLHFParams, db_url: str, repo: str | Path = ".") -> R
             SuggestionFilter.from_json(filt, str(filt_path)).check_model(tuned, "tuned model")
         except (FilterMismatch, ValueError) as exc:
             return RegisterResult(False, None, f"{filt_path}: {exc}", {})
+    # The CTranslate2 conversion goes beside the weights, as `ownllm export` writes it for the base model: without
+    # it the gateway serves the version with transformers, about 10x slower (docs/BENCHMARKS.md, issue 16).
+    from pipeline.train.export import convert_to_ct2, has_ct2
+
     mhash = model_hash(tuned)
     name = version_name(mhash)
     dest = Path(cfg.registry_dir) / name
@@ -95,7 +99,11 @@ def register_tuned(params: RLHFParams, db_url: str, repo: str | Path = ".") -> R
         tmp = dest.with_name(dest.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(tuned, tmp)
+        if params.export.ctranslate2:
+            convert_to_ct2(tmp)
         tmp.rename(dest)
+    elif params.export.ctranslate2 and not has_ct2(dest):  # registered before versions carried the conversion
+        convert_to_ct2(dest)
     rev = git_rev(repo)
     exp_name = os.environ.get("OWNLLM_EXP_NAME")
     lineage = {"git_rev": rev, "dvc_lock_hash": file_hash(Path(repo) / "dvc.lock"),

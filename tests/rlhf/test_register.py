@@ -63,6 +63,18 @@ def test_a_significant_gain_is_rolled_out_to_everyone(tmp_path, tiny_model_dir):
     with session_factory(url)() as s:
         assert current_all(s).name == res2.version
         assert production_parent(s, "models/base")["version"] == res2.version
+        path = get_version(s, res2.version).path
+    # The registered copy carries the gateway engine's CTranslate2 conversion, as `ownllm export` writes it for
+    # the base model (without it the gateway serves the version with transformers, ~10x slower), and the
+    # gateway serves the version with that engine.
+    from feedback.app import BackendPool
+    from feedback.config import ServeConfig
+    from feedback.engine import CT2Backend, has_ct2
+
+    assert has_ct2(path)
+    with session_factory(url)() as s:
+        backend = BackendPool(ServeConfig(engine="ctranslate2")).get(get_version(s, res2.version))
+    assert isinstance(backend, CT2Backend)
 
 
 def test_failing_gate_registers_nothing(tmp_path, tiny_model_dir, capsys):
