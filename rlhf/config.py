@@ -77,7 +77,8 @@ class RLHFConfig(Section):
     dpo_epochs: float = Field(1.0, gt=0)
     sft_max_steps: int | None = Field(None, ge=1)  # caps the epochs (the CPU default stays in minutes)
     dpo_max_steps: int | None = Field(None, ge=1)
-    lr: float = Field(5e-5, gt=0)
+    lr: float = Field(5e-5, gt=0)  # SFT
+    dpo_lr: float | None = Field(None, gt=0)  # preference tuning (DPO/KTO); null = lr
     beta: float = Field(0.1, gt=0)
     batch_size: int = Field(4, ge=1)
     grad_accum: int = Field(1, ge=1)

@@ -143,7 +143,7 @@ def _common_args(params: RLHFParams, stage: str, epochs: float, max_steps: int |
         max_steps=max_steps if max_steps is not None else -1,
         per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.lr,
+        learning_rate=cfg.lr if stage == "sft" or cfg.dpo_lr is None else cfg.dpo_lr,
         lr_scheduler_type="cosine",
         warmup_ratio=0.1,
         weight_decay=0.0,

@@ -122,3 +122,14 @@ def test_dpo_widens_the_chosen_rejected_margin_on_held_out_pairs(tmp_path, tiny_
     before, after = _margins(tiny_model_dir, held_out), _margins(params.rlhf.tuned_out, held_out)
     gains = [a - b for a, b in zip(after, before)]
     assert sum(gains) / len(gains) > 1.0 and sum(g > 0 for g in gains) >= 0.75 * len(gains), (before, after)
+
+
+def test_preference_tuning_has_its_own_learning_rate(tmp_path, tiny_model_dir):
+    from rlhf.tune import _common_args
+
+    p = rlhf_params(tmp_path, tiny_model_dir, lr=3e-3, dpo_lr=5e-5)
+    assert _common_args(p, "sft", 1, 2, "none")["learning_rate"] == 3e-3
+    assert _common_args(p, "dpo", 1, 2, "none")["learning_rate"] == 5e-5
+    assert _common_args(p, "kto", 1, 2, "none")["learning_rate"] == 5e-5
+    same = rlhf_params(tmp_path, tiny_model_dir, lr=3e-3)  # dpo_lr null: one learning rate for both
+    assert _common_args(same, "dpo", 1, 2, "none")["learning_rate"] == 3e-3
