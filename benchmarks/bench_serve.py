@@ -228,6 +228,9 @@ def bench_gateway(label: str, model_dir: Path, runs: int, threads: int) -> None:
     print(f"  gateway overhead over the CT2 backend called directly: p50 {100 * (ct2 / d - 1):+.1f}%  "
           f"p90 {100 * (pct(times['gateway, ctranslate2'], .9) / pct(times['CT2 backend, direct'], .9) - 1):+.1f}%"
           f"  (target <= +10%)")
+    diffs = [g - d for g, d in zip(times["gateway, ctranslate2"], times["CT2 backend, direct"])]
+    print(f"  paired (each gateway request minus the direct call just before it): median {ms(pct(diffs, .5))}, "
+          f"= {100 * pct(diffs, .5) / d:+.1f}% of the direct p50")
 
 
 # ------------------------------------------------------------------------------------------------ 3. load

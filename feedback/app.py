@@ -5,8 +5,9 @@ feedback store, metrics and input limits; generation is a backend (feedback/back
 
 Failure rules:
 - bad input is a 4xx with an OpenAI-style ``{"error": {"message": ...}}`` body that names the input;
-- the store unreachable is a 503, and a completion is returned only after its log row is committed, so
-  nothing is served unlogged and nothing is half-written (one transaction per request).
+- the store unreachable is a 503, and a completion is returned only after its log rows are committed, so
+  nothing is served unlogged and nothing is half-written; feedback is answered only after the transaction
+  holding it committed (one per request, or one per group of waiting requests: feedback/ingest.py).
 """
 
 from __future__ import annotations
@@ -291,9 +292,16 @@ async def bearer_key(request: Request) -> str:
 
 def current_user(request: Request) -> User:
     """The user behind the Bearer key (keys are looked up by hash)."""
-    key = _bearer(request)
+    return user_of_key(request, _bearer(request))
+
+
+def user_of_key(request: Request, key: str) -> User:
     with request.app.state.factory() as s:
-        user = store.authenticate(s, key)
+        return _authenticated(s, key)
+
+
+def _authenticated(s: Session, key: str) -> User:
+    user = store.authenticate(s, key)
     if user is None:
         raise ApiError(401, "invalid API key", "authentication_error")
     return user
@@ -362,15 +370,19 @@ def create_app(cfg: ServeConfig, backends: BackendPool | None = None, check_sche
         return {"object": "list", "data": data}
 
     @app.post("/v1/completions", response_model=None)
-    async def completions(request: Request, body: AnyCompletionRequest, user: UserDep) -> dict | StreamingResponse:
+    async def completions(request: Request, body: AnyCompletionRequest, key: KeyDep) -> dict | StreamingResponse:
         if isinstance(body, tabby.TabbyCompletionRequest):
-            return await tabby.complete(request, body, user)
+            return await tabby.complete(request, body, await run_in_threadpool(user_of_key, request, key))
         inp = openai_input(body, cfg)
-        if inp.filepath:  # feedback/kept.py: what the user kept at earlier cursors of this file, derived
-            await run_in_threadpool(kept.settle_from_request, app.state, inp, user)
-        if inp.stream:
-            return await service.astream(inp, user)
-        out = await service.acomplete(inp, user)
+        if inp.filepath or inp.stream:
+            user = await run_in_threadpool(user_of_key, request, key)
+            if inp.filepath:  # feedback/kept.py: what the user kept at earlier cursors of this file, derived
+                await run_in_threadpool(kept.settle_from_request, app.state, inp, user)
+            if inp.stream:
+                return await service.astream(inp, user)
+            out = await service.acomplete(inp, user)
+        else:  # the common case: the key is checked in the same worker-thread hop and session as the routing
+            out = await service.acomplete(inp, key=key)
         return {"id": out["id"], "object": "text_completion", "created": out["created"], "model": out["model"],
                 "choices": [{"text": c["text"], "index": c["index"], "logprobs": None,
                              "finish_reason": c["finish_reason"]} for c in out["choices"]],
@@ -571,15 +583,24 @@ class CompletionService:
         self._log(rid, inp, gen, r, user, out, latency, hidden)
         return self._result(rid, r, inp, out, latency, hidden)
 
-    def _prepare(self, inp: CompletionInput, user: User) -> tuple[Route, Backend, SuggestionFilter | None]:
-        """Route, backend and filter in one worker-thread hop (a model load and the filter's first use, which
-        hashes the version's weights, wait here, off the loop)."""
-        r, backend = self._backend(inp, user)
-        return r, backend, self._filter(r)
+    def _prepare(self, inp: CompletionInput, user: User | None, key: str | None
+                 ) -> tuple[User, Route, Backend, SuggestionFilter | None]:
+        """The key's user (when not known yet), route, backend and filter in one worker-thread hop and one
+        session (each hop and session costs ~1 ms on a busy box: docs/BENCHMARKS.md); a model load and the
+        filter's first use, which hashes the version's weights, wait here, off the loop."""
+        with self.factory() as s:
+            if user is None:
+                user = _authenticated(s, key)
+            try:
+                r = route(s, user, inp.model)
+            except NoModel as exc:
+                raise ApiError(404, str(exc), "invalid_request_error", "model") from None
+        return user, r, self.pool.get(r.version), self._filter(r)
 
-    async def acomplete(self, inp: CompletionInput, user: User) -> dict:
+    async def acomplete(self, inp: CompletionInput, user: User | None = None, key: str | None = None) -> dict:
+        """``user``, or ``key`` to look the user up in the same hop as the routing."""
         gen = gen_request(inp, self.cfg)
-        r, backend, filt = await run_in_threadpool(self._prepare, inp, user)
+        user, r, backend, filt = await run_in_threadpool(self._prepare, inp, user, key)
         return await self._acomplete_routed(inp, user, gen, r, backend, filt)
 
     async def _acomplete_routed(self, inp: CompletionInput, user: User, gen: GenRequest, r: Route, backend: Backend,
@@ -630,7 +651,7 @@ class CompletionService:
 
     async def astream(self, inp: CompletionInput, user: User) -> StreamingResponse:
         gen = gen_request(inp, self.cfg)
-        r, backend, filt = await run_in_threadpool(self._prepare, inp, user)
+        _, r, backend, filt = await run_in_threadpool(self._prepare, inp, user, None)
         if filt is not None:
             # The filter needs the whole suggestion (its mean log-probability) before anything may be shown:
             # generate, decide and log first, then send each choice as one chunk (a hidden one as empty text).
