@@ -9,6 +9,7 @@ baseline in the same run (interleaved, so both sides see the same machine load),
 2. gateway  the same completion through `ownllm serve` (real HTTP, auth, routing, logging to SQLite):
             engine=ctranslate2 vs engine=transformers, and the CT2 gateway vs the CT2 backend called directly
             in this process (the gateway's overhead; target <= 10%).
+   phases   (--only phases) where the gateway's time goes: its store phases timed in-process.
 3. load     1, 8, 32 and 128 concurrent clients against `ownllm serve` on the default model: the batched CT2
             engine vs the transformers backend (one at a time): throughput, p50/p99, 5xx. Target at 32: >= 4x
             throughput, p99 < 2 s, no 5xx.
@@ -233,6 +234,56 @@ def bench_gateway(label: str, model_dir: Path, runs: int, threads: int) -> None:
           f"= {100 * pct(diffs, .5) / d:+.1f}% of the direct p50")
 
 
+def bench_phases(model_dir: Path, runs: int, threads: int) -> None:
+    """Where a gateway request's time goes: the service's store phases timed in-process (the server runs in a
+    thread of this process, its client too, so the round trip is inflated; the phases are what to read)."""
+    import collections
+    import functools
+
+    from transformers import AutoTokenizer
+
+    from feedback.app import create_app, serve_in_thread
+    from feedback.config import ServeConfig
+
+    db, key = fresh_store(Path(tempfile.mkdtemp(prefix="bench-phases-")), "phases")
+    with session_factory(db).begin() as s:
+        store.register_model_version(s, "base", str(model_dir), state="all")
+    app = create_app(ServeConfig(db_url=db, model_dir=str(model_dir), num_threads=threads))
+    svc = app.state.service
+    spent: dict[str, list[float]] = collections.defaultdict(list)
+
+    def timed(name, fn):
+        @functools.wraps(fn)
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[name].append(time.perf_counter() - t0)
+        return wrapper
+
+    labels = {"_prepare": "key + routing + filter (critical path)", "_write_pending": "pending rows (overlapped "
+              "with decoding)", "_complete_rows": "completing the rows (critical path)"}
+    for name in labels:
+        setattr(svc, name, timed(name, getattr(svc, name)))
+    body = {"model": "auto", "prompt": real_prompt(AutoTokenizer.from_pretrained(model_dir)),
+            "max_tokens": NEW_TOKENS, "temperature": 0, "language": "python"}
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"},
+                                                   timeout=120) as c:
+        for i in range(runs + 3):
+            if i == 3:
+                spent.clear()
+            c.get("/metrics")
+            t0 = time.perf_counter()
+            c.get("/metrics")
+            spent["http"].append(time.perf_counter() - t0)
+            c.post("/v1/completions", json=body).raise_for_status()
+    app.state.backends.cache.clear()
+    print(f"\n[phases] default: {runs} sequential completions through the gateway, store phases timed in-process")
+    for name, label in {**labels, "http": "GET /metrics round trip (HTTP alone)"}.items():
+        print(f"  {label:45s} p50 {ms(pct(spent[name], .5))}")
+
+
 # ------------------------------------------------------------------------------------------------ 3. load
 async def _load(url: str, key: str, body: dict, clients: int, total: int) -> tuple[float, list[float], int, int]:
     lat: list[float] = []
@@ -454,6 +505,8 @@ def main() -> None:
         bench_gateway("default", model_dir, args.runs, args.threads)
         if big:
             bench_gateway("125M-shaped", big, max(args.runs // 2, 3), args.threads)
+    if "phases" in only:
+        bench_phases(model_dir, args.runs, args.threads)
     if "load" in only:
         bench_load(model_dir, args.threads, [int(x) for x in args.levels.split(",")])
     if "ingest" in only:
