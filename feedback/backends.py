@@ -8,6 +8,7 @@ server speaking ``/v1/completions``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 from dataclasses import dataclass, field, fields
@@ -357,18 +358,22 @@ class LocalBackend:
 
 
 # ------------------------------------------------------------------------------------------- upstream
-FIM_MODES = ("template", "suffix")
+FIM_MODES = ("template", "suffix", "infill")
 
 
 class UpstreamBackend:
-    """Forwards to an OpenAI-compatible ``/v1/completions`` (vLLM, TGI, Triton, or another ownllm gateway).
+    """Forwards to an OpenAI-compatible ``/v1/completions`` (vLLM, TGI, Triton, llama.cpp's ``llama-server``,
+    or another ownllm gateway).
 
     ``fim`` says how a suffix reaches the server. ``template`` (the default): the gateway builds the prompt
     itself with the one builder (:func:`pipeline.fim_prompt.fim_text`, the model's own FIM tokens; a plain
     prompt starts after ``<|endoftext|>`` as in training) and sends it as a plain ``prompt``, the way Tabby's
     ``prompt_template`` does, because vLLM rejects ``suffix`` (400, "suffix is not currently supported") and
     TGI ignores it. ``suffix``: OpenAI's ``suffix`` field is forwarded, for servers that build FIM prompts
-    themselves (another ownllm gateway; llama.cpp's infill).
+    themselves (another ownllm gateway). ``infill``: llama.cpp's ``llama-server``, which rejects ``suffix`` on
+    /v1/completions (400 "Unsupported param: suffix") but builds the FIM prompt from the model's own FIM tokens
+    at its own, non-OpenAI ``/infill`` (``input_prefix``/``input_suffix``, at the server's root: ``base_url``
+    without ``/v1``); a request without a suffix goes to /v1/completions as in ``template`` mode.
     """
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout_s: float = 60.0,
@@ -380,7 +385,9 @@ class UpstreamBackend:
         self.name = model
         self.model = model
         self.fim = fim
-        self.url = base_url.rstrip("/") + "/completions"
+        base = base_url.rstrip("/")
+        self.url = base + "/completions"
+        self.infill_url = base.removesuffix("/v1") + "/infill"
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.Client(timeout=timeout_s, headers=headers)
 
@@ -401,19 +408,50 @@ class UpstreamBackend:
             body["seed"] = req.seed
         return body
 
+    def _route(self, req: GenRequest, stream: bool) -> tuple[str, dict]:
+        """(URL, JSON body) of the request: /v1/completions, or llama.cpp's /infill for a suffix in infill mode."""
+        if not (self.fim == "infill" and req.suffix):
+            return self.url, self._body(req, stream)
+        if req.n != 1:
+            raise BadGenerationRequest(f"n={req.n}: llama.cpp's /infill returns one completion per request "
+                                       "(send n=1, or serve this version with fim: template)")
+        body = {"input_prefix": req.prompt, "input_suffix": req.suffix, "n_predict": req.max_tokens,
+                "temperature": req.temperature, "top_p": req.top_p, "stream": stream}
+        if req.stop:
+            body["stop"] = list(req.stop)
+        if req.seed is not None:
+            body["seed"] = req.seed
+        return self.infill_url, body
+
+    @staticmethod
+    def _infill_finish(data: dict) -> str:
+        return "length" if data.get("stop_type") == "limit" else "stop"  # llama.cpp: eos | word | limit
+
     def complete(self, req: GenRequest) -> Generation:
         import httpx
 
+        url, body = self._route(req, False)
         try:
-            r = self.client.post(self.url, json=self._body(req, False))
+            r = self.client.post(url, json=body)
         except httpx.HTTPError as exc:
-            raise BackendError(f"upstream {self.url} unreachable: {exc}") from None
+            raise BackendError(f"upstream {url} unreachable: {exc}") from None
         data = self._check(r)
+        if url == self.infill_url:
+            return Generation([Choice(data.get("content", ""), self._infill_finish(data),
+                                      int(data.get("tokens_predicted", 0)))], int(data.get("tokens_evaluated", 0)))
         choices = sorted(data.get("choices", []), key=lambda c: c.get("index", 0))
         usage = data.get("usage") or {}
         n_comp = int(usage.get("completion_tokens", 0))
         return Generation([Choice(c.get("text", ""), c.get("finish_reason") or "stop", n_comp // max(len(choices), 1))
                            for c in choices], int(usage.get("prompt_tokens", 0)))
+
+    def _raise(self, url: str, status: int, detail: str):
+        if status in (401, 403, 404, 405, 407):  # the gateway's URL or key is wrong: not the client's to fix
+            raise BackendError(f"upstream {url} refused the gateway ({status}): {detail}; check serve.upstream_url "
+                               "(or serve.upstreams) and the upstream's API key")
+        if 400 <= status < 500:
+            raise BadGenerationRequest(f"upstream rejected the request: {detail}")
+        raise BackendError(f"upstream {url} failed with {status}: {detail}")
 
     def _check(self, r) -> dict:
         if r.status_code >= 400:
@@ -421,33 +459,73 @@ class UpstreamBackend:
                 detail = r.json()["error"]["message"]
             except Exception:
                 detail = r.text[:200]
-            if 400 <= r.status_code < 500:
-                raise BadGenerationRequest(f"upstream rejected the request: {detail}")
-            raise BackendError(f"upstream {self.url} failed with {r.status_code}: {detail}")
+            self._raise(str(r.url), r.status_code, detail)
         return r.json()
 
     def stream(self, req: GenRequest) -> Stream:
-        return Stream(self._stream(req))
+        """Opens the upstream stream before returning, and reads its first event: a request the server refuses
+        — by HTTP status, or by an ``error`` event before any text (llama-server reports errors found after it
+        accepted a streamed request that way, under a 200) — raises here, so the client gets a clear 4xx/502
+        before the first byte instead of a stream that breaks."""
+        import httpx
 
-    def _stream(self, req: GenRequest) -> Iterator[StreamDelta]:
+        url, body = self._route(req, True)
+        try:
+            r = self.client.send(self.client.build_request("POST", url, json=body), stream=True)
+        except httpx.HTTPError as exc:
+            raise BackendError(f"upstream {url} unreachable: {exc}") from None
+        try:
+            if r.status_code >= 400:
+                r.read()
+                self._check(r)
+            events = self._events(r)
+            first = next(events, None)
+            if first is not None and first[0] == "error":
+                self._raise(url, int(first[1].get("code") or 500), first[1].get("message") or str(first[1]))
+        except httpx.HTTPError as exc:
+            r.close()
+            raise BackendError(f"upstream {url} failed while streaming: {exc}") from None
+        except BaseException:
+            r.close()
+            raise
+        return Stream(self._deltas(r, url, first, events))
+
+    @staticmethod
+    def _events(r) -> Iterator[tuple[str, dict]]:
+        """("data" | "error", payload) for each server-sent event until ``[DONE]`` or the end of the body."""
+        for line in r.iter_lines():
+            kind, _, payload = line.partition(":")
+            payload = payload.strip()
+            if kind not in ("data", "error") or not payload:
+                continue
+            if payload == "[DONE]":
+                return
+            data = json.loads(payload)
+            yield kind, (data.get("error", data) if kind == "error" else data)
+
+    def _deltas(self, r, url: str, first, events) -> Iterator[StreamDelta]:
         import httpx
 
         counts: dict[int, int] = {}
         try:
-            with self.client.stream("POST", self.url, json=self._body(req, True)) as r:
-                if r.status_code >= 400:
-                    r.read()
-                    self._check(r)
-                for line in r.iter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    payload = line[5:].strip()
-                    if payload == "[DONE]":
-                        break
-                    for c in json.loads(payload).get("choices", []):
-                        i = int(c.get("index", 0))
-                        counts[i] = counts.get(i, 0) + (1 if c.get("text") else 0)
-                        fin = c.get("finish_reason")
-                        yield StreamDelta(i, c.get("text", ""), fin, counts[i] if fin else 0)
+            if first is None:
+                return
+            for kind, data in itertools.chain([first], events):
+                if kind == "error":  # after text was sent: the stream fails (502 event), the row says so
+                    raise BackendError(f"upstream {url} failed mid-stream: {data.get('message') or data}")
+                if url == self.infill_url:  # llama.cpp's own format: one object per token, the last has stop
+                    fin = self._infill_finish(data) if data.get("stop") else None
+                    n_tokens = int(data.get("tokens_predicted", 0)) if fin else 0
+                    yield StreamDelta(0, data.get("content", ""), fin, n_tokens)
+                    if fin:
+                        return
+                    continue
+                for c in data.get("choices", []):
+                    i = int(c.get("index", 0))
+                    counts[i] = counts.get(i, 0) + (1 if c.get("text") else 0)
+                    fin = c.get("finish_reason")
+                    yield StreamDelta(i, c.get("text", ""), fin, counts[i] if fin else 0)
         except httpx.HTTPError as exc:
-            raise BackendError(f"upstream {self.url} failed while streaming: {exc}") from None
+            raise BackendError(f"upstream {url} failed while streaming: {exc}") from None
+        finally:
+            r.close()

@@ -19,8 +19,9 @@ class UpstreamConfig(Section):
 
     url: str  # OpenAI-compatible base URL, e.g. http://vllm-tuned:8000/v1
     # template: the gateway sends the FIM prompt as plain `prompt` (vLLM rejects `suffix`); suffix: forwards
-    # OpenAI's `suffix` (servers that build FIM prompts themselves, e.g. another ownllm gateway).
-    fim: Literal["template", "suffix"] = "template"
+    # OpenAI's `suffix` (servers that build FIM prompts themselves, e.g. another ownllm gateway); infill: a
+    # suffix goes to llama.cpp's /infill (llama-server rejects `suffix` too but has its own FIM endpoint).
+    fim: Literal["template", "suffix", "infill"] = "template"
     model: str | None = None  # the name the upstream serves it under (default: the version's name)
     api_key_env: str | None = None  # env var with its key (default: serve.upstream_api_key_env)
 
@@ -34,7 +35,7 @@ class ServeConfig(Section):
     model_dir: str = "models/base"
     upstream_url: str | None = None  # e.g. http://vllm:8000/v1
     upstream_api_key_env: str = "OWNLLM_UPSTREAM_API_KEY"  # name of the env var holding the upstream key
-    upstream_fim: Literal["template", "suffix"] = "template"  # how a suffix reaches upstream_url (UpstreamConfig.fim)
+    upstream_fim: Literal["template", "suffix", "infill"] = "template"  # how a suffix reaches upstream_url (UpstreamConfig.fim)
     # Per model version (by name): its own upstream, whatever `backend` says; others use the default.
     upstreams: dict[str, UpstreamConfig] = {}
     device: str = "cpu"

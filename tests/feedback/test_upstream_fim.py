@@ -1,10 +1,10 @@
 """Upstream backends speak FIM: the prompt is built here (one builder) and sent as a plain `prompt`.
 
-The server behind is a vLLM-shaped stand-in: vLLM itself cannot run on these CPUs, and llama-cpp-python's
-server did not build here within 20 minutes (docs/serving.md), so this small FastAPI app reproduces the two
-vLLM behaviours that matter (a 400 "suffix is not currently supported" for any ``suffix``; a prompt whose
-special-token strings are read as control tokens, as vLLM's tokenizer call does) in front of the real tiny
-model. The test against a real ownllm gateway upstream (``fim: suffix``) is in test_gateway.py.
+The server behind is a vLLM-shaped stand-in: vLLM itself cannot run on these CPUs, so this small FastAPI app
+reproduces the two vLLM behaviours that matter (a 400 "suffix is not currently supported" for any ``suffix``;
+a prompt whose special-token strings are read as control tokens, as vLLM's tokenizer call does) in front of
+the real tiny model. A real third-party server, llama.cpp's llama-server, is tested in
+test_upstream_llama_cpp.py; a real ownllm gateway upstream (``fim: suffix``) in test_gateway.py.
 """
 
 from __future__ import annotations
