@@ -458,8 +458,8 @@ def bench_ingest(pg_url: str, model_dir: Path, singles: int, clients: int, worke
         per = f"  server CPU {1000 * statistics.median(cpu[(label, n)]):.2f} ms/request" if batch == 1 else ""
         print(f"  {label:<24} --workers {n}  {batch:>3} event(s)/request  {med:8.0f} events/s {ratio} "
               f"(runs: {', '.join(f'{x:.0f}' for x in xs)}){per}")
-    print("  server CPU per request (all its processes, user + system) does not depend on what else the machine "
-          "runs: 1000 / it is the requests/s one free core would serve")
+    print("  server CPU per request (all its processes, user + system) moves far less with the machine's load than "
+          "requests/s: 1000 / it is roughly what one free core would serve")
     print(f"  target >= 1000 one-event requests/s; every request answered 200, stored {stored} of {nxt} sent"
           f"{'' if stored == nxt else '  <-- EVENTS LOST'}")
 
