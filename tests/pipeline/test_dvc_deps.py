@@ -238,7 +238,8 @@ def stage_definitions() -> dict[str, dict]:
         items = params
         for part in stage["foreach"].strip("${} ").split("."):
             items = items[part]
-        key, item = next(iter(items.items()))
+        # The default may define no item (rlhf.loop.rounds is empty: round 1 only): check the first a profile adds.
+        key, item = next(iter(items.items()), ("round-2", "reports/rlhf_register.json"))
         text = yaml.safe_dump(stage["do"]).replace("${key}", key).replace("${item}", item)
         out[f"{name}@{key}"] = yaml.safe_load(text)
     return out
