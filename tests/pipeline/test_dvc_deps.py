@@ -325,3 +325,17 @@ def test_stages_that_read_a_data_split_track_it(stage, cmd, deps):
 def test_the_walk_sees_params_reads():
     project_files("feedback.simulate:main")
     assert "rlhf.gate.heldout_frac" in PARAMS_READ["feedback.simulate:main"]
+
+
+def test_a_later_refresh_round_tracks_every_parameter_round_one_does():
+    """refresh@round-N runs simulate ... register itself: a parameter one of those stages lists (a new learner
+    knob) must re-run the later rounds too. Their output paths are the exception (a round writes its own folder)."""
+    stages = stage_definitions()
+    refresh = next(v for k, v in stages.items() if k.startswith("refresh@"))
+    listed = [p if isinstance(p, str) else next(iter(p)) for p in refresh.get("params", [])]
+    own_paths = {"rlhf.snapshot_dir", "rlhf.sft_out", "rlhf.tuned_out"}
+    for name in ("simulate", "snapshot", "sft", "preference", "gate", "register"):
+        for p in stages[name].get("params", []):
+            key = p if isinstance(p, str) else next(iter(p))
+            assert key in own_paths or any(key == r or key.startswith(r + ".") for r in listed), \
+                f"stage {name!r} lists params.{key}; refresh@round-N runs that stage's code but does not list it"
