@@ -36,7 +36,7 @@ def kept_rows(params, per_file: int, rounds: int, files: int | None) -> tuple[li
     from rlhf.snapshot import render_prompt
 
     sim = params.feedback.simulate
-    docs = validation_docs(params, part="feedback")
+    docs = validation_docs(params, part="feedback", gate_frac=params.rlhf.gate.heldout_frac)
     docs = pick_files(docs, sim.model_copy(update={"files": files or len(docs)}))
     cases = [c for d in docs for r in range(rounds) for c in cursors(d, sim, r, per_file=per_file)]
     rows = [{"prompt": render_prompt(c.prefix, c.suffix, params.rlhf.max_prompt_chars), "completion": c.kept}
