@@ -1,7 +1,7 @@
 """Serving at completion speed: the engine, the gateway, concurrency, and feedback ingest, each against its
 baseline in the same run (interleaved, so both sides see the same machine load), reported as ratios.
 
-    python benchmarks/bench_serve.py [--model-dir models/base] [--pg-url URL] [--only engine,gateway,load,ingest]
+    python benchmarks/bench_serve.py [--model-dir models/base] [--pg-url URL] [--only engine,gateway,load,ingest,llama]
 
 1. engine   greedy 32 new tokens (forced: min = max = 32) after a ~200-token prompt of real stdlib code, p50/p90:
             Hugging Face `generate` vs CTranslate2 float32 vs int8, for the default model and a 125M-shaped
@@ -17,6 +17,10 @@ baseline in the same run (interleaved, so both sides see the same machine load),
             $OWNLLM_TEST_PG_URL) through `ownllm serve`: one transaction per request (the baseline) vs the group
             commit (feedback/ingest.py) with --workers 1 and N; 100-event batches for reference. Target >= 1,000
             events/s, none lost (rows counted). Its clients are aiohttp (lighter than httpx on shared cores).
+5. llama    the same completion through the gateway to llama.cpp's `llama-server` (an upstream, `fim: template`,
+            GGUF f32 of the same weights; built by scripts/build_llama_server.sh) vs the gateway's local engines
+            (ctranslate2, transformers), and llama-server called directly (the gateway's overhead on it).
+            Not in the default --only (it needs the built server): --only llama.
 
 Without --model-dir (or when it is missing), models of params.yaml's shape and the 125M shape with random
 weights and a BPE tokenizer fitted on stdlib code are built in a temp dir: latency depends on the shape, not
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import os
 import statistics
 import subprocess
@@ -284,6 +289,89 @@ def bench_phases(model_dir: Path, runs: int, threads: int) -> None:
         print(f"  {label:45s} p50 {ms(pct(spent[name], .5))}")
 
 
+# ------------------------------------------------------------------------------------------------ 5. llama.cpp
+def start_llama_server(gguf: Path, port: int, threads: int) -> subprocess.Popen:
+    spec = importlib.util.spec_from_file_location("hf_to_gguf", REPO / "scripts" / "hf_to_gguf.py")
+    conv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conv)
+    binary = Path(os.environ.get("OWNLLM_LLAMA_SERVER") or conv.DEFAULT_TREE / "bin" / "llama-server")
+    proc = subprocess.Popen([str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-np", "1",
+                             "-t", str(threads), "--no-webui",
+                             "--poll", "0"],  # no spin-waiting for work (as OMP_WAIT_POLICY=PASSIVE for the others)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise SystemExit(f"llama-server exited with {proc.returncode}")
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("llama-server did not come up in 120 s")
+
+
+def bench_llama(label: str, model_dir: Path, runs: int, threads: int) -> None:
+    from transformers import AutoTokenizer
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-llama-"))
+    gguf = tmp / "model-f32.gguf"
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, str(REPO / "scripts" / "hf_to_gguf.py"), str(model_dir), str(gguf)], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    print(f"\n[llama] {label}: GGUF f32 conversion {time.perf_counter() - t0:.1f} s")
+    prompt = real_prompt(AutoTokenizer.from_pretrained(model_dir))
+    body = {"model": "auto", "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0, "language": "python"}
+    lport = free_port()
+    procs = [start_llama_server(gguf, lport, threads)]
+    sides: dict[str, tuple[str, dict]] = {
+        # llama.cpp's own API, with the gateway's prompt: `<|endoftext|>` + the code (template mode's plain prompt)
+        "llama-server, direct": (f"http://127.0.0.1:{lport}/v1", {})}
+    try:
+        for name, extra in (("gateway -> llama-server", ("--backend", "openai", "--upstream-url",
+                                                        f"http://127.0.0.1:{lport}/v1")),
+                            ("gateway, ctranslate2", ("--engine", "ctranslate2")),
+                            ("gateway, transformers", ("--engine", "transformers"))):
+            db, key = fresh_store(tmp, name.split()[-1].replace("-", "_"))
+            if "--backend" in extra:  # `ownllm serve` registers --model-dir only for the local backend
+                with session_factory(db).begin() as s:
+                    store.register_model_version(s, model_dir.name, str(model_dir), state="all")
+            port = free_port()
+            procs.append(start_server(db, model_dir, port, threads, *extra))
+            sides[name] = (f"http://127.0.0.1:{port}/v1", {"Authorization": f"Bearer {key}"})
+        clients = {n: httpx.Client(base_url=u, headers=h, timeout=300) for n, (u, h) in sides.items()}
+        times: dict[str, list[float]] = {n: [] for n in sides}
+        tokens: dict[str, list[int]] = {n: [] for n in sides}
+        texts: dict[str, str] = {}
+        for i in range(runs + 3):
+            for name, c in clients.items():
+                b = dict(body, prompt="<|endoftext|>" + prompt, model="m") if name.endswith("direct") else body
+                s0 = time.perf_counter()
+                r = c.post("/completions", json=b)
+                dt = time.perf_counter() - s0
+                if r.status_code != 200:
+                    raise SystemExit(f"[llama] {name}: {r.status_code} {r.text[:500]}")
+                if i >= 3:
+                    times[name].append(dt)
+                    tokens[name].append(r.json()["usage"]["completion_tokens"])
+                    texts[name] = r.json()["choices"][0]["text"]
+    finally:
+        stop(*procs)
+    print(f"[llama] {label}: {runs} sequential requests each, interleaved, prompt ~{PROMPT_TOKENS} tokens, "
+          f"max_tokens {NEW_TOKENS}, greedy, {threads} threads everywhere")
+    base = pct(times["gateway, ctranslate2"], .5)
+    for name, xs in times.items():
+        print(f"  {name:24s} p50 {ms(pct(xs, .5))}  p90 {ms(pct(xs, .9))}  tokens {statistics.mean(tokens[name]):.1f}"
+              f"  p50 vs gateway ctranslate2 {pct(xs, .5) / base:5.2f}x")
+    g, d = pct(times["gateway -> llama-server"], .5), pct(times["llama-server, direct"], .5)
+    print(f"  gateway overhead over llama-server called directly: p50 {1000 * (g - d):+.1f} ms "
+          f"({100 * (g / d - 1):+.1f}%)")
+    same = texts["gateway -> llama-server"] == texts["gateway, transformers"]
+    print(f"  greedy text, gateway -> llama-server vs gateway transformers: {'identical' if same else 'DIFFERENT'}")
+
+
 # ------------------------------------------------------------------------------------------------ 3. load
 async def _load(url: str, key: str, body: dict, clients: int, total: int) -> tuple[float, list[float], int, int]:
     lat: list[float] = []
@@ -493,7 +581,7 @@ def main() -> None:
             shutil.copytree(args.model_dir, model_dir)
             convert_to_ct2(model_dir)
     big = None
-    if not args.skip_125m and only & {"engine", "gateway"}:
+    if not args.skip_125m and only & {"engine", "gateway", "llama"}:
         big = build_model(Path(tempfile.mkdtemp(prefix="bench-125m-")), d_model=768, n_layers=12, n_heads=12,
                           max_pos=1024)  # intermediate 8/3 x d = 2048: 86.5M params with vocab 2048
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start")
@@ -509,6 +597,10 @@ def main() -> None:
         bench_phases(model_dir, args.runs, args.threads)
     if "load" in only:
         bench_load(model_dir, args.threads, [int(x) for x in args.levels.split(",")])
+    if "llama" in only:
+        bench_llama("default", model_dir, args.runs, args.threads)
+        if big:
+            bench_llama("125M-shaped", big, max(args.runs // 2, 3), args.threads)
     if "ingest" in only:
         if args.pg_url:
             bench_ingest(args.pg_url, model_dir, args.singles, args.clients, args.workers, args.rounds)
