@@ -12,8 +12,9 @@ under CI, as the PostgreSQL tests do. What they show, through the real gateway:
 - ``fim: infill``: llama.cpp's own /infill builds the same PSM prompt from the same FIM tokens and gets the same
   answer;
 - what llama-server refuses (``suffix`` on /v1/completions, ``n`` > 1: a 500 of its own; a wrong key: 401)
-  reaches the client as a 502 carrying the server's message and naming it, streamed or not, before any byte
-  of a stream; what the gateway itself refuses for /infill (``n`` > 1) is a 400.
+  reaches the client as a 502 carrying the server's message and naming it; a prompt beyond its context (a 400
+  of its own, or under a 200 as an ``error`` event when streamed) as a 400; what the gateway itself refuses for
+  /infill (``n`` > 1) is a 400 — streamed or not, always before any byte of a stream.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from pipeline.fim_prompt import EOS, fim_text
 
 REPO = Path(__file__).resolve().parents[2]
 PREFIX, SUFFIX = "def shorten(text, width):\n    ", "\n    return result\n"
+LONG_PREFIX = "".join(f"value_{i} = compute_{i}(value_{i - 1})\n" for i in range(1, 80))  # 1,315 tokens > 256
 
 _spec = importlib.util.spec_from_file_location("hf_to_gguf", REPO / "scripts" / "hf_to_gguf.py")
 hf_to_gguf = importlib.util.module_from_spec(_spec)
@@ -100,8 +102,9 @@ def running_llama_server(binary: Path, gguf: Path, log: Path, *extra: str):
 
 @pytest.fixture(scope="module")
 def llama_server(llama_server_bin, tiny_gguf, tmp_path_factory):
-    with running_llama_server(llama_server_bin, tiny_gguf,
-                              tmp_path_factory.mktemp("llama-server") / "server.log", "-a", "tiny") as url:
+    # --no-context-shift: a prompt beyond the context is an error, not silently cut (docs/serving.md, "Context")
+    with running_llama_server(llama_server_bin, tiny_gguf, tmp_path_factory.mktemp("llama-server") / "server.log",
+                              "-a", "tiny", "--no-context-shift") as url:
         yield url
 
 
@@ -184,8 +187,8 @@ def test_infill_mode_uses_llama_cpps_own_fim_and_gets_the_same_answer(front, lla
 def test_what_llama_server_refuses_is_a_clear_error_with_its_message(front, llama_server, llama_server_bin,
                                                                      tiny_gguf, tmp_path, stream):
     """llama-server answers a request it cannot serve with a 500 of its own ("server_error"), so the gateway says
-    502 with the server's message; a wrong key (401) is the gateway's setup, also a 502. Streamed requests get the
-    same JSON error before any byte."""
+    502 with the server's message; a prompt beyond its context (with --no-context-shift) is its 400, so ours; a
+    wrong key (401) is the gateway's setup, a 502. Streamed requests get the same JSON error before any byte."""
     db, auth = front
 
     def call(server: str, fim: str, **body) -> tuple[int, str]:
@@ -196,7 +199,10 @@ def test_what_llama_server_refuses_is_a_clear_error_with_its_message(front, llam
     cases = [("suffix", {"prompt": PREFIX, "suffix": SUFFIX}, 502, "failed with 500: Unsupported param: suffix"),
              ("template", {"prompt": PREFIX, "n": 2}, 502, "failed with 500: Only one completion choice is allowed"),
              ("infill", {"prompt": PREFIX, "suffix": SUFFIX, "n": 2}, 400,
-              "llama.cpp's /infill returns one completion")]
+              "llama.cpp's /infill returns one completion"),
+             # a 400 of llama-server's; streamed, it comes as an `error` event under a 200, read before answering
+             ("template", {"prompt": LONG_PREFIX}, 400,
+              "upstream rejected the request: the request exceeds the available context size")]
     for fim, body, status, message in cases:
         got, msg = call(llama_server, fim, **body)
         assert got == status and message in msg, (fim, body, got, msg)
