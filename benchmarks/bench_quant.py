@@ -47,18 +47,11 @@ def main() -> None:
     args = ap.parse_args()
 
     from feedback.engine import CT2Backend
-    from rlhf.config import load_rlhf_params
+    from benchmarks.heldout_cases import held_out_cases
     from rlhf.gate import paired_tests
-    from rlhf.heldout import gate_cursors, gate_docs, score, summarise
+    from rlhf.heldout import score, summarise
 
-    params = load_rlhf_params(args.params)
-    if args.max_files:
-        params = params.model_copy(update={"rlhf": params.rlhf.model_copy(update={
-            "gate": params.rlhf.gate.model_copy(update={"max_files": args.max_files})})})
-    cases = gate_cursors(gate_docs(params), params)
-    halves = (cases[: len(cases) // 2], cases[len(cases) // 2:])
-    print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start; {len(cases)} held-out "
-          f"cursors in {len({c.doc_id for c in cases})} files; {args.model_dir}", flush=True)
+    params, cases, halves = held_out_cases(args.params, args.max_files, args.model_dir)
     backends = {q: CT2Backend(args.model_dir, quantization=q, num_threads=args.threads, max_batch=64)
                 for q in ("float32", "int8")}
     texts: dict[str, list[str]] = {q: [] for q in backends}
