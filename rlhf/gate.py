@@ -191,7 +191,7 @@ def run_gate(params: RLHFParams, parent: dict, tuned_dir: str | Path, docs: list
     """Evaluate parent and tuned model on the held-out files (and, with ``rlhf.filter.enabled``, the deployed
     version: the tuned model + its suggestion filter fitted on ``filter_docs``, default the feedback files),
     compare, write ``reports/rlhf_gate.json``."""
-    from rlhf.heldout import gate_docs, replay
+    from rlhf.heldout import gate_docs, rescore
     from rlhf.tune import weights_hash
 
     docs = gate_docs(params) if docs is None else docs
@@ -208,7 +208,7 @@ def run_gate(params: RLHFParams, parent: dict, tuned_dir: str | Path, docs: list
         filt = train_filter(tuned_dir, params, filter_docs)
         deployed = Path(params.eval.out) / DEPLOYED_NAME
         write_json(deployed / "filter.json", filt.to_json())
-        replay(str(tuned_dir), params, docs, out_dir=deployed, show=filt.show)
+        rescore(tuned_reports, params, docs, out_dir=deployed, show=filt.show)  # the tuned replay + the filter
     result = compare(params, parent_reports, tuned_reports, deployed)
     result.parent = {**parent, "weights_sha256": weights_hash(parent["model_dir"])}
     result.tuned = {"model_dir": str(tuned_dir), "weights_sha256": weights_hash(tuned_dir)}

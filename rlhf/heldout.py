@@ -111,14 +111,34 @@ def replay(model_dir: str | Path, params: RLHFParams, docs: list[dict], out_dir:
            show=None) -> dict:
     """Replay the held-out cursors on ``model_dir``; write ``heldout.json`` + ``heldout_results.jsonl``
     to ``out_dir`` when given. Returns the summary with the rows under ``"rows"``."""
-    from pipeline.tracking import write_json, write_jsonl
-
     cases = gate_cursors(docs, params)
     if not cases:
         raise ValueError(f"no held-out cursors to replay: the gate part of the validation split of "
                          f"{params.data.dedup.out} (rlhf.gate.heldout_frac={params.rlhf.gate.heldout_frac}) "
                          f"has no usable lines")
     texts, logprobs = suggest(model_dir, params, cases)
+    return _scored(cases, texts, logprobs, params, show, out_dir)
+
+
+def rescore(report_dir: str | Path, params: RLHFParams, docs: list[dict], out_dir: str | Path | None = None,
+            show=None) -> dict:
+    """The replay written to ``report_dir`` scored again, e.g. with a suggestion filter ``show``: the same model's
+    greedy suggestions and log-probabilities, so the deployed version (model + filter) costs no second decoding.
+    Written and returned as ``replay`` does."""
+    cases = gate_cursors(docs, params)
+    done = {r["key"]: r for r in read_rows(report_dir)}
+    missing = [c.key for c in cases if c.key not in done]
+    if missing or len(done) != len(cases):
+        raise ValueError(f"the replay in {report_dir} scored other cursors than the gate's ({len(done)} rows, "
+                         f"{len(missing)} of {len(cases)} cursors missing): rerun the gate")
+    texts = [done[c.key]["suggestion"] for c in cases]
+    logprobs = [done[c.key]["logprob"] for c in cases]
+    return _scored(cases, texts, logprobs, params, show, out_dir)
+
+
+def _scored(cases, texts: list[str], logprobs: list[float], params: RLHFParams, show, out_dir) -> dict:
+    from pipeline.tracking import write_json, write_jsonl
+
     rows = score(cases, texts, logprobs, params, show)
     summary = summarise(rows)
     if out_dir is not None:
