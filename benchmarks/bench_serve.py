@@ -139,18 +139,24 @@ def start_server(db_url: str, model_dir: Path, port: int, threads: int, *extra: 
     cmd = [str(Path(sys.executable).parent / "ownllm"), "serve", "--db-url", db_url, "--model-dir", str(model_dir),
            "--port", str(port), "--params", str(params), "--num-threads", str(threads), *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
-    deadline = time.monotonic() + 300
+    return wait_healthy(proc, f"http://127.0.0.1:{port}/healthz", "ownllm serve", 300,
+                        lambda: proc.stderr.read()[-2000:])
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, name: str, timeout_s: float, why=None) -> subprocess.Popen:
+    """``proc`` once ``url`` answers 200; SystemExit naming ``name`` (and ``why()``) if it exits or times out."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+            if httpx.get(url, timeout=2).status_code == 200:
                 return proc
         except httpx.HTTPError:
             pass
         if proc.poll() is not None:
-            raise SystemExit(f"ownllm serve exited: {proc.stderr.read()[-2000:]}")
-        time.sleep(0.3)
+            raise SystemExit(f"{name} exited with {proc.returncode}" + (f": {why()}" if why else ""))
+        time.sleep(0.2)
     proc.kill()
-    raise SystemExit("ownllm serve did not come up in 300 s")
+    raise SystemExit(f"{name} did not come up in {timeout_s:.0f} s")
 
 
 def stop(*procs: subprocess.Popen) -> None:
@@ -299,18 +305,7 @@ def start_llama_server(gguf: Path, port: int, threads: int) -> subprocess.Popen:
                              "-t", str(threads), "--no-webui",
                              "--poll", "0"],  # no spin-waiting for work (as OMP_WAIT_POLICY=PASSIVE for the others)
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise SystemExit(f"llama-server exited with {proc.returncode}")
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("llama-server did not come up in 120 s")
+    return wait_healthy(proc, f"http://127.0.0.1:{port}/health", "llama-server", 120)
 
 
 def bench_llama(label: str, model_dir: Path, runs: int, threads: int) -> None:

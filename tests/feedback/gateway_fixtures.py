@@ -138,3 +138,18 @@ def start_gateway(db_url: str, backend, model_dir: Path, feedback_cfg=None, **cf
     return app, keys, factory
 
 
+
+
+def staff_front(tmp_path: Path, versions: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """A fresh SQLite store for a gateway in front of upstream servers: ``versions`` (name → rollout state)
+    registered with placeholder model directories (their upstream serves them), and a staff key's header."""
+    from feedback import store
+    from feedback.db import session_factory, upgrade
+
+    url = f"sqlite:///{tmp_path / 'front.db'}"
+    upgrade(url)
+    with session_factory(url).begin() as s:
+        for name, state in versions.items():
+            store.register_model_version(s, name, f"/nowhere/{name}", state=state)
+        key = store.create_key(s, "staffer", staff=True)
+    return url, {"Authorization": f"Bearer {key}"}

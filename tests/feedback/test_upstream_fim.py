@@ -15,12 +15,10 @@ import torch
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from feedback import store
 from feedback.app import create_app
 from feedback.backends import GenRequest
 from feedback.config import ServeConfig, UpstreamConfig
-from feedback.db import session_factory, upgrade
-from gateway_fixtures import live_server
+from gateway_fixtures import live_server, staff_front
 
 PREFIX, SUFFIX = "def shorten(text, width):\n    ", "\n    return result\n"
 
@@ -54,13 +52,7 @@ def vllm_like(tiny_backend) -> FastAPI:
 
 @pytest.fixture
 def front(tmp_path):
-    url = f"sqlite:///{tmp_path / 'front.db'}"
-    upgrade(url)
-    with session_factory(url).begin() as s:
-        store.register_model_version(s, "tiny", "/nowhere", state="all")
-        store.register_model_version(s, "tuned", "/nowhere-else", state="staff")
-        key = store.create_key(s, "staffer", staff=True)
-    return url, {"Authorization": f"Bearer {key}"}
+    return staff_front(tmp_path, {"tiny": "all", "tuned": "staff"})
 
 
 @pytest.mark.parametrize("suffix", [SUFFIX, None])

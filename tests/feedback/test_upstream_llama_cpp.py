@@ -30,12 +30,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from feedback import store
 from feedback.app import create_app
 from feedback.backends import GenRequest
 from feedback.config import ServeConfig, UpstreamConfig
-from feedback.db import session_factory, upgrade
-from gateway_fixtures import free_port, live_server
+from gateway_fixtures import free_port, live_server, staff_front
 from pipeline.fim_prompt import EOS, fim_text
 
 REPO = Path(__file__).resolve().parents[2]
@@ -110,12 +108,7 @@ def llama_server(llama_server_bin, tiny_gguf, tmp_path_factory):
 
 @pytest.fixture
 def front(tmp_path):
-    url = f"sqlite:///{tmp_path / 'front.db'}"
-    upgrade(url)
-    with session_factory(url).begin() as s:
-        store.register_model_version(s, "tiny", "/nowhere", state="all")
-        key = store.create_key(s, "staffer", staff=True)
-    return url, {"Authorization": f"Bearer {key}"}
+    return staff_front(tmp_path, {"tiny": "all"})
 
 
 def gateway(db: str, server: str, fim: str = "template"):
