@@ -71,7 +71,7 @@ class RLHFConfig(Section):
     tuned_out: str = "models/tuned"
     work_dir: str = "checkpoints/rlhf"  # trainer scratch (nothing is saved there by default)
     registry_dir: str = "models/registry"  # registered versions' weights, one folder per version
-    method: Literal["dpo", "kto"] = "dpo"
+    method: Literal["dpo", "kto", "none"] = "dpo"  # none: no preference step, tuned = the SFT model
     min_pairs: int = Field(8, ge=1)
     sft_epochs: float = Field(1.0, gt=0)
     dpo_epochs: float = Field(1.0, gt=0)

@@ -49,6 +49,9 @@ def _tune(stage: str, params: RLHFParams, fn) -> dict:
         res = fn(params, report_to=_report_to(params))
         run.log({"tokens_per_s": res.tokens_per_s, "seconds": res.seconds})
         run.summary({**res.metrics(), "numerics": numerics.record(params.numerics, "cpu" if _use_cpu(params.rlhf) else "gpu")})
+    if res.skipped:
+        say(f"[{stage.replace('_', ' ')}] skipped: {res.skipped} → {res.out_dir}")
+        return {**res.metrics(), "tokens_per_s": res.tokens_per_s, "seconds": res.seconds}
     say(f"[{stage.replace('_', ' ')}] {res.method}: {res.examples} examples, {res.steps} steps, "
         f"loss {res.train_loss if res.train_loss is not None else '-'}, {res.tokens} tokens in {res.seconds:.1f}s "
         f"({res.tokens_per_s:.0f} tok/s) → {res.out_dir}")

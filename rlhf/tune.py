@@ -34,13 +34,14 @@ class TuneError(RuntimeError):
 
 @dataclass
 class TuneResult:
-    method: str  # "sft" | "dpo" | "kto" | "copy" (nothing to train on: the parent is passed through)
+    method: str  # "sft" | "dpo" | "kto" | "copy" (nothing to train on: the parent is passed through) | "none"
     examples: int
     steps: int
     train_loss: float | None
     tokens: int
     seconds: float
     out_dir: Path
+    skipped: str | None = None  # why the stage did not train (params switched it off), in its report
 
     @property
     def tokens_per_s(self) -> float:
@@ -48,7 +49,7 @@ class TuneResult:
 
     def metrics(self) -> dict[str, Any]:
         """Deterministic values only (the DVC metrics file); timings go to W&B and the console."""
-        return {
+        out = {
             "method": self.method,
             "examples": self.examples,
             "steps": self.steps,
@@ -56,6 +57,9 @@ class TuneResult:
             "tokens": self.tokens,
             "weights_sha256": weights_hash(self.out_dir),
         }
+        if self.skipped:
+            out["skipped"] = self.skipped
+        return out
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -249,10 +253,19 @@ def preference_method(cfg: RLHFConfig, n_pairs: int) -> str:
 
 
 def run_preference(params: RLHFParams, report_to: str = "none", model_dir: Path | None = None) -> TuneResult:
-    """DPO (or KTO) from the SFT model → ``rlhf.tuned_out``; the SFT model is also the reference."""
+    """DPO (or KTO) from the SFT model → ``rlhf.tuned_out``; the SFT model is also the reference.
+
+    ``rlhf.method: none`` switches the learner off: the SFT model is passed through unchanged (byte-identical
+    files), so the gate judges SFT alone, and the stage's report says it was skipped."""
     cfg = params.rlhf
     src = model_dir or Path(cfg.sft_out)
     out = Path(cfg.tuned_out)
+    if cfg.method == "none":
+        if not (src / "config.json").is_file():
+            raise TuneError(f"no model to pass through at {src} (run `ownllm rlhf sft` first)")
+        _copy_model(src, out)
+        return TuneResult("none", 0, 0, None, 0, 0.0, out,
+                          skipped=f"rlhf.method: none (the SFT model {src} passed through unchanged)")
     snap = Path(cfg.snapshot_dir)
     pairs = read_jsonl(snap / PAIRS_FILE)
     method = preference_method(cfg, len(pairs))

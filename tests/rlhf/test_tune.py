@@ -133,3 +133,29 @@ def test_preference_tuning_has_its_own_learning_rate(tmp_path, tiny_model_dir):
     assert _common_args(p, "kto", 1, 2, "none")["learning_rate"] == 5e-5
     same = rlhf_params(tmp_path, tiny_model_dir, lr=3e-3)  # dpo_lr null: one learning rate for both
     assert _common_args(same, "dpo", 1, 2, "none")["learning_rate"] == 3e-3
+
+
+def test_method_none_passes_the_sft_model_through_and_reports_the_skip(tmp_path, tiny_model_dir):
+    """rlhf.method: none switches preference tuning off: models/tuned is the SFT model, byte for byte (so the
+    gate judges SFT alone), no snapshot file is needed, and the stage's report says the step was skipped."""
+    import shutil
+
+    from rlhf import stages
+    from rlhf.tune import TuneError
+
+    params = rlhf_params(tmp_path, tiny_model_dir, method="none")
+    sft_dir, tuned = Path(params.rlhf.sft_out), Path(params.rlhf.tuned_out)
+    shutil.copytree(tiny_model_dir, sft_dir)
+    tuned.mkdir(parents=True)
+    (tuned / "stale.bin").write_bytes(b"from an earlier run")  # replaced, not merged
+    metrics = stages.preference(params)
+    assert metrics["method"] == "none" and metrics["steps"] == 0 and "rlhf.method: none" in metrics["skipped"]
+    files = sorted(f.name for f in sft_dir.iterdir() if f.is_file())
+    assert sorted(f.name for f in tuned.iterdir()) == files
+    assert all((tuned / f).read_bytes() == (sft_dir / f).read_bytes() for f in files)
+    report = json.loads((tmp_path / "reports/rlhf_dpo.json").read_text())
+    assert report["skipped"] == metrics["skipped"] and report["weights_sha256"] == weights_hash(sft_dir)
+    # A missing SFT model is an error naming it, not an empty models/tuned.
+    shutil.rmtree(sft_dir)
+    with pytest.raises(TuneError, match=str(sft_dir)):
+        run_preference(params)
