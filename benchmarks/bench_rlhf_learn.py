@@ -8,10 +8,20 @@ and replays the gate's held-out cursors (``rlhf.heldout.replay``, the other part
 tuned model. Prints the paired difference of accepted characters per cursor and of utility per cursor (95%
 file-clustered CI, permutation p: ``rlhf.gate.paired_tests``) and the seconds each step took.
 
+With a preference step (``--dpo-steps N``, ``--method dpo|kto``, ``--beta``, ``--dpo-lr``) each learner is judged
+separately: SFT alone vs the parent, the tuned model vs the parent, and the tuned model vs the SFT model it
+started from (what the preference step adds), plus the chosen − rejected log-probability margin on *held-out
+pairs*: at the gate's held-out cursors (never trained on), chosen = what the user kept, rejected = the SFT
+model's greedy suggestion where the simulated user rejects it. ``--sft-from DIR`` reuses the SFT model and the
+learner rows of an earlier run's ``--work`` DIR, so a sweep over the preference step trains SFT once; replays
+and margins are cached by weights hash under ``--cache``.
+
 The gateway round trip of ``ownllm feedback simulate`` is skipped (it only stores these same rows), so many
 settings can be tried in the time of one refresh; the sizes that win go to params.yaml (docs/BENCHMARKS.md).
 
     python benchmarks/bench_rlhf_learn.py --cursors-per-file 16 --sft-steps 120 --lr 1e-3 [--dpo-steps 30]
+    python benchmarks/bench_rlhf_learn.py --sft-steps 200 --lr 3e-3 --batch 4 --work /tmp/learn/sft   # SFT alone
+    python benchmarks/bench_rlhf_learn.py --sft-from /tmp/learn/sft --dpo-steps 30 --beta 0.3 --work /tmp/learn/b03
 """
 
 from __future__ import annotations
@@ -44,6 +54,74 @@ def kept_rows(params, per_file: int, rounds: int, files: int | None) -> tuple[li
     return cases, rows
 
 
+def cached_replay(model_dir: Path, params, docs, cache: Path, tag) -> list[dict]:
+    """The gate's held-out replay of ``model_dir``, cached by weights hash (a sweep replays each model once)."""
+    from rlhf.heldout import RESULTS_FILE, read_rows, replay
+    from rlhf.tune import weights_hash
+
+    out = cache / f"replay-{weights_hash(model_dir)[:16]}-{tag}"
+    if not (out / RESULTS_FILE).is_file():
+        replay(str(model_dir), params, docs, out_dir=out)
+    return read_rows(out)
+
+
+def heldout_pairs(params, docs, sft_rows: list[dict]) -> list[dict]:
+    """Preference pairs nothing trained on: at the gate's held-out cursors, chosen = what the user kept,
+    rejected = the SFT model's greedy suggestion where the simulated user rejects it (shown, not accepted)."""
+    from rlhf.heldout import gate_cursors
+    from rlhf.snapshot import render_prompt
+
+    cases = {c.key: c for c in gate_cursors(docs, params)}
+    pairs = []
+    for r in sft_rows:
+        c = cases[r["key"]]
+        if r["shown"] and not r["accepted"] and c.kept.strip() and r["suggestion"] != c.kept:
+            pairs.append({"key": r["key"], "file": r["file"], "chosen": c.kept, "rejected": r["suggestion"],
+                          "prompt": render_prompt(c.prefix, c.suffix, params.rlhf.max_prompt_chars)})
+    return pairs
+
+
+def margins(model_dir: Path, pairs: list[dict], params, cache: Path) -> list[float]:
+    """log p(chosen | prompt) − log p(rejected | prompt) per pair (summed over the completion's tokens + EOS),
+    the prompt fitted to ``rlhf.max_length`` by the tuner's own ``fit_prompts``: what DPO pushes up. Cached."""
+    import hashlib
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf.tune import fit_prompts, weights_hash
+
+    key = hashlib.sha256(json.dumps(pairs, sort_keys=True).encode()).hexdigest()[:12]
+    out = cache / f"margins-{weights_hash(model_dir)[:16]}-{key}.json"
+    if out.is_file():
+        return json.loads(out.read_text())
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32").eval()
+
+    def logp(prompt: str, completion: str) -> float:
+        p = tok(prompt, add_special_tokens=False)["input_ids"]
+        c = tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ids = torch.tensor([p + c])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+        return float(lp[torch.arange(len(p) - 1, len(p) + len(c) - 1), torch.tensor(c)].sum())
+
+    fitted = fit_prompts(pairs, tok, params.rlhf.max_length, ["chosen", "rejected"])
+    res = [logp(r["prompt"], r["chosen"]) - logp(r["prompt"], r["rejected"]) for r in fitted]
+    cache.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res))
+    return res
+
+
+def print_paired(label: str, p: dict) -> None:
+    for k in ("accepted_chars", "utility", "accepted"):
+        t = p["tests"][k]
+        print(f"[learn] {label}: {k:<15} {t['parent']:.4f} -> {t['tuned']:.4f} diff {t['diff']:+.4f} "
+              f"CI [{t['ci95'][0]:+.4f}, {t['ci95'][1]:+.4f}] p={t['p_value']:.4f}", flush=True)
+    m = p["mcnemar"]
+    print(f"[learn] {label}: mcnemar {m}", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml")
@@ -61,13 +139,17 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", default="/tmp/bench_rlhf_learn")
     ap.add_argument("--max-gate-files", type=int, default=None)
+    ap.add_argument("--method", choices=("dpo", "kto"), default=None, help="preference step (default rlhf.method)")
+    ap.add_argument("--sft-from", default=None,
+                    help="an earlier run's --work dir: reuse its SFT model and learner rows (no SFT, no pair building)")
+    ap.add_argument("--cache", default="/tmp/bench_rlhf_learn/cache", help="replays and margins, by weights hash")
     args = ap.parse_args()
 
     import torch
 
     from pipeline.config import load_params
     from rlhf.gate import paired_tests
-    from rlhf.heldout import gate_docs, replay, suggest
+    from rlhf.heldout import gate_docs, suggest
     from rlhf.tune import run_preference, run_sft, weights_hash
 
     torch.set_num_threads(args.threads)
@@ -79,7 +161,8 @@ def main() -> int:
     upd = {"snapshot_dir": str(snap), "sft_out": str(work / "sft"), "tuned_out": str(work / "tuned"),
            "work_dir": str(work / "trainer"), "sft_max_steps": args.sft_steps, "dpo_max_steps": args.dpo_steps,
            "device": "cpu"}
-    for k, v in (("lr", args.lr), ("beta", args.beta), ("batch_size", args.batch), ("rpo_alpha", args.rpo_alpha)):
+    for k, v in (("lr", args.lr), ("beta", args.beta), ("batch_size", args.batch), ("rpo_alpha", args.rpo_alpha),
+                 ("method", args.method)):
         if v is not None:
             upd[k] = v
     gate = r.gate if args.max_gate_files is None else r.gate.model_copy(update={"max_files": args.max_gate_files})
@@ -89,53 +172,89 @@ def main() -> int:
 
     t0 = time.perf_counter()
     cases, rows = kept_rows(params, args.cursors_per_file, args.rounds, args.files)
-    (snap / "sft.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows), encoding="utf-8")
     timings["rows"] = time.perf_counter() - t0
     print(f"[learn] {len(rows)} kept rows from {len(cases)} cursors", flush=True)
-
-    t0 = time.perf_counter()
-    sft = run_sft(params, model_dir=parent) if args.sft_steps > 0 else None
-    timings["sft"] = time.perf_counter() - t0
-    tuned = Path(params.rlhf.sft_out) if sft else parent
-    if args.dpo_steps > 0:
+    sft = None
+    if args.sft_from:  # the SFT model and learner rows of an earlier run: only the preference step is new
+        src = Path(args.sft_from)
+        for f in ("sft.jsonl", "pairs.jsonl", "unpaired.jsonl"):
+            if (src / "snapshot" / f).is_file():
+                (snap / f).write_bytes((src / "snapshot" / f).read_bytes())
+        if (snap / "sft.jsonl").read_text(encoding="utf-8") != "".join(json.dumps(x) + "\n" for x in rows):
+            raise SystemExit(f"--sft-from {src}: its kept rows differ from this run's (other cursor flags?)")
+        tuned = src / "sft"
+        sft_dir = tuned
+    else:
+        (snap / "sft.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows), encoding="utf-8")
+        t0 = time.perf_counter()
+        sft = run_sft(params, model_dir=parent) if args.sft_steps > 0 else None
+        timings["sft"] = time.perf_counter() - t0
+        tuned = Path(params.rlhf.sft_out) if sft else parent
+        sft_dir = tuned
         t0 = time.perf_counter()
         sugg, _ = suggest(tuned, params, cases)
+        kept = [c for c in cases if c.kept.strip()]
         pairs = [{"prompt": row["prompt"], "chosen": c.kept, "rejected": s}
-                 for c, row, s in zip([c for c in cases if c.kept.strip()], rows, sugg) if s.strip() and s != c.kept]
+                 for c, row, s in zip(kept, rows, sugg) if s.strip() and s != c.kept]
+        # KTO's unpaired rows from the same pairs: the kept text desirable, the rejected suggestion not.
+        unpaired = [{"prompt": p["prompt"], "completion": p[k], "label": k == "chosen"}
+                    for p in pairs for k in ("chosen", "rejected")]
         (snap / "pairs.jsonl").write_text("".join(json.dumps(x) + "\n" for x in pairs), encoding="utf-8")
+        (snap / "unpaired.jsonl").write_text("".join(json.dumps(x) + "\n" for x in unpaired), encoding="utf-8")
         timings["pairs"] = time.perf_counter() - t0
+    if args.dpo_steps > 0:
         dpo_params = params if args.dpo_lr is None else params.model_copy(
             update={"rlhf": params.rlhf.model_copy(update={"dpo_lr": args.dpo_lr})})
         t0 = time.perf_counter()
-        run_preference(dpo_params, model_dir=tuned)
-        timings["dpo"] = time.perf_counter() - t0
+        pref = run_preference(dpo_params, model_dir=sft_dir)
+        timings["preference"] = time.perf_counter() - t0
         tuned = Path(params.rlhf.tuned_out)
-        print(f"[learn] {len(pairs)} pairs", flush=True)
+        print(f"[learn] {pref.method}: {pref.examples} examples, {pref.steps} steps, loss {pref.train_loss}", flush=True)
 
     docs = gate_docs(params)
-    cache = work / f"parent-{weights_hash(parent)[:12]}-{args.max_gate_files}"
+    cache = Path(args.cache)
     t0 = time.perf_counter()
-    if not (cache / "heldout_results.jsonl").is_file():
-        replay(str(parent), params, docs, out_dir=cache)
-    prow = [json.loads(x) for x in (cache / "heldout_results.jsonl").read_text().splitlines()]
-    timings["replay_parent"] = time.perf_counter() - t0
-    if args.dpo_steps > 0 and sft is not None:  # the SFT model alone too: what each learner adds
-        srow = replay(str(params.rlhf.sft_out), params, docs)["rows"]
-        t = paired_tests(prow, srow, params)["tests"]["accepted_chars"]
-        print(f"[learn] SFT alone: accepted_chars diff {t['diff']:+.4f} CI [{t['ci95'][0]:+.4f}, "
-              f"{t['ci95'][1]:+.4f}] p={t['p_value']:.4f}")
+    prow = cached_replay(parent, params, docs, cache, args.max_gate_files)
+    srow = cached_replay(sft_dir, params, docs, cache, args.max_gate_files)
+    timings["replay_parent_sft"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    trow = replay(str(tuned), params, docs)["rows"]
+    trow = cached_replay(tuned, params, docs, cache, args.max_gate_files)
     timings["replay_tuned"] = time.perf_counter() - t0
     p = paired_tests(prow, trow, params)
     out = {"args": vars(args), "kept_rows": len(rows), "sft": None if sft is None else {
-        "steps": sft.steps, "loss": sft.train_loss}, "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "steps": sft.steps, "loss": sft.train_loss}, "tuned_sha256": weights_hash(tuned),
+        "parent_sha256": weights_hash(parent),
         "paired": {k: p["tests"][k] for k in ("accepted_chars", "utility", "accepted")}, "mcnemar": p["mcnemar"]}
-    for k in ("accepted_chars", "utility", "accepted"):
-        t = p["tests"][k]
-        print(f"[learn] {k:<15} parent {t['parent']:.4f} tuned {t['tuned']:.4f} diff {t['diff']:+.4f} "
-              f"CI [{t['ci95'][0]:+.4f}, {t['ci95'][1]:+.4f}] p={t['p_value']:.4f}")
-    print(f"[learn] mcnemar {p['mcnemar']}  timings {out['timings_s']}")
+    print_paired("tuned vs parent", p)
+    if tuned != sft_dir and sft_dir != parent:  # each learner separately: SFT alone, and what preference adds
+        ps = paired_tests(prow, srow, params)
+        print_paired("SFT alone vs parent", ps)
+        pt = paired_tests(srow, trow, params)
+        print_paired("preference step (tuned vs SFT)", pt)
+        out["sft_vs_parent"] = {k: ps["tests"][k] for k in ("accepted_chars", "utility", "accepted")}
+        out["tuned_vs_sft"] = {k: pt["tests"][k] for k in ("accepted_chars", "utility", "accepted")}
+        out["tuned_vs_sft"]["mcnemar"] = pt["mcnemar"]
+    if sft_dir != parent:  # the chosen − rejected margin on held-out pairs: vs SFT (or, for SFT alone, the parent)
+        from pipeline.eval.paired import clustered_mean_difference
+
+        t0 = time.perf_counter()
+        hp = heldout_pairs(params, docs, srow)
+        m_sft = margins(sft_dir if tuned != sft_dir else parent, hp, params, cache)
+        m_tuned = margins(tuned, hp, params, cache)
+        timings["margins"] = time.perf_counter() - t0
+        res = clustered_mean_difference("margin", m_sft, m_tuned, [x["file"] for x in hp], seed=params.rlhf.gate.seed,
+                                        n_resamples=params.rlhf.gate.resamples).to_json()
+        res["pairs"] = len(hp)
+        res["reference"] = "sft" if tuned != sft_dir else "parent"
+        res["reference_prefers_chosen"] = sum(m > 0 for m in m_sft) / len(hp)
+        res["tuned_prefers_chosen"] = sum(m > 0 for m in m_tuned) / len(hp)
+        out["heldout_margin"] = res
+        print(f"[learn] held-out margin (nats, {len(hp)} pairs): {res['reference']} {res['parent']:+.3f} -> tuned "
+              f"{res['tuned']:+.3f} diff {res['diff']:+.3f} CI [{res['ci95'][0]:+.3f}, {res['ci95'][1]:+.3f}] "
+              f"p={res['p_value']:.4f}; prefers chosen {res['reference_prefers_chosen']:.3f} -> "
+              f"{res['tuned_prefers_chosen']:.3f}", flush=True)
+    out["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
+    print(f"[learn] timings {out['timings_s']}", flush=True)
     print(json.dumps(out))
     return 0
 
