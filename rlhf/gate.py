@@ -90,20 +90,28 @@ def _fmt(v: float | None) -> str:
     return f"{v:8.3f}" if isinstance(v, (int, float)) else f"{'-':>8}"
 
 
+# What the ``evaluate`` stage writes that does not depend on the gate's files: HumanEval and the stdlib idioms.
+BASE_REUSABLE = {"humaneval": ("humaneval.json", "humaneval_results.jsonl", "samples.jsonl"),
+                 "idioms": ("idioms.json", "idioms_results.jsonl")}
+
+
 def evaluate(params: RLHFParams, name: str, model_dir: str | Path, docs: list[dict] | None = None, show=None) -> Path:
-    """Every gate metric of one model into ``reports/eval/<name>/``, on the gate's held-out files only."""
+    """Every gate metric of one model into ``reports/eval/<name>/``, on the gate's held-out files only
+    (HumanEval and idioms are copied from the ``evaluate`` stage when it scored these very weights)."""
     from pipeline.eval.fim import run_fim
     from pipeline.eval.idioms import run_idioms
     from rlhf.heldout import gate_docs, replay
 
     docs = gate_docs(params) if docs is None else docs
     out = Path(params.eval.out) / name
-    if not params.rlhf.gate.skip_humaneval:
+    reused = reuse_base_evaluation(params, name, model_dir)
+    if not params.rlhf.gate.skip_humaneval and "humaneval" not in reused:
         from pipeline.eval.humaneval import run_humaneval
 
         run_humaneval(params, name, str(model_dir))
     run_fim(params, name, str(model_dir), docs=docs)
-    run_idioms(params, name, str(model_dir))
+    if "idioms" not in reused:
+        run_idioms(params, name, str(model_dir))
     replay(str(model_dir), params, docs, out_dir=out, show=show)
     return out
 
@@ -237,6 +245,47 @@ def reuse_evaluation(params: RLHFParams, parent: dict, parent_eval: dict) -> Pat
     say(f"[rlhf gate] parent {parent.get('version') or parent['model_dir']}: the evaluation in {src} is of the same "
         f"weights, held-out files and params; reused")
     return out
+
+
+def reuse_base_evaluation(params: RLHFParams, name: str, model_dir: str | Path) -> set[str]:
+    """Copy HumanEval and idioms from the ``evaluate`` stage (``eval.out/eval.name``) into ``eval.out/<name>``
+    when ``model_dir`` holds the weights that stage scored (the reports' ``model_sha256``): round 1's parent is the
+    base model, and both evaluations are deterministic (greedy, the same ``eval`` params and numerics), so running
+    them again gives the same files (checked byte for byte on the embedded default) — ~30 s of the 15-minute
+    budget. The FIM metrics are not reused: the gate scores them on its held-out files only. Returns what was
+    copied (nothing when the weights differ or a file is missing)."""
+    import shutil
+
+    from pipeline.tracking import say
+    from rlhf.tune import weights_hash
+
+    src = Path(params.eval.out) / params.eval.name
+    if src == Path(params.eval.out) / name:
+        return set()
+    want = weights_hash(model_dir)
+    out = Path(params.eval.out) / name
+    reused = set()
+    for what, files in BASE_REUSABLE.items():
+        if what == "humaneval" and params.rlhf.gate.skip_humaneval:
+            continue
+        summary = _read_json(src / files[0])
+        if summary and summary.get("model_sha256") == want and all((src / f).is_file() for f in files):
+            out.mkdir(parents=True, exist_ok=True)
+            for f in files:
+                shutil.copyfile(src / f, out / f)
+            reused.add(what)
+    if reused:
+        say(f"[rlhf gate] {name}: {', '.join(sorted(reused))} of these weights copied from {src} (the evaluate stage)")
+    return reused
+
+
+def _read_json(path: Path) -> dict | None:
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def gate_path(params: RLHFParams) -> Path:

@@ -153,6 +153,10 @@ def run_humaneval(params: Params, name: str, model_dir: str, samples_path: str |
     summary, per_sample = score(samples, problems, sandbox, cfg.k)
     summary["skipped_samples"] = dict(sorted(skipped.items()))
     summary["sandbox"] = sandbox.isolation.describe()
+    if not samples_path:  # which weights were scored: the gate reuses this evaluation only for the same weights
+        from pipeline.hashing import weights_hash
+
+        summary["model_sha256"] = weights_hash(model_dir)
     from pipeline.tracking import write_json, write_jsonl
 
     write_json(report, summary)

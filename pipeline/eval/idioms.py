@@ -57,6 +57,7 @@ def plausible(prompt: str, completion: str) -> bool:
 
 def run_idioms(params: Params, name: str, model_dir: str) -> dict:
     from pipeline.eval.generate import GenerationSettings, generate, load_model
+    from pipeline.hashing import weights_hash
     from pipeline.tracking import write_json, write_jsonl
 
     cfg = params.eval.idioms
@@ -71,7 +72,7 @@ def run_idioms(params: Params, name: str, model_dir: str) -> dict:
                         "plausible": line is not None and parses(line)})
     n_ok = sum(r["plausible"] for r in results)
     summary = {"prompts": len(results), "plausible": n_ok, "plausible_rate": n_ok / len(results),
-               "max_new_tokens": cfg.max_new_tokens}
+               "max_new_tokens": cfg.max_new_tokens, "model_sha256": weights_hash(model_dir)}
     out_dir = Path(params.eval.out) / name
     write_json(out_dir / "idioms.json", summary)
     write_jsonl(out_dir / "idioms_results.jsonl", results)

@@ -198,3 +198,33 @@ def test_the_rule_judges_model_plus_filter_when_the_gateway_applies_filters(tmp_
     assert decide(paired, [], off)[:2] == (False, False)  # the model alone may be worse by more than the margin
     assert decide(paired, [], on)[:2] == (True, True)  # the deployed version's gain is significant
     assert decide(test(-0.5, 0.2, 0.4), [], on)[:2] == (False, False)  # no filter fitted: the model decides
+
+
+def test_the_parent_reuses_the_evaluate_stage_only_for_the_weights_it_scored(tmp_path, tiny_model_dir):
+    """Round 1's parent is the base model the `evaluate` stage already scored: the gate copies its HumanEval and
+    idioms (same bytes as running them again), and runs them itself for other weights or a stale report."""
+    from pipeline.eval.humaneval import run_humaneval
+    from pipeline.eval.idioms import run_idioms
+    from rlhf.gate import BASE_REUSABLE, reuse_base_evaluation
+
+    data = gate_params(tmp_path, tiny_model_dir).model_dump(mode="json", exclude={"source_file"})
+    data["eval"]["humaneval"].update(limit=2, max_new_tokens=8, k=[1])
+    data["rlhf"]["gate"]["skip_humaneval"] = False
+    params = parse_params(data, "reuse-params")
+    out = Path(params.eval.out)
+    for name in (params.eval.name, "again"):  # the evaluate stage's reports, and the same evaluation run again
+        run_humaneval(params, name, str(tiny_model_dir))
+        run_idioms(params, name, str(tiny_model_dir))
+
+    assert reuse_base_evaluation(params, "rlhf-parent", tiny_model_dir) == {"humaneval", "idioms"}
+    for f in [f for files in BASE_REUSABLE.values() for f in files]:
+        assert (out / "rlhf-parent" / f).read_bytes() == (out / "again" / f).read_bytes(), f
+
+    other = damaged(tiny_model_dir, tmp_path / "other", scale=0.1)
+    assert reuse_base_evaluation(params, "rlhf-tuned", other) == set()
+    assert not (out / "rlhf-tuned").exists()
+
+    report = out / params.eval.name / "idioms.json"
+    stale = json.loads(report.read_text())
+    report.write_text(json.dumps({**stale, "model_sha256": "0" * 64}))  # a report of other weights
+    assert reuse_base_evaluation(params, "rlhf-parent2", tiny_model_dir) == {"humaneval"}
