@@ -16,6 +16,9 @@ def register(sub) -> None:
     p = cmds.add_parser("snapshot", help="feedback store → data/feedback/ (SFT, preference pairs, unpaired)")
     add_params_arg(p)
     _db_arg(p)
+    p.add_argument("--parent", choices=["base", "production"],
+                   help="the model tuning starts from: base (rlhf.base_model, `dvc repro`) or production (the version "
+                        "serving everyone, `ownllm rlhf refresh`); default: $OWNLLM_RLHF_PARENT, else base")
     p.set_defaults(func=lazy("rlhf.commands:snapshot"))
 
     p = cmds.add_parser("sft", help="SFT the production model on the snapshot's bounties (TRL) → models/sft/")

@@ -11,10 +11,16 @@ def _db_url(args, params) -> str:
 
 
 def snapshot(args) -> int:
+    import os
+
     from rlhf import stages
+    from rlhf.snapshot import PARENT_FROM, PARENT_FROM_ENV
 
     params = load_rlhf_params(args.params)
-    stages.snapshot(params, _db_url(args, params))
+    parent_from = args.parent or os.environ.get(PARENT_FROM_ENV) or "base"
+    if parent_from not in PARENT_FROM:
+        raise UserError(f"{PARENT_FROM_ENV}={parent_from!r}: expected one of {list(PARENT_FROM)}")
+    stages.snapshot(params, _db_url(args, params), parent_from=parent_from)
     return 0
 
 

@@ -76,7 +76,10 @@ def _run_dvc(params: RLHFParams, exp_name: str, repo: str | Path) -> dict:
     its stages run."""
     cmd = [find_tool("dvc"), "exp", "run", "--name", exp_name, DVC_TARGET]
     say(f"[rlhf refresh] {' '.join(cmd)}")
-    proc = subprocess.run(cmd, cwd=repo, env=tool_env({"OWNLLM_EXP_NAME": exp_name}))
+    from rlhf.snapshot import PARENT_FROM_ENV
+
+    # The production path tunes from the version serving everyone (`dvc repro` alone pins round 1 to the base).
+    proc = subprocess.run(cmd, cwd=repo, env=tool_env({"OWNLLM_EXP_NAME": exp_name, PARENT_FROM_ENV: "production"}))
     if proc.returncode != 0:
         raise UserError(f"`{' '.join(cmd)}` failed with exit code {proc.returncode} (its output is above)")
     return _register_result(params)
@@ -93,7 +96,7 @@ def run_direct(params: RLHFParams, db_url: str) -> dict:
     """The DVC stages' work, in-process and in order (what `dvc exp run` runs, minus the bookkeeping)."""
     from rlhf import stages
 
-    stages.snapshot(params, db_url)
+    stages.snapshot(params, db_url, parent_from="production")
     stages.sft(params)
     stages.preference(params)
     stages.gate(params)

@@ -16,7 +16,9 @@ tuning data obeys the same rules as the pretraining data. Dropped examples go to
 Determinism: row ids are content hashes and every file is sorted by id, so the snapshot of a given
 database state is byte-identical however the rows were inserted. ``manifest.json`` holds the counts and
 ``content_hash`` (sha256 of the three files), which the refresh job compares to decide "nothing new".
-``parent.json`` names the model version in production, the one tuning starts from.
+``parent.json`` names the model tuning starts from (:func:`snapshot_parent`): under `dvc repro` (round 1 of the
+pipeline) the base model ``rlhf.base_model``, so the outputs depend only on what DVC tracks; for `ownllm rlhf
+refresh` (the production path, :data:`PARENT_FROM_ENV` = ``production``) the version serving everyone.
 """
 
 from __future__ import annotations
@@ -118,6 +120,27 @@ def load_store(session: Session) -> tuple[list[Decision], list[BountyText], int]
     bounties = [BountyText(b.title, b.instruction, b.language, b.solution)
                 for b in session.scalars(select(Bounty).order_by(Bounty.content_hash))]
     return decisions, bounties, purged
+
+
+# Where round 1's parent comes from: ``base`` (default: `dvc repro`, whose outputs must not depend on what an earlier
+# run left in the live store) or ``production`` (the version serving everyone, what `ownllm rlhf refresh` tunes from;
+# it sets this variable for the `dvc exp run` it starts, whose stages run the same `ownllm rlhf snapshot`).
+PARENT_FROM_ENV = "OWNLLM_RLHF_PARENT"
+PARENT_FROM = ("base", "production")
+
+
+def snapshot_parent(session: Session, base_model: str, parent_from: str) -> dict:
+    """The model round 1 tunes from: ``production`` → :func:`production_parent`; ``base`` → ``base_model``, named
+    as the store registered that folder (the simulated users' ``base``), whatever version serves everyone now."""
+    if parent_from == "production":
+        return production_parent(session, base_model)
+    if parent_from != "base":
+        raise ValueError(f"parent {parent_from!r}: expected one of {list(PARENT_FROM)}")
+    from feedback.models import ModelVersion
+
+    want = str(Path(base_model).resolve())
+    name = session.scalar(select(ModelVersion.name).where(ModelVersion.path == want).order_by(ModelVersion.id).limit(1))
+    return {"version": name, "model_dir": portable_path(base_model)}
 
 
 def production_parent(session: Session, base_model: str) -> dict:
@@ -326,14 +349,15 @@ def read_manifest(snapshot_dir: str | Path) -> dict | None:
     return json.loads(p.read_text(encoding="utf-8"))
 
 
-def take_snapshot(params: RLHFParams, db_url: str) -> tuple[Snapshot, dict]:
-    """Read the store and build the snapshot in memory (no files written): (snapshot, parent)."""
+def take_snapshot(params: RLHFParams, db_url: str, parent_from: str = "production") -> tuple[Snapshot, dict]:
+    """Read the store and build the snapshot in memory (no files written): (snapshot, parent), the parent as
+    :func:`snapshot_parent` picks it."""
     from feedback.db import session_factory
 
     factory = session_factory(db_url)
     with factory() as s:
         decisions, bounties, purged = load_store(s)
-        parent = production_parent(s, params.rlhf.base_model)
+        parent = snapshot_parent(s, params.rlhf.base_model, parent_from)
     snap = build_snapshot(decisions, bounties, params, benchmark_decontaminator(params))
     snap.stats["purged_texts"] = purged
     return snap, parent

@@ -14,14 +14,15 @@ from rlhf.config import RLHFParams
 from pipeline.tracking import say, stage_run, wandb_mode, write_json
 
 
-def snapshot(params: RLHFParams, db_url: str, parent: dict | None = None) -> dict:
-    """``parent``: the model to tune from (a later loop round's: the version the round before deployed);
-    default the version serving everyone in the store (production)."""
+def snapshot(params: RLHFParams, db_url: str, parent: dict | None = None, parent_from: str = "base") -> dict:
+    """``parent``: the model to tune from (a later loop round's: the version the round before deployed); else
+    ``parent_from`` says (:func:`rlhf.snapshot.snapshot_parent`): ``base`` (`dvc repro`'s round 1: rlhf.base_model)
+    or ``production`` (`ownllm rlhf refresh`: the version serving everyone in the store)."""
     from rlhf.snapshot import take_snapshot, write_snapshot
 
     with stage_run("rlhf_snapshot", params) as run:
-        snap, production = take_snapshot(params, db_url)
-        parent = parent or production
+        snap, pinned = take_snapshot(params, db_url, parent_from)
+        parent = parent or pinned
         manifest = write_snapshot(snap, params.rlhf.snapshot_dir, parent)
         run.summary(manifest)
     c = manifest["counts"]

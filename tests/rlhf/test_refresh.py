@@ -36,12 +36,14 @@ def test_same_snapshot_as_last_refresh_is_nothing_to_do(tmp_path):
 
 
 def test_dvc_runner_runs_a_named_experiment(tmp_path):
-    """`refresh` drives a real `dvc exp run` (here over a stub register stage, in a scratch repo)."""
+    """`refresh` drives a real `dvc exp run` (here over a stub register stage, in a scratch repo), telling its
+    stages that this is the production path (the snapshot's parent: the version serving everyone)."""
     from rlhf.refresh import _run_dvc
 
     repo = tmp_path / "repo"
     stub = ("import json, os; os.makedirs('reports', exist_ok=True); json.dump({'registered': True, "
-            "'version': 'ft-stub', 'reason': 'gate passed', 'lineage': {}, 'exp': os.environ['OWNLLM_EXP_NAME']}, "
+            "'version': 'ft-stub', 'reason': 'gate passed', 'lineage': {}, 'exp': os.environ['OWNLLM_EXP_NAME'], "
+            "'parent_from': os.environ.get('OWNLLM_RLHF_PARENT')}, "
             "open('reports/rlhf_register.json', 'w'))")
     (tmp_path / "stub.py").write_text(stub + "\n")
     _scratch_dvc_repo(repo, f"{sys.executable} {tmp_path / 'stub.py'}")
@@ -49,6 +51,8 @@ def test_dvc_runner_runs_a_named_experiment(tmp_path):
     params = params.model_copy(update={"tracking": params.tracking.model_copy(update={"reports_dir": str(repo / "reports")})})
     result = _run_dvc(params, "rlhf-abc123", repo)
     assert result["registered"] and result["exp"] == "rlhf-abc123"
+    # The production path: its stages' `ownllm rlhf snapshot` tunes from the version serving everyone.
+    assert result["parent_from"] == "production"
     listed = subprocess.run([str(Path(sys.executable).parent / "dvc"), "exp", "list", "--name-only"], cwd=repo,
                             capture_output=True, text=True)
     assert "rlhf-abc123" in listed.stdout

@@ -144,3 +144,42 @@ def test_only_served_completions_reach_the_snapshot(tmp_path, tiny_model_dir):
         kept = load_store(s)[0]
     assert len(kept) == len(decisions) - 3
     assert {d.completion for d in kept} == {c for _, _, c, _ in decisions[3:]}
+
+
+def test_dvc_repro_pins_round_one_to_the_base_while_refresh_tunes_from_production(tmp_path, tiny_model_dir,
+                                                                                 monkeypatch):
+    """The live-store trap: after a run registered a version at `all`, a `dvc repro` that reruns the snapshot
+    (`ownllm rlhf snapshot`, no flag) must still tune from rlhf.base_model, so its outputs depend only on what DVC
+    tracks; `ownllm rlhf refresh` (the production path) tunes from `all` (test_refresh.py: the variable reaches the
+    stages of its `dvc exp run`)."""
+    import shutil
+
+    import yaml
+
+    from feedback.db import session_factory
+    from feedback.store import promote, register_model_version
+    from pipeline.cli import main
+    from rlhf.snapshot import PARENT_FROM_ENV
+
+    params = rlhf_params(tmp_path, tiny_model_dir)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    url = make_store(tmp_path, tiny_model_dir, sample_decisions(2))
+    live = tmp_path / "models/registry/ft-live"
+    shutil.copytree(tiny_model_dir, live)
+    with session_factory(url).begin() as s:  # what an earlier run's register left in the store
+        register_model_version(s, "ft-live", str(live), state="staff")
+        promote(s, "ft-live", "all")
+    parent_json = tmp_path / "data/feedback/parent.json"
+
+    monkeypatch.delenv(PARENT_FROM_ENV, raising=False)
+    assert main(["rlhf", "snapshot", "--params", str(params_file), "--db-url", url]) == 0  # the DVC stage's command
+    assert json.loads(parent_json.read_text()) == {"version": "base", "model_dir": str(tiny_model_dir)}
+
+    monkeypatch.setenv(PARENT_FROM_ENV, "production")  # what `ownllm rlhf refresh` sets for `dvc exp run`
+    assert main(["rlhf", "snapshot", "--params", str(params_file), "--db-url", url]) == 0
+    assert json.loads(parent_json.read_text()) == {"version": "ft-live", "model_dir": str(live)}
+    assert main(["rlhf", "snapshot", "--params", str(params_file), "--db-url", url, "--parent", "base"]) == 0
+    assert json.loads(parent_json.read_text())["version"] == "base"
+    monkeypatch.setenv(PARENT_FROM_ENV, "latest")
+    assert main(["rlhf", "snapshot", "--params", str(params_file), "--db-url", url]) == 2
