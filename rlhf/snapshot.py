@@ -2,7 +2,9 @@
 
 Three JSONL files, each in the column format its TRL trainer documents:
 
-- ``sft.jsonl``       bounties (instruction + accepted solution) as ``prompt`` / ``completion``;
+- ``sft.jsonl``       bounties (instruction + accepted solution) and what users kept at their cursors, as
+                      ``prompt`` / ``completion`` (``source`` bounty | kept; a kept row says where the text came
+                      from, ``kept_sources``, and whether the user was shown a suggestion there, ``shown``);
 - ``pairs.jsonl``     completions served for the same context, one accepted and one rejected, as
                       ``prompt`` / ``chosen`` / ``rejected`` (DPO);
 - ``unpaired.jsonl``  every decided completion as ``prompt`` / ``completion`` / ``label`` (KTO).
@@ -57,6 +59,20 @@ class Decision:
     completion: str
     accepted: bool
     kept: str | None = None  # what the user really kept at the cursor (Completion.kept_text), when known
+    kept_source: str | None = None  # typed | derived | simulated (Completion.kept_source)
+
+
+@dataclass(frozen=True)
+class UnseenKept:
+    """What the user kept at a cursor where they were shown nothing: the suggestion filter hid it (``filtered``)
+    or it was empty (``served``, no feedback event). The kept text is still what they wrote there; the hidden
+    suggestion itself is not training data (the user never judged it)."""
+
+    language: str
+    prefix: str
+    suffix: str
+    kept: str
+    kept_source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -105,18 +121,18 @@ def load_store(session: Session) -> tuple[list[Decision], list[BountyText], int]
 
     rows = session.execute(
         select(Completion.language, Completion.prompt, Completion.suffix, Completion.completion, FeedbackEvent.kind,
-               Completion.kept_text)
+               Completion.kept_text, Completion.kept_source)
         .join(FeedbackEvent, FeedbackEvent.completion_id == Completion.id)
         .where(Completion.status == ServeStatus.served.value)
         .order_by(Completion.id)
     ).all()
     decisions, purged = [], 0
-    for lang, prompt, suffix, completion, kind, kept in rows:
+    for lang, prompt, suffix, completion, kind, kept, kept_source in rows:
         if prompt is None or completion is None:  # texts removed by the retention purge: counts only
             purged += 1
             continue
         decisions.append(Decision(lang or "unknown", prompt, suffix or "", completion, kind == FeedbackKind.accepted,
-                                  kept))
+                                  kept, kept_source))
     bounties = [BountyText(b.title, b.instruction, b.language, b.solution)
                 for b in session.scalars(select(Bounty).order_by(Bounty.content_hash))]
     return decisions, bounties, purged
@@ -141,6 +157,29 @@ def snapshot_parent(session: Session, base_model: str, parent_from: str) -> dict
     want = str(Path(base_model).resolve())
     name = session.scalar(select(ModelVersion.name).where(ModelVersion.path == want).order_by(ModelVersion.id).limit(1))
     return {"version": name, "model_dir": portable_path(base_model)}
+
+
+def load_unseen_kept(session: Session) -> list[UnseenKept]:
+    """Kept text at cursors where the user was shown nothing (:class:`UnseenKept`): rows the suggestion filter hid,
+    and served rows without a feedback event (an empty suggestion is not shown). With the filter on, most rows
+    are such: the user types the code anyway, and the gateway derives it (feedback/kept.py) or the client reports
+    it. The privacy rules hold by the query: a user who stores no code has no prompt text (and nothing derived),
+    a purged row has neither prompt nor kept text, and the snapshot redacts what it reads as for decisions.
+    Acceptance analytics are not touched: they count served rows only."""
+    from sqlalchemy import and_, or_
+
+    from feedback.models import Completion, FeedbackEvent, ServeStatus
+
+    rows = session.execute(
+        select(Completion.language, Completion.prompt, Completion.suffix, Completion.kept_text, Completion.kept_source)
+        .outerjoin(FeedbackEvent, FeedbackEvent.completion_id == Completion.id)
+        .where(Completion.kept_text.is_not(None), Completion.prompt.is_not(None),
+               or_(Completion.status == ServeStatus.filtered.value,
+                   and_(Completion.status == ServeStatus.served.value, FeedbackEvent.id.is_(None))))
+        .order_by(Completion.id)
+    ).all()
+    return [UnseenKept(lang or "unknown", prompt, suffix or "", kept, source)
+            for lang, prompt, suffix, kept, source in rows]
 
 
 def production_parent(session: Session, base_model: str) -> dict:
@@ -194,6 +233,12 @@ class _Context:
     accepted: set[str] = field(default_factory=set)
     rejected: set[str] = field(default_factory=set)
     kept: set[str] = field(default_factory=set)  # what the user really kept here (usually one text)
+    kept_sources: dict[str, set[str]] = field(default_factory=dict)  # kept text -> typed | derived | simulated
+    shown: bool = False  # a suggestion was shown here and decided (not only hidden or empty ones)
+
+    def add_kept(self, text: str, source: str | None) -> None:
+        self.kept.add(text)
+        self.kept_sources.setdefault(text, set()).add(source or "typed")
 
 
 def _redact(text: str, params: RLHFParams, counts: Counter) -> str:
@@ -203,11 +248,14 @@ def _redact(text: str, params: RLHFParams, counts: Counter) -> str:
 
 
 def build_snapshot(decisions: list[Decision], bounties: list[BountyText], params: RLHFParams,
-                   decontaminator=None) -> Snapshot:
-    """Turn store rows into the three datasets (pure function of its inputs; order of inputs is irrelevant)."""
+                   decontaminator=None, unseen_kept: list[UnseenKept] = ()) -> Snapshot:
+    """Turn store rows into the three datasets (pure function of its inputs; order of inputs is irrelevant).
+
+    ``unseen_kept`` (:func:`load_unseen_kept`) adds SFT-on-kept rows at cursors where nothing was shown; the
+    preference data (pairs, unpaired) stays on suggestions the user saw and decided (docs/RLHF.md)."""
     cfg = params.rlhf
     pii: Counter = Counter()
-    stats: Counter = Counter(decisions_in=len(decisions), bounties_in=len(bounties))
+    stats: Counter = Counter(decisions_in=len(decisions), bounties_in=len(bounties), unseen_kept_in=len(unseen_kept))
 
     # Contexts: the same (redacted) prefix + suffix is one context, whoever was served it.
     contexts: dict[tuple[str, str], _Context] = {}
@@ -219,8 +267,15 @@ def build_snapshot(decisions: list[Decision], bounties: list[BountyText], params
             continue
         ctx = contexts.setdefault((prefix, suffix), _Context(d.language, prefix, suffix))
         (ctx.accepted if d.accepted else ctx.rejected).add(completion)
+        ctx.shown = True
         if d.kept is not None and d.kept.strip():
-            ctx.kept.add(_redact(d.kept, params, pii))
+            ctx.add_kept(_redact(d.kept, params, pii), d.kept_source)
+    for u in unseen_kept:  # nothing shown here: the kept text alone (an SFT row), never a preference
+        if not u.kept.strip():
+            continue
+        prefix, suffix = _redact(u.prefix, params, pii), _redact(u.suffix, params, pii)
+        ctx = contexts.setdefault((prefix, suffix), _Context(u.language, prefix, suffix))
+        ctx.add_kept(_redact(u.kept, params, pii), u.kept_source)
     for ctx in contexts.values():  # the same text both accepted and rejected teaches nothing: drop it
         both = ctx.accepted & ctx.rejected
         stats["conflicting_label"] += len(both)
@@ -262,7 +317,8 @@ def build_snapshot(decisions: list[Decision], bounties: list[BountyText], params
         prompt = render_prompt(ctx.prefix, ctx.suffix, cfg.max_prompt_chars)
         if cfg.sft_kept:  # SFT on kept code: the cursor's FIM prompt -> what the user really kept there
             sft += [{"id": row_id("sft-kept", prompt, k), "prompt": prompt, "completion": k, "language": ctx.language,
-                     "source": "kept"} for k in sorted(ctx.kept)]
+                     "source": "kept", "kept_sources": sorted(ctx.kept_sources[k]), "shown": ctx.shown}
+                    for k in sorted(ctx.kept)]
         # Preferences at the same cursor: chosen = what was kept (params: and/or the accepted suggestion).
         chosen = (ctx.kept if cfg.chosen in ("kept", "both") else set()) | \
             (ctx.accepted if cfg.chosen in ("accepted", "both") or not ctx.kept else set())
@@ -277,7 +333,9 @@ def build_snapshot(decisions: list[Decision], bounties: list[BountyText], params
     rej_table = pa.concat_tables(rejected) if rejected else REJECT_SCHEMA.empty_table()
     stats.update(contexts=len(contexts), sft=len(sft), pairs=len(pairs), unpaired=len(unpaired),
                  unpaired_accepted=sum(r["label"] for r in unpaired),
-                 sft_kept=sum(r["source"] == "kept" for r in sft), contexts_with_kept=sum(bool(c.kept) for c in contexts.values()))
+                 sft_kept=sum(r["source"] == "kept" for r in sft),
+                 sft_kept_unshown=sum(r["source"] == "kept" and not r["shown"] for r in sft),
+                 contexts_with_kept=sum(bool(c.kept) for c in contexts.values()))
     out_stats = dict(sorted(stats.items()))
     out_stats["pii_redactions"] = dict(sorted(pii.items()))
     out_stats["rejected"] = dict(sorted(Counter(rej_table.column("reason").to_pylist()).items()))
@@ -357,7 +415,8 @@ def take_snapshot(params: RLHFParams, db_url: str, parent_from: str = "productio
     factory = session_factory(db_url)
     with factory() as s:
         decisions, bounties, purged = load_store(s)
+        unseen = load_unseen_kept(s) if params.rlhf.sft_kept else []
         parent = snapshot_parent(s, params.rlhf.base_model, parent_from)
-    snap = build_snapshot(decisions, bounties, params, benchmark_decontaminator(params))
+    snap = build_snapshot(decisions, bounties, params, benchmark_decontaminator(params), unseen)
     snap.stats["purged_texts"] = purged
     return snap, parent

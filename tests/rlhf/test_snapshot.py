@@ -183,3 +183,91 @@ def test_dvc_repro_pins_round_one_to_the_base_while_refresh_tunes_from_productio
     assert json.loads(parent_json.read_text())["version"] == "base"
     monkeypatch.setenv(PARENT_FROM_ENV, "latest")
     assert main(["rlhf", "snapshot", "--params", str(params_file), "--db-url", url]) == 2
+
+
+def test_kept_text_where_nothing_was_shown_is_learned_but_never_a_preference(tmp_path, tiny_model_dir):
+    """With the filter on most suggestions are hidden, yet the user types the code anyway: that kept text is an
+    SFT row (marked ``shown: false``, with its provenance); the hidden suggestion is neither chosen nor rejected."""
+    from rlhf.snapshot import UnseenKept
+
+    params = rlhf_params(tmp_path, tiny_model_dir, decontam=False)
+    seen = ("def area(r):\n    return", "\nprint(area(2))\n")
+    hidden = ("def norm(v):\n    return", "\nprint(norm(2))\n")
+    decisions = [Decision("python", *seen, " r", False, " 3.14159 * r * r", "derived")]
+    unseen = [UnseenKept("python", *hidden, " math.sqrt(sum(x * x for x in v))", "derived"),
+              UnseenKept("python", *seen, " 3.14159 * r * r", "simulated"),  # the hidden 2nd choice at a seen cursor
+              UnseenKept("python", "x = 1\ny =", "", "   ", "typed")]  # blank: nothing to learn
+    snap = build_snapshot(decisions, [], params, unseen_kept=unseen)
+    rows = {r["completion"]: r for r in snap.sft}
+    assert set(rows) == {" 3.14159 * r * r", " math.sqrt(sum(x * x for x in v))"}
+    assert rows[" math.sqrt(sum(x * x for x in v))"]["prompt"] == render_prompt(*hidden, params.rlhf.max_prompt_chars)
+    assert (rows[" math.sqrt(sum(x * x for x in v))"]["shown"], rows[" math.sqrt(sum(x * x for x in v))"]["kept_sources"]) \
+        == (False, ["derived"])
+    assert (rows[" 3.14159 * r * r"]["shown"], rows[" 3.14159 * r * r"]["kept_sources"]) == (True, ["derived", "simulated"])
+    # Preferences stay on what the user saw: one pair at the seen cursor, none at the hidden one.
+    assert [(p["chosen"], p["rejected"]) for p in snap.pairs] == [(" 3.14159 * r * r", " r")]
+    assert [(u["completion"], u["label"]) for u in snap.unpaired] == [(" r", False)]
+    assert snap.stats["sft_kept"] == 2 and snap.stats["sft_kept_unshown"] == 1 and snap.stats["unseen_kept_in"] == 3
+    # Without the unseen rows (the snapshot before this change) the hidden cursor teaches nothing.
+    assert len(build_snapshot(decisions, [], params).sft) == 1
+
+
+def test_the_store_gives_kept_text_of_filtered_and_empty_suggestions_under_the_privacy_rules(tmp_path, tiny_model_dir):
+    """Rows the filter hid and empty suggestions (no event) reach the snapshot through what the user kept there;
+    a row still pending does not, a purged row does not, a user who stores no code does not, and PII in the
+    kept text is redacted. Acceptance analytics still count served rows only."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from feedback.analytics import acceptance
+    from feedback.db import session_factory
+    from feedback.models import Completion, utcnow
+    from feedback.store import get_or_create_user, get_version, purge_texts, sha256
+
+    params = rlhf_params(tmp_path, tiny_model_dir, decontam=False)
+    url = make_store(tmp_path, tiny_model_dir, sample_decisions(1))
+    chunks = code_chunks(6)[1:]
+    with session_factory(url).begin() as s:
+        mv = get_version(s, "base")
+        alice, bob = get_or_create_user(s, "alice"), get_or_create_user(s, "bob")
+        bob.store_code = False
+        s.flush()
+
+        def row(rid, user, prefix, completion, status, kept, source="derived", keep_code=True):
+            s.add(Completion(request_id=rid, choice_index=0, user_id=user.id, model_version_id=mv.id, language="python",
+                             prompt=prefix if keep_code else None, suffix=None,
+                             completion=completion if keep_code else None, prompt_hash=sha256(prefix),
+                             finish_reason="stop", prompt_tokens=1, completion_tokens=1, latency_ms=1.0, status=status,
+                             kept_text=kept, kept_source=source))
+        row("hidden", alice, chunks[0][0], "    pass", "filtered", chunks[0][1])
+        row("empty", alice, chunks[1][0], "", "served", chunks[1][1], "simulated")
+        row("pii", alice, chunks[2][0], "    pass", "filtered", "    mail = 'ann@example.com'\n")
+        row("pending", alice, chunks[3][0], "", "pending", chunks[3][1])
+        row("no-code", bob, chunks[4][0], "    pass", "filtered", None, None, keep_code=False)
+        row("old", alice, "def old():\n    return", "    pass", "filtered", " 42")
+        s.flush()
+        s.execute(update(Completion).where(Completion.request_id == "old")
+                  .values(created_at=utcnow() - timedelta(days=40)))
+        assert purge_texts(s, 30) == 1
+    before = {c["model"]: (c["served"], c["filtered"], c["decided"]) for c in _acceptance(url, acceptance)}
+
+    snap, _ = take_snapshot(params, url)
+    kept = {r["completion"]: r for r in snap.sft if r["source"] == "kept"}
+    assert set(kept) == {chunks[0][1], chunks[1][1], "    mail = '<EMAIL>'\n"}
+    assert all("ann@example.com" not in r["prompt"] + r["completion"] for r in snap.sft)
+    assert kept[chunks[0][1]]["shown"] is False and kept[chunks[0][1]]["kept_sources"] == ["derived"]
+    assert kept[chunks[1][1]]["kept_sources"] == ["simulated"]
+    assert snap.stats["sft_kept_unshown"] == 3 and snap.stats["unseen_kept_in"] == 3
+    assert all(p["rejected"] != "    pass" for p in snap.pairs) and len(snap.pairs) == 2  # sample_decisions(1) only
+    off = build_snapshot([], [], rlhf_params(tmp_path, tiny_model_dir, decontam=False, sft_kept=False))
+    assert off.sft == []
+    assert {c["model"]: (c["served"], c["filtered"], c["decided"]) for c in _acceptance(url, acceptance)} == before
+    assert before["base"][1] == 4  # hidden, pii, no-code, old: filtered, not served
+
+
+def _acceptance(url, acceptance):
+    from feedback.db import session_factory
+
+    with session_factory(url)() as s:
+        return acceptance(s, by_language=False)
