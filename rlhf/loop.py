@@ -25,9 +25,13 @@ later round is one DVC stage, ``refresh@round-N`` (``rlhf.loop.rounds``), writin
         "deployed": "ft-...",          # what the next round tunes from
         "traffic": {"simulate_round": 0, "cursors": 191, "accepted": 3, "served_by": "base", ...},
         "reasons": [...],              # why it failed / why the gain is not significant
-        "heldout": {"parent": {...}, "tuned": {...}},   # heldout.json of each model (rates, chars, utility)
+        "heldout": {"parent": {...}, "tuned": {...}, "deployed": {...}},  # heldout.json: rates, chars, utility
         "paired": {"utility": {"diff", "ci95", "p_value", "n", "clusters", ...}, "accepted_chars": {...},
-                   "accepted": {...}, "shown": {...}, "mcnemar": {...}},
+                   "accepted": {...}, "shown": {...}, "mcnemar": {...}},   # tuned - parent, both models alone
+        "versus": {                     # the same paired tests (tests + mcnemar), on the same held-out cursors:
+           "deployed_vs_before": ...,   #   this round's model + filter - what users got after the round before
+           "model_vs_base": ...,        #   this round's model alone - the base model
+           "deployed_vs_base": ...},    #   this round's model + filter - the base model (which has no filter)
         "metrics": {"fim.infill_exact": {"base", "tuned", "delta", "tolerance", "ok"}, ...},
         "snapshot": {...counts}, "tuning": {...}}, ...],
      "gate_passed": <last round's verdict>}
@@ -52,7 +56,7 @@ def round_report(params: RLHFParams, gate: dict, manifest: dict | None, tune: di
                  round_no: int = 1) -> dict:
     eval_out = Path(params.eval.out)
     heldout = {}
-    for side, name in (("parent", "rlhf-parent"), ("tuned", "rlhf-tuned")):
+    for side, name in (("parent", "rlhf-parent"), ("tuned", "rlhf-tuned"), ("deployed", "rlhf-deployed")):
         p = eval_out / name / "heldout.json"
         heldout[side] = json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
     paired = dict(gate.get("paired", {}).get("tests", {}))
@@ -325,10 +329,48 @@ def collect_round(params: RLHFParams, n: int) -> dict:
     return entry
 
 
+def deployed_replays(params: RLHFParams, n: int) -> tuple[Path, Path]:
+    """The held-out replays of what users get after round ``n`` (``n`` = 0: before any round, the base model, which
+    has no filter): (its model alone, its model + filter) — round n's tuned and deployed replays if it registered a
+    version, else what was deployed before it."""
+    from rlhf.gate import DEPLOYED_NAME, PARENT_NAME, TUNED_NAME
+
+    if n == 0:
+        base = Path(round_params(params, 1).eval.out) / PARENT_NAME
+        return base, base
+    rp = round_params(params, n)
+    if (_read(Path(rp.tracking.reports_dir) / ROUND1_REPORT) or {}).get("registered"):
+        deployed = Path(rp.eval.out) / DEPLOYED_NAME
+        tuned = Path(rp.eval.out) / TUNED_NAME
+        return tuned, deployed if (deployed / "heldout_results.jsonl").is_file() else tuned
+    return deployed_replays(params, n - 1)
+
+
+def versus(params: RLHFParams, n: int) -> dict:
+    """Round ``n`` against what users had before it and against the base, on the same held-out cursors. The gate
+    compares the tuned model (and its filter) with the parent model alone; after round 1 the parent is served with
+    its own filter, so "did what users get fall" needs the parent's deployed replay (rlhf/gate.py paired_tests)."""
+    from rlhf.gate import DEPLOYED_NAME, TUNED_NAME, paired_tests
+    from rlhf.heldout import read_rows
+
+    rp = round_params(params, n)
+    tuned, deployed = Path(rp.eval.out) / TUNED_NAME, Path(rp.eval.out) / DEPLOYED_NAME
+    if not (deployed / "heldout_results.jsonl").is_file():
+        deployed = tuned  # filter off: the model alone is what users get
+    base = deployed_replays(params, 0)[0]
+    before = deployed_replays(params, n - 1)[1]
+    rows = {p: read_rows(p) for p in {tuned, deployed, base, before}}
+    return {"deployed_vs_before": paired_tests(rows[before], rows[deployed], rp),
+            "model_vs_base": paired_tests(rows[base], rows[tuned], rp),
+            "deployed_vs_base": paired_tests(rows[base], rows[deployed], rp)}
+
+
 def write_loop(params: RLHFParams, rounds: list[int] | None = None) -> dict:
     """Write ``reports/loop.json`` + ``loop.png``: round 1 and every configured later round (or ``rounds``)."""
     rounds = [1, *later_rounds(params)] if rounds is None else rounds
     entries = [collect_round(params, n) for n in rounds]
+    for n, entry in zip(rounds, entries):
+        entry["versus"] = versus(params, n)
     report = {"rounds": entries, "gate_passed": entries[-1]["gate_passed"], "margin": params.rlhf.gate.margin,
               "reject_cost_chars": params.rlhf.gate.reject_cost_chars}
     reports = Path(params.tracking.reports_dir)

@@ -110,6 +110,21 @@ def test_two_rounds_chain_on_fresh_cursors_and_the_loop_reports_both(tmp_path, t
         assert u["ci95"][0] <= u["diff"] <= u["ci95"][1] and 0 <= u["p_value"] <= 1
         assert "heldout.utility_per_cursor" in r["metrics"] and r["snapshot"]["unpaired"] > 0
     assert (tmp_path / "reports/loop.png").stat().st_size > 1000
+    # Against what users had and against the base, on the same cursors: before round 1 the base (no filter), so
+    # round 1's comparisons with "before" and with the base are one, and its model-vs-base is its own gate's test;
+    # round 2's "before" is what round 1 deployed (its tuned model + filter replay), not the parent model alone.
+    from rlhf.loop import deployed_replays
+
+    assert r1["versus"]["model_vs_base"]["tests"] == {k: r1["paired"][k] for k in ("utility", "accepted_chars",
+                                                                                    "accepted", "shown")}
+    assert r1["versus"]["deployed_vs_before"] == r1["versus"]["deployed_vs_base"]
+    assert deployed_replays(params, 0) == (tmp_path / "reports/eval/rlhf-parent",) * 2
+    filtered = params.rlhf.filter.enabled
+    assert deployed_replays(params, 1) == (tmp_path / "reports/eval/rlhf-tuned",
+                                           tmp_path / f"reports/eval/rlhf-{'deployed' if filtered else 'tuned'}")
+    for r in (r1, r2e):
+        assert {k: v["cursors"] for k, v in r["versus"].items()} == dict.fromkeys(
+            ("deployed_vs_before", "model_vs_base", "deployed_vs_base"), r["paired"]["utility"]["n"])
 
     # A rerun of round 2 (what `dvc repro` does after a change) replaces its own traffic, nothing else, and its
     # users are served by the version that served everyone after round 1 again, whatever a later round promoted.
