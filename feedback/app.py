@@ -5,9 +5,10 @@ feedback store, metrics and input limits; generation is a backend (feedback/back
 
 Failure rules:
 - bad input is a 4xx with an OpenAI-style ``{"error": {"message": ...}}`` body that names the input;
-- the store unreachable is a 503, and a completion is returned only after its log rows are committed, so
-  nothing is served unlogged and nothing is half-written; feedback is answered only after the transaction
-  holding it committed (one per request, or one per group of waiting requests: feedback/ingest.py).
+- the store unreachable is a 503, and a completion is returned only after its log rows are committed (as
+  ``pending``; completed after the reply, feedback/inflight.py), so nothing is served unlogged; feedback is
+  answered only after the transaction holding it committed (one per request, or one per group of waiting
+  requests: feedback/ingest.py).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from feedback import continue_events, kept, store, suggestion_filter, tabby
 from feedback.backends import (Backend, BackendError, BadGenerationRequest, Generation, GenRequest, LocalBackend,
                                Sampling, StreamDelta, UpstreamBackend)
 from feedback.db import check_at_head, current_revision, make_engine
+from feedback.inflight import InFlightCompletions, LookupCache, until_settled
 from feedback.ingest import GroupCommitWriter, UnknownKey
 from feedback.models import Completion, FeedbackKind, KeptSource, ModelVersion, ServeStatus, User, utcnow
 from feedback.requests import CompletionInput
@@ -370,39 +372,48 @@ def create_app(cfg: ServeConfig, backends: BackendPool | None = None, check_sche
         return {"object": "list", "data": data}
 
     @app.post("/v1/completions", response_model=None)
-    async def completions(request: Request, body: AnyCompletionRequest, key: KeyDep) -> dict | StreamingResponse:
+    async def completions(request: Request, body: AnyCompletionRequest, key: KeyDep) -> Response:
         if isinstance(body, tabby.TabbyCompletionRequest):
-            return await tabby.complete(request, body, await run_in_threadpool(user_of_key, request, key))
+            return await tabby.complete(request, body, await service.user_of_key(key))
         inp = openai_input(body, cfg)
         if inp.filepath or inp.stream:
-            user = await run_in_threadpool(user_of_key, request, key)
+            user = await service.user_of_key(key)
             if inp.filepath:  # feedback/kept.py: what the user kept at earlier cursors of this file, derived
                 await run_in_threadpool(kept.settle_from_request, app.state, inp, user)
             if inp.stream:
                 return await service.astream(inp, user)
-            out = await service.acomplete(inp, user)
+            out = await service.acomplete(inp, user, key)
         else:  # the common case: the key is checked in the same worker-thread hop and session as the routing
             out = await service.acomplete(inp, key=key)
-        return {"id": out["id"], "object": "text_completion", "created": out["created"], "model": out["model"],
-                "choices": [{"text": c["text"], "index": c["index"], "logprobs": None,
-                             "finish_reason": c["finish_reason"]} for c in out["choices"]],
-                "usage": out["usage"]}
+        # A JSONResponse of plain JSON types: FastAPI's jsonable_encoder walk of the dict is not needed.
+        return JSONResponse({"id": out["id"], "object": "text_completion", "created": out["created"],
+                             "model": out["model"],
+                             "choices": [{"text": c["text"], "index": c["index"], "logprobs": None,
+                                          "finish_reason": c["finish_reason"]} for c in out["choices"]],
+                             "usage": out["usage"]})
 
     @app.get("/v1/completions/{request_id}")
     def get_completion(request_id: str, user: UserDep) -> dict:
-        """A user's own completion (texts, decision); anyone else's is indistinguishable from a missing one."""
+        """A user's own completion (texts, decision); anyone else's is indistinguishable from a missing one.
+        One still being completed (after its reply, in this or another process) is waited for a moment."""
+        service.inflight.wait([request_id], timeout=cfg.pending_feedback_wait_s)
+        return until_settled(lambda defer: _completion_of(request_id, user, defer), cfg.pending_feedback_wait_s)
+
+    def _completion_of(request_id: str, user: User, defer_pending: bool) -> dict:
         with factory() as s:
             rows = s.scalars(select(Completion).where(Completion.request_id == request_id,
                                                       Completion.user_id == user.id)
                              .order_by(Completion.choice_index)).all()
             if not rows:
                 raise ApiError(404, f"no completion {request_id!r}", "invalid_request_error", "id")
+            if defer_pending and any(r.status == ServeStatus.pending.value for r in rows):
+                raise store.StillPending(f"completion {request_id!r} is still being logged")
             return {"id": request_id, "model": rows[0].model_version.name, "language": rows[0].language,
                     "prompt": rows[0].prompt, "suffix": rows[0].suffix,
                     "choices": [{"index": c.choice_index, "text": c.completion, "finish_reason": c.finish_reason,
                                  "feedback": c.feedback.kind.value if c.feedback else None} for c in rows]}
 
-    writer = app.state.feedback_writer = GroupCommitWriter(factory)
+    writer = app.state.feedback_writer = GroupCommitWriter(factory, pending_wait_s=cfg.pending_feedback_wait_s)
 
     @app.post("/v1/feedback")
     async def feedback(body: FeedbackItem | FeedbackBatch, key: KeyDep) -> dict:
@@ -413,6 +424,9 @@ def create_app(cfg: ServeConfig, backends: BackendPool | None = None, check_sche
             raise ApiError(400, f"too many events: {len(items)} > {cfg.max_feedback_batch}", param="events")
         events = [store.FeedbackInput(i.id, i.event, i.index, i.time_to_decision_ms, i.accepted_chars, i.kept_text,
                                       i.kept_source) for i in items]
+        # A completion this process is still completing (its reply went out first): wait for its rows, so a
+        # partial accept is checked against the stored text. Another process's shows as pending (retried).
+        await service.inflight.await_settled([e.request_id for e in events], timeout=cfg.pending_feedback_wait_s)
         if cfg.feedback_group_commit:
             try:
                 results = await asyncio.wrap_future(writer.submit(key, events))
@@ -427,11 +441,14 @@ def create_app(cfg: ServeConfig, backends: BackendPool | None = None, check_sche
         return {"events": out} if isinstance(body, FeedbackBatch) else out[0]
 
     def _feedback_alone(key: str, events: list[store.FeedbackInput]) -> list[store.FeedbackResult]:
-        with factory.begin() as s:  # one transaction per request (serve.feedback_group_commit false)
-            user = store.authenticate(s, key)
-            if user is None:
-                raise ApiError(401, "invalid API key", "authentication_error")
-            return store.record_feedback(s, user, events)
+        def attempt(defer_pending: bool) -> list[store.FeedbackResult]:
+            with factory.begin() as s:  # one transaction per request (serve.feedback_group_commit false)
+                user = store.authenticate(s, key)
+                if user is None:
+                    raise ApiError(401, "invalid API key", "authentication_error")
+                return store.record_feedback(s, user, events, defer_pending)
+
+        return until_settled(attempt, cfg.pending_feedback_wait_s)
 
     @app.post("/v1/bounties", status_code=201)
     def bounties(body: BountyRequest, user: UserDep) -> dict:
@@ -493,8 +510,10 @@ class CompletionService:
     from sync code); the result is client-neutral (``id``, ``model``, ``created``, ``choices`` with
     ``index``/``text``/``finish_reason``, ``usage``) for the caller to shape.
 
-    Nothing is served unlogged: a non-streamed completion is returned only after its rows are committed; a
-    streamed one gets its rows (status ``pending``) before the first byte is sent, completed afterwards as
+    Nothing is served unlogged: every completion gets its rows (status ``pending``) committed before its first
+    byte is sent. A non-streamed one on the batched engine is completed (``served``/``filtered``) right after
+    its reply, in :attr:`inflight` (readers of its text wait for that commit); one generated in the service's
+    pool is logged in one transaction before its reply. A streamed one is completed after its last byte as
     ``served``, ``disconnected`` (the client left, or the request was cancelled) or ``failed`` (the backend
     or the store failed; a row the store could not complete is retried in the background).
     """
@@ -505,6 +524,22 @@ class CompletionService:
         # deltas are pulled here; neither ever occupies AnyIO's pool.
         self.generate_pool = ThreadPoolExecutor(cfg.max_concurrent_generations, thread_name_prefix="ownllm-generate")
         self.filters: dict[tuple[str, str], SuggestionFilter | None] = {}  # per (version, path), checked once
+        # feedback/inflight.py: lookups reused for serve.lookup_cache_s; rows completed after the reply.
+        self.lookups = LookupCache(cfg.lookup_cache_s)
+        self.inflight = InFlightCompletions()
+
+    async def user_of_key(self, key: str) -> User:
+        """The key's user: from the lookup cache, else from the store (in a worker thread)."""
+        user = self.lookups.get(("user", key))
+        if user is None:
+            user = await run_in_threadpool(self._user_of_key, key)
+        return user
+
+    def _user_of_key(self, key: str) -> User:
+        with self.factory() as s:
+            user = _authenticated(s, key)
+        self.lookups.put(("user", key), user)
+        return user
 
     def _route(self, inp: CompletionInput, user: User) -> Route:
         with self.factory() as s:
@@ -595,12 +630,20 @@ class CompletionService:
                 r = route(s, user, inp.model)
             except NoModel as exc:
                 raise ApiError(404, str(exc), "invalid_request_error", "model") from None
-        return user, r, self.pool.get(r.version), self._filter(r)
+        prepared = user, r, self.pool.get(r.version), self._filter(r)
+        if key is not None:  # only lookups that succeeded are reused (an unknown key asks the store every time)
+            self.lookups.put(("user", key), user)
+            self.lookups.put(("route", key, inp.model), prepared)
+        return prepared
 
     async def acomplete(self, inp: CompletionInput, user: User | None = None, key: str | None = None) -> dict:
-        """``user``, or ``key`` to look the user up in the same hop as the routing."""
+        """``user``, or ``key`` to look the user up in the same hop as the routing (or in the lookup cache,
+        with no hop at all)."""
         gen = gen_request(inp, self.cfg)
-        user, r, backend, filt = await run_in_threadpool(self._prepare, inp, user, key)
+        prepared = self.lookups.get(("route", key, inp.model)) if key is not None else None
+        if prepared is None:
+            prepared = await run_in_threadpool(self._prepare, inp, user, key)
+        user, r, backend, filt = prepared
         return await self._acomplete_routed(inp, user, gen, r, backend, filt)
 
     async def _acomplete_routed(self, inp: CompletionInput, user: User, gen: GenRequest, r: Route, backend: Backend,
@@ -619,7 +662,7 @@ class CompletionService:
             await run_in_threadpool(self._log, rid, inp, gen, r, user, out, latency, hidden)
             return self._result(rid, r, inp, out, latency, hidden)
         # The engine decodes in its own thread while the rows are written as 'pending' (the store's latency
-        # hides behind decoding's); they are completed, and committed, before the response is sent.
+        # hides behind decoding's); they are completed after the response (below).
         with _counting(self.metrics.inflight):
             try:
                 await run_in_threadpool(self._write_pending, rid, inp, gen, r, user, 0)
@@ -640,9 +683,11 @@ class CompletionService:
         hidden = self._hidden(filt, inp, out)
         latency = time.perf_counter() - t0
         statuses = [(ServeStatus.filtered if h else ServeStatus.served).value for h in hidden]
-        await run_in_threadpool(self._complete_rows, rid, user,
-                                [(c.text, c.finish_reason, c.completion_tokens) for c in out.choices],
-                                out.prompt_tokens, latency, statuses)
+        # The rows are committed (pending) already; completing them waits for no one: the reply goes out now
+        # and the request id stays in flight until that commit (readers of its text wait: feedback/inflight.py).
+        self.inflight.submit(rid, user.id, self._complete_after_reply, rid, user,
+                             [(c.text, c.finish_reason, c.completion_tokens) for c in out.choices],
+                             out.prompt_tokens, latency, statuses)
         return self._result(rid, r, inp, out, latency, hidden)
 
     def stream(self, inp: CompletionInput, user: User) -> StreamingResponse:
@@ -691,9 +736,19 @@ class CompletionService:
                           .values(completion=text if keep else None, finish_reason=finish, completion_tokens=n_tok,
                                   prompt_tokens=prompt_tokens, latency_ms=latency * 1000, status=st))
 
+    def _complete_after_reply(self, *args) -> None:
+        """:meth:`_complete_rows` once the reply was sent; a store error is retried in the background (the row
+        stays ``pending`` meanwhile: served text the store has not recorded as served yet)."""
+        try:
+            self._complete_rows(*args)
+        except DB_ERRORS as exc:
+            log.error("could not complete the log of completion %s: %s", args[0], exc)
+            self.metrics.unlogged.inc()
+            self._retry_complete_rows(*args)
+
     def _retry_complete_rows(self, *args) -> None:
-        """The store failed as a stream ended: keep trying (in the background) to record what was sent,
-        as ``failed``, so a transient outage still ends with a row that says what happened."""
+        """The store failed as a completion ended: keep trying (in the background) to record what was sent
+        (a stream as ``failed``), so a transient outage still ends with a row that says what happened."""
         def retry():
             for wait in (0.5, 1, 2, 4, 8, 15, 30):
                 time.sleep(wait)

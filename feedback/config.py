@@ -62,6 +62,13 @@ class ServeConfig(Section):
     # POST /v1/feedback: the requests waiting are written in one transaction (feedback/ingest.py); false =
     # one transaction per request (the old path, kept as benchmarks/bench_serve.py's baseline).
     feedback_group_commit: bool = True
+    # A key's user and a (key, model)'s route, backend and filter are reused for this long (0 = look up every
+    # request): two store queries off every completion's critical path. A key revoked or a rollout changed by
+    # another process takes effect within it; a rollout changed in the console of this process, at once.
+    lookup_cache_s: float = Field(1.0, ge=0, le=60)
+    # A completion's rows are completed after its reply (feedback/inflight.py): feedback, Tabby events and GET
+    # /v1/completions/{id} naming a completion still `pending` wait (retry) this long for it, then use what is stored.
+    pending_feedback_wait_s: float = Field(5.0, ge=0, le=60)
     sqlite_busy_timeout_s: float = Field(10.0, gt=0)
     retention_days: int = Field(30, ge=1)
 

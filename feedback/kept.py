@@ -33,7 +33,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from feedback.models import Completion, User, utcnow
+from feedback.models import Completion, ServeStatus, User, utcnow
 
 ANCHOR_CHARS = 200
 
@@ -97,9 +97,12 @@ def derive_from_request(s: Session, user: User, filepath: str | None, prefix: st
     if not filepath or not prefix or not getattr(user, "store_code", True):
         return 0
     since = now - timedelta(seconds=window_s)
+    # A row still `pending` has no completion text yet (it is completed after its reply, maybe by another
+    # process): a later request settles it.
     q = (select(Completion)
          .where(Completion.user_id == user.id, Completion.filepath == filepath, Completion.created_at >= since,
                 Completion.created_at <= now, Completion.prompt.is_not(None),
+                Completion.status != ServeStatus.pending.value,
                 (Completion.kept_source.is_(None)) | (Completion.kept_source == "derived"))
          .order_by(Completion.created_at, Completion.id))
     if exclude_request_id is not None:
@@ -120,6 +123,8 @@ def settle_from_request(app_state, inp, user: User) -> int:
     ``filepath`` extension), let its prefix settle what the user kept at their earlier cursors in that file."""
     if not inp.filepath:
         return 0
+    # This user's completions this process is still completing (after their replies) are settled first.
+    app_state.service.inflight.wait(user_id=user.id, timeout=app_state.cfg.pending_feedback_wait_s)
     with app_state.factory.begin() as s:
         me = s.get(User, user.id)
         return derive_from_request(s, me, inp.filepath, inp.prefix, utcnow(), app_state.feedback_cfg.derive_window_s)

@@ -16,7 +16,8 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from feedback.models import (ApiKey, AuditEvent, Bounty, Completion, Experiment, ExperimentArm, ExperimentStatus,
-                             FeedbackEvent, FeedbackKind, KeptSource, ModelVersion, RolloutState, User, utcnow)
+                             FeedbackEvent, FeedbackKind, KeptSource, ModelVersion, RolloutState, ServeStatus, User,
+                             utcnow)
 
 KEY_PREFIX = "ollm-"
 
@@ -31,6 +32,12 @@ class NotFound(StoreError):
 
 class Conflict(StoreError):
     pass
+
+
+class StillPending(StoreError):
+    """A completion the request names is still ``pending``: its rows were written before the reply and are
+    completed after it (feedback/inflight.py), possibly by another gateway process. The caller retries for a
+    moment (``serve.pending_feedback_wait_s``) rather than check a partial accept against text not yet stored."""
 
 
 def sha256(text: str) -> str:
@@ -236,21 +243,24 @@ class FeedbackResult:
     language: str = ""
 
 
-def record_feedback(s: Session, user: User, events: Iterable[FeedbackInput]) -> list[FeedbackResult]:
+def record_feedback(s: Session, user: User, events: Iterable[FeedbackInput],
+                    defer_pending: bool = False) -> list[FeedbackResult]:
     """Store accept/reject decisions for the user's own completions, idempotently.
 
     All or nothing: an unknown (or someone else's) completion raises :class:`NotFound`, a decision that
     contradicts the stored one raises :class:`Conflict`, and the caller's transaction rolls back.
     The same event twice is stored once (one decision per completion, enforced by a unique key).
+    ``defer_pending``: a completion still ``pending`` raises :class:`StillPending` (retry); otherwise its text
+    counts as unknown.
     """
-    out = record_feedback_many(s, [(user, list(events))])[0]
+    out = record_feedback_many(s, [(user, list(events))], [defer_pending])[0]
     if isinstance(out, StoreError):
         raise out
     return out
 
 
-def record_feedback_many(s: Session, requests: list[tuple[User, list[FeedbackInput]]]
-                         ) -> list[list[FeedbackResult] | StoreError]:
+def record_feedback_many(s: Session, requests: list[tuple[User, list[FeedbackInput]]],
+                         defer_pending: list[bool] | None = None) -> list[list[FeedbackResult] | StoreError]:
     """:func:`record_feedback` for many requests in one transaction, with a constant number of queries.
 
     The gateway's group commit (feedback/ingest.py) writes every request that arrived while the previous
@@ -258,24 +268,30 @@ def record_feedback_many(s: Session, requests: list[tuple[User, list[FeedbackInp
     contradicting decision gets its :class:`StoreError` in its slot of the result and adds nothing; the others
     are stored. Requests are decided in order, as if each had its own transaction: a later request that
     contradicts an earlier one's decision in the same group is a :class:`Conflict`, a repeat is a duplicate.
+
+    A request whose ``defer_pending`` flag is set and that names a completion still ``pending`` (its rows not
+    completed yet, by this or another gateway process) gets :class:`StillPending` and adds nothing, to be
+    retried; without the flag a pending completion's text counts as unknown (as for a user storing no code).
     """
     wanted = {e.request_id for _, events in requests for e in events}
     if not wanted:
         return [[] for _ in requests]
     rows = s.execute(select(Completion.id, Completion.user_id, Completion.request_id, Completion.choice_index,
-                            Completion.language, ModelVersion.name, Completion.completion).join(ModelVersion)
-                     .where(Completion.request_id.in_(wanted))).all()
+                            Completion.language, ModelVersion.name, Completion.completion, Completion.status)
+                     .join(ModelVersion).where(Completion.request_id.in_(wanted))).all()
     ids = {(r.user_id, r.request_id, r.choice_index): r.id for r in rows}
     labels = {r.id: (r.name, r.language) for r in rows}
-    texts = {r.id: r.completion for r in rows}
+    pending = {r.id for r in rows if r.status == ServeStatus.pending.value}
+    texts = {r.id: None if r.id in pending else r.completion for r in rows}
+    defer = defer_pending or [False] * len(requests)
     decided: dict[int, FeedbackKind] = {r.completion_id: r.kind for r in s.execute(
         select(FeedbackEvent.completion_id, FeedbackEvent.kind).where(FeedbackEvent.completion_id.in_(ids.values())))}
     results: list[list[FeedbackResult] | StoreError] = []
     new: list[dict] = []
     kept: dict[int, tuple[str, KeptSource]] = {}
-    for user, events in requests:
+    for (user, events), wait in zip(requests, defer):
         try:
-            res, mine_new, mine_kept = _decide(user, events, ids, labels, texts, decided)
+            res, mine_new, mine_kept = _decide(user, events, ids, labels, texts, decided, pending if wait else set())
         except StoreError as exc:
             results.append(exc)
             continue
@@ -293,14 +309,17 @@ def record_feedback_many(s: Session, requests: list[tuple[User, list[FeedbackInp
 
 
 def _decide(user: User, events: list[FeedbackInput], ids: dict, labels: dict, texts: dict,
-            decided: dict[int, FeedbackKind]) -> tuple[list[FeedbackResult], list[dict], dict]:
+            decided: dict[int, FeedbackKind], defer: set[int]) -> tuple[list[FeedbackResult], list[dict], dict]:
     """One request's events checked against what is stored (and decided earlier in the group); raises
-    :class:`StoreError` without side effects."""
+    :class:`StoreError` without side effects (:class:`StillPending` when it names a completion in ``defer``)."""
     keys = {(e.request_id, e.index) for e in events}
     missing = sorted(k for k in keys if (user.id, *k) not in ids)
     if missing:
         rid, idx = missing[0]
         raise NotFound(f"no completion {rid!r} (choice {idx}) for this user")
+    waiting = sorted(k for k in keys if ids[(user.id, *k)] in defer)
+    if waiting:
+        raise StillPending(f"completion {waiting[0][0]!r} is still being logged (status pending); try again")
     out, new, seen, kept = [], [], {}, {}
     for e in events:
         cid = ids[(user.id, e.request_id, e.index)]

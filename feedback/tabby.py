@@ -35,7 +35,8 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from feedback import kept, store
-from feedback.models import Completion, FeedbackEvent, FeedbackKind, User, utcnow
+from feedback.inflight import until_settled
+from feedback.models import Completion, FeedbackEvent, FeedbackKind, ServeStatus, User, utcnow
 from feedback.backends import Sampling
 from feedback.requests import CompletionInput
 
@@ -158,7 +159,7 @@ def _accepted_chars(text: str | None, before: int | None) -> int | None:
     return len(text) if nl < 0 else nl + 1
 
 
-def record_event(s, user: User, ev: TabbyEvent, select_kind: str | None) -> dict:
+def record_event(s, user: User, ev: TabbyEvent, select_kind: str | None, defer_pending: bool = False) -> dict:
     """Store one Tabby event on the user's own completion; someone else's is indistinguishable from none.
 
     Tabby's events are per showing (``view_id``), the store keeps one decision per completion, and a
@@ -166,12 +167,16 @@ def record_event(s, user: User, ev: TabbyEvent, select_kind: str | None) -> dict
     completion whenever it asks for the next one, shows a cached completion again (same id) after a dismiss,
     and dismisses the rest of a partly accepted one. So a select after a dismiss turns the decision into an
     accept, and a dismiss after a select leaves the accept as it is (both are 200s, not conflicts).
+    ``defer_pending``: a completion still ``pending`` (being completed after its reply) raises
+    :class:`store.StillPending`, for the caller to retry, since a line accept is measured on its text.
     """
     row = s.scalar(select(Completion).where(Completion.request_id == ev.completion_id,
                                             Completion.choice_index == ev.choice_index,
                                             Completion.user_id == user.id))
     if row is None:
         raise store.NotFound(f"no completion {ev.completion_id!r} (choice {ev.choice_index}) for this user")
+    if defer_pending and row.status == ServeStatus.pending.value:
+        raise store.StillPending(f"completion {ev.completion_id!r} is still being logged")
     now = utcnow()
     shown_at = now - timedelta(milliseconds=ev.elapsed) if ev.elapsed is not None else now
     if row.viewed_at is None:
@@ -242,9 +247,17 @@ def build_router(user_dep) -> APIRouter:
     @router.post("/v1/events")
     def events(request: Request, body: TabbyEvent, user: UserDep,
                select_kind: Annotated[str | None, Query(max_length=16)] = None) -> dict:
-        metrics = request.app.state.metrics
-        with request.app.state.factory.begin() as s:
-            out = record_event(s, user, body, select_kind)
+        app = request.app
+        metrics, wait_s = app.state.metrics, app.state.cfg.pending_feedback_wait_s
+        # The completion may still be being completed after its reply (feedback/inflight.py): in this process,
+        # wait for it; in another (--workers N), its row is pending and the event is retried for a moment.
+        app.state.service.inflight.wait([body.completion_id], timeout=wait_s)
+
+        def attempt(defer_pending: bool) -> dict:
+            with app.state.factory.begin() as s:
+                return record_event(s, user, body, select_kind, defer_pending)
+
+        out = until_settled(attempt, wait_s)
         if not out["duplicate"] and "kind" in out:
             metrics.feedback.labels(out.pop("model"), out.pop("language"), out.pop("kind")).inc()
         return {k: out[k] for k in ("completion_id", "choice_index", "type", "duplicate")}

@@ -150,6 +150,7 @@ def build_router(params=None) -> APIRouter:
                 before, after = store.promote_audited(s, name, target, v.user, "console")
             except store.StoreError as exc:
                 raise ConsoleError(400, str(exc)) from None
+        request.app.state.service.lookups.clear()  # this process routes by the new rollout at once
         return RedirectResponse(f"{PREFIX}/versions?done={quote(f'{name}: {before} → {after}')}", status_code=303)
 
     @router.get("/ab")

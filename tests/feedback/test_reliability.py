@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+import time
 
 import httpx
 import pytest
@@ -169,13 +170,19 @@ def fragile_ct2(tmp_path, tiny_ct2_backend, tiny_ct2_model_dir):
         yield url, {"Authorization": f"Bearer {keys['alice']}"}, db_path, factory
 
 
-def test_engine_rows_are_pending_during_decoding_and_served_before_the_reply(fragile_ct2):
+def test_engine_rows_are_pending_during_decoding_and_served_right_after_the_reply(fragile_ct2):
     url, auth, db_path, _ = fragile_ct2
     r = httpx.post(url + "/v1/completions", json={**OK, "n": 2}, headers=auth, timeout=60)
     assert r.status_code == 200, r.text
-    with sqlite3.connect(db_path) as c:  # committed before the reply: no waiting, no 'pending' left
-        rows = c.execute("select choice_index, status, completion, prompt_tokens from completions "
-                         "where request_id = ? order by choice_index", (r.json()["id"],)).fetchall()
+    deadline = time.monotonic() + 10
+    while True:  # written (pending) before the reply, completed just after it (feedback/inflight.py)
+        with sqlite3.connect(db_path) as c:
+            rows = c.execute("select choice_index, status, completion, prompt_tokens from completions "
+                             "where request_id = ? order by choice_index", (r.json()["id"],)).fetchall()
+        assert len(rows) == 2
+        if all(st != "pending" for _, st, _, _ in rows) or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
     assert [(i, st) for i, st, _, _ in rows] == [(0, "served"), (1, "served")]
     assert [t for _, _, t, _ in rows] == [c["text"] for c in r.json()["choices"]]
     assert all(p == r.json()["usage"]["prompt_tokens"] > 0 for _, _, _, p in rows)

@@ -4,6 +4,7 @@ fitted (rlhf/filter.py) on the tiny model's own suggestions, and the registry's 
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -77,8 +78,16 @@ def filtered_gateway(tmp_path_factory, tiny_ct2_backend, tiny_ct2_model_dir, fit
 
 
 def _rows(factory, rid):
-    with factory() as s:
-        return s.scalars(select(Completion).where(Completion.request_id == rid).order_by(Completion.choice_index)).all()
+    """The request's rows once completed: they are written (pending) before the reply and completed right
+    after it (feedback/inflight.py), so a reader straight from the database may see them pending for a moment."""
+    deadline = time.monotonic() + 10
+    while True:
+        with factory() as s:
+            rows = s.scalars(select(Completion).where(Completion.request_id == rid)
+                             .order_by(Completion.choice_index)).all()
+        if time.monotonic() > deadline or all(r.status != ServeStatus.pending.value for r in rows):
+            return rows
+        time.sleep(0.02)
 
 
 def test_both_engines_give_the_replays_mean_logprob(tiny_backend, tiny_ct2_backend, tiny_model_dir):
