@@ -492,7 +492,11 @@ class UpstreamBackend:
 
     @staticmethod
     def _events(r) -> Iterator[tuple[str, dict]]:
-        """("data" | "error", payload) for each server-sent event until ``[DONE]`` or the end of the body."""
+        """("data" | "error", payload) for each server-sent event until ``[DONE]`` or the end of the body.
+
+        An error arrives as an ``error:`` event (llama-server) or as a ``data:`` event holding an error object
+        instead of choices: ``{"error": {...}}`` (OpenAI, an ownllm gateway) or ``{"object": "error", ...}``
+        (vLLM); either is an error, never a chunk with no text."""
         for line in r.iter_lines():
             kind, _, payload = line.partition(":")
             payload = payload.strip()
@@ -501,6 +505,9 @@ class UpstreamBackend:
             if payload == "[DONE]":
                 return
             data = json.loads(payload)
+            if kind == "data" and isinstance(data, dict) and "choices" not in data and (
+                    "error" in data or data.get("object") == "error"):
+                kind = "error"
             yield kind, (data.get("error", data) if kind == "error" else data)
 
     def _deltas(self, r, url: str, first, events) -> Iterator[StreamDelta]:

@@ -130,3 +130,41 @@ def test_health_metrics_and_feedback_do_not_wait_behind_generation(tmp_path, tin
     assert health.status_code == 200 and metrics.status_code == 200 and fb.status_code == 200
     assert in_flight > 60 and still > 20, "generation finished before the probes: the test proved nothing"
     assert took < 1.5, f"health + metrics + feedback took {took:.1f} s behind {still} generations"
+
+
+def test_an_engine_error_after_streamed_text_ends_the_stream_with_an_error_and_a_failed_row(
+        tmp_path, tiny_backend, tiny_model_dir, monkeypatch):
+    """The backend fails after text was sent: the client gets that text, then an error event (no [DONE]), and the
+    row says ``failed`` with exactly the text sent. The backend is a real upstream (another ownllm gateway) whose
+    own store fails mid-stream, so its stream ends with an error event after text, as llama-server's and vLLM's
+    do when they fail mid-generation."""
+    from feedback.app import create_app
+    from feedback.config import ServeConfig
+    from gateway_fixtures import staff_front
+
+    up_db = tmp_path / "upstream.db"
+    upstream, up_keys, _ = start_gateway(f"sqlite:///{up_db}", tiny_backend, tiny_model_dir, sqlite_busy_timeout_s=0.3)
+    front_url, auth = staff_front(tmp_path, {"tiny": "all"})
+    monkeypatch.setenv("OWNLLM_TEST_UPSTREAM_KEY", up_keys["alice"])
+    blocker = sqlite3.connect(up_db, isolation_level=None, timeout=30)
+    with live_server(upstream) as up_url:
+        front = create_app(ServeConfig(db_url=front_url, backend="openai", upstream_url=up_url + "/v1",
+                                       upstream_fim="suffix", upstream_api_key_env="OWNLLM_TEST_UPSTREAM_KEY"))
+        with live_server(front) as url:
+            with httpx.stream("POST", url + "/v1/completions", json=LONG, headers=auth, timeout=60) as r:
+                assert r.status_code == 200
+                lines = r.iter_lines()
+                events = [next(ln for ln in lines if ln.startswith("data: "))]  # text has reached the client
+                blocker.execute("BEGIN IMMEDIATE")  # the upstream cannot log its stream: it will end in an error
+                try:
+                    events += [ln for ln in lines if ln.startswith("data: ")]
+                finally:
+                    blocker.execute("ROLLBACK")
+                    blocker.close()
+    assert "data: [DONE]" not in events
+    last = json.loads(events[-1][6:])
+    assert last["error"]["type"] == "backend_error" and "failed mid-stream" in last["error"]["message"]
+    sent = "".join(json.loads(ln[6:])["choices"][0]["text"] for ln in events[:-1])
+    assert sent  # the error came after text
+    (_, _, status, text, _), = rows(tmp_path / "front.db")  # staff_front's store
+    assert status == "failed" and text == sent
