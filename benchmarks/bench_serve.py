@@ -273,8 +273,8 @@ def bench_phases(model_dir: Path, runs: int, threads: int) -> None:
                 spent[name].append(time.perf_counter() - t0)
         return wrapper
 
-    labels = {"_prepare": "key + routing + filter (critical path)", "_write_pending": "pending rows (overlapped "
-              "with decoding)", "_complete_rows": "completing the rows (critical path)"}
+    labels = {"_prepare": "key + routing + filter (lookup-cache misses)", "_write_pending": "pending rows "
+              "(overlapped with decoding)", "_complete_rows": "completing the rows (after the reply)"}
     for name in labels:
         setattr(svc, name, timed(name, getattr(svc, name)))
     body = {"model": "auto", "prompt": real_prompt(AutoTokenizer.from_pretrained(model_dir)),
@@ -292,7 +292,9 @@ def bench_phases(model_dir: Path, runs: int, threads: int) -> None:
     app.state.backends.cache.clear()
     print(f"\n[phases] default: {runs} sequential completions through the gateway, store phases timed in-process")
     for name, label in {**labels, "http": "GET /metrics round trip (HTTP alone)"}.items():
-        print(f"  {label:45s} p50 {ms(pct(spent[name], .5))}")
+        print(f"  {label:45s} p50 {ms(pct(spent[name], .5)) if spent[name] else '      -  '}  ({len(spent[name])} calls)")
+    cache = svc.lookups
+    print(f"  lookup cache (serve.lookup_cache_s {cache.ttl_s:g} s): {cache.hits} hits, {cache.misses} misses")
 
 
 # ------------------------------------------------------------------------------------------------ 5. llama.cpp
