@@ -963,3 +963,6 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Ite
     finally:
         server.should_exit = True
         thread.join(10)
+        service = getattr(app.state, "service", None)
+        if service is not None:  # rows completed after their replies are in the store once this returns
+            service.inflight.drain()

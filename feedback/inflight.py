@@ -113,6 +113,14 @@ class InFlightCompletions:
         if pending:
             await asyncio.wait([asyncio.wrap_future(f) for f in pending], timeout=timeout)
 
+    def drain(self, timeout: float | None = 60) -> None:
+        """Wait for every write in flight now (a server stopping: its last rows are complete before the store
+        is read, e.g. the simulator's report)."""
+        with self._lock:
+            pending = [f for _, f in self._inflight.values()]
+        if pending:
+            wait_futures(pending, timeout)
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._inflight)

@@ -44,6 +44,9 @@ def live_server(app, port: int | None = None):
     finally:
         server.should_exit = True
         thread.join(10)
+        service = getattr(app.state, "service", None)
+        if service is not None:  # the gateway's rows completed after their replies are in the store
+            service.inflight.drain()
 
 
 def require_pg() -> str:
