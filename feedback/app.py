@@ -374,7 +374,7 @@ def create_app(cfg: ServeConfig, backends: BackendPool | None = None, check_sche
     @app.post("/v1/completions", response_model=None)
     async def completions(request: Request, body: AnyCompletionRequest, key: KeyDep) -> Response:
         if isinstance(body, tabby.TabbyCompletionRequest):
-            return await tabby.complete(request, body, await service.user_of_key(key))
+            return await tabby.complete(request, body, await service.user_of_key(key), key)
         inp = openai_input(body, cfg)
         if inp.filepath or inp.stream:
             user = await service.user_of_key(key)

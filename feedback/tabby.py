@@ -137,13 +137,14 @@ def tabby_input(body: TabbyCompletionRequest, cfg) -> CompletionInput:
                                              seed=cfg.tabby_seed if body.seed is None else body.seed))
 
 
-async def complete(request: Request, body: TabbyCompletionRequest, user: User) -> dict:
-    """Serve a Tabby-shaped request (which first settles what the user kept at earlier cursors of the file)."""
+async def complete(request: Request, body: TabbyCompletionRequest, user: User, key: str | None = None) -> dict:
+    """Serve a Tabby-shaped request (which first settles what the user kept at earlier cursors of the file);
+    ``key``, the user's API key, lets the routing come from the gateway's lookup cache."""
     app = request.app
     inp = tabby_input(body, app.state.feedback_cfg)
     if inp.filepath:
         await run_in_threadpool(kept.settle_from_request, app.state, inp, user)
-    out = await app.state.service.acomplete(inp, user)
+    out = await app.state.service.acomplete(inp, user, key)
     # A choice the suggestion filter hid is not there at all: Tabby's "nothing" is an empty choices list.
     return {"id": out["id"], "choices": [{"index": c["index"], "text": c["text"]} for c in out["choices"]
                                          if not c.get("filtered")]}
