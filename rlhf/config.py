@@ -79,6 +79,9 @@ class RLHFConfig(Section):
     dpo_max_steps: int | None = Field(None, ge=1)
     lr: float = Field(5e-5, gt=0)  # SFT
     dpo_lr: float | None = Field(None, gt=0)  # preference tuning (DPO/KTO); null = lr
+    # SFT when the parent is itself a tuned version (a later loop round, a refresh from a registered version): a
+    # tuned model needs a smaller step than the base (docs/BENCHMARKS.md, "three rounds"); null = lr
+    retune_lr: float | None = Field(None, gt=0)
     beta: float = Field(0.1, gt=0)
     batch_size: int = Field(4, ge=1)
     grad_accum: int = Field(1, ge=1)

@@ -137,7 +137,8 @@ def weights_hash(model_dir: str | Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------- trainers
-def _common_args(params: RLHFParams, stage: str, epochs: float, max_steps: int | None, report_to: str) -> dict:
+def _common_args(params: RLHFParams, stage: str, epochs: float, max_steps: int | None, report_to: str,
+                 lr: float | None = None) -> dict:
     cfg = params.rlhf
     return dict(
         output_dir=str(Path(cfg.work_dir) / stage),
@@ -147,7 +148,7 @@ def _common_args(params: RLHFParams, stage: str, epochs: float, max_steps: int |
         max_steps=max_steps if max_steps is not None else -1,
         per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.lr if stage == "sft" or cfg.dpo_lr is None else cfg.dpo_lr,
+        learning_rate=lr if lr is not None else cfg.lr if stage == "sft" or cfg.dpo_lr is None else cfg.dpo_lr,
         lr_scheduler_type="cosine",
         warmup_ratio=0.1,
         weight_decay=0.0,
@@ -217,6 +218,15 @@ def _seed_all(seed: int) -> None:
     set_seed(seed, deterministic=False)
 
 
+def sft_learning_rate(cfg: RLHFConfig, parent_dir: str | Path) -> float:
+    """``rlhf.lr`` from the base model; ``rlhf.retune_lr`` (when set) from a version a refresh already tuned. On the
+    embedded default the base's rate, 3e-3, applied again to round 1's tuned model lowered its accepted characters
+    per cursor significantly in round 2 (docs/BENCHMARKS.md)."""
+    if cfg.retune_lr is None or Path(parent_dir).resolve() == Path(cfg.base_model).resolve():
+        return cfg.lr
+    return cfg.retune_lr
+
+
 def run_sft(params: RLHFParams, report_to: str = "none", model_dir: Path | None = None) -> TuneResult:
     """SFT the parent on the snapshot's bounties → ``rlhf.sft_out``."""
     from trl import SFTConfig, SFTTrainer
@@ -233,7 +243,7 @@ def run_sft(params: RLHFParams, report_to: str = "none", model_dir: Path | None 
     model, tok = _load(src)
     ds = _dataset(rows, ["prompt", "completion"], path, tok, cfg.max_length)
     args = SFTConfig(
-        **_common_args(params, "sft", cfg.sft_epochs, cfg.sft_max_steps, report_to),
+        **_common_args(params, "sft", cfg.sft_epochs, cfg.sft_max_steps, report_to, sft_learning_rate(cfg, src)),
         completion_only_loss=True,  # learn the solution, not to reproduce the instruction
         packing=False,
         dataset_num_proc=None,

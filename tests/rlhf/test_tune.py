@@ -180,3 +180,15 @@ def test_method_none_passes_the_sft_model_through_and_reports_the_skip(tmp_path,
     shutil.rmtree(sft_dir)
     with pytest.raises(TuneError, match=str(sft_dir)):
         run_preference(params)
+
+
+def test_sft_from_a_version_a_refresh_already_tuned_takes_the_retune_rate(tmp_path, tiny_model_dir):
+    """Round 2 of the default SFT'd round 1's tuned model at the base's 3e-3 again and lost accepted characters
+    (docs/BENCHMARKS.md): from a tuned parent the SFT step uses rlhf.retune_lr; from the base model rlhf.lr."""
+    from rlhf.tune import sft_learning_rate
+
+    cfg = rlhf_params(tmp_path, tiny_model_dir, lr=3e-3, retune_lr=3e-4).rlhf
+    assert sft_learning_rate(cfg, tiny_model_dir) == 3e-3
+    assert sft_learning_rate(cfg, str(tiny_model_dir) + "/") == 3e-3  # the same folder, however written
+    assert sft_learning_rate(cfg, tmp_path / "models/registry/ft-0123") == 3e-4
+    assert sft_learning_rate(rlhf_params(tmp_path, tiny_model_dir, lr=3e-3).rlhf, tmp_path / "ft") == 3e-3  # unset
