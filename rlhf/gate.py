@@ -33,6 +33,7 @@ from pipeline.tracking import write_json
 PARENT_NAME = "rlhf-parent"
 TUNED_NAME = "rlhf-tuned"
 DEPLOYED_NAME = "rlhf-deployed"  # the tuned model + its suggestion filter
+PARENT_DEPLOYED_SUBDIR = "parent"  # rlhf-deployed/parent/: the parent + its own filter, when it has one
 STAGE = "rlhf_gate"
 DECIDING_METRIC = "heldout.utility_per_cursor"
 # Shown in the table and loop report even when not gated.
@@ -72,6 +73,8 @@ class GateResult:
             lo, hi = t["ci95"]
             lines.append(f"paired {name:<29} diff {t['diff']:+.3f}  95% CI [{lo:+.3f}, {hi:+.3f}]  p={t['p_value']:.4f}"
                          f"  ({t['n']} cursors, {t['clusters']} files)")
+        if self.paired.get("deployed", {}).get("against") == "parent + its filter":
+            lines.append("deployed (model + filter) against the parent + its own filter (what users had):")
         for name, t in self.paired.get("deployed", {}).get("tests", {}).items():
             lo, hi = t["ci95"]
             lines.append(f"deployed (model + filter) {name:<14} diff {t['diff']:+.3f}  95% CI [{lo:+.3f}, {hi:+.3f}]  "
@@ -166,8 +169,11 @@ def deciding(paired: dict, params: RLHFParams) -> dict:
     return paired
 
 
-def compare(params: RLHFParams, parent_dir: Path, tuned_dir: Path, deployed_dir: Path | None = None) -> GateResult:
-    """Non-regression checks on the eval reports, the paired replay tests, and the rule."""
+def compare(params: RLHFParams, parent_dir: Path, tuned_dir: Path, deployed_dir: Path | None = None,
+            parent_deployed_dir: Path | None = None) -> GateResult:
+    """Non-regression checks on the eval reports, the paired replay tests, and the rule. ``parent_deployed_dir``:
+    the parent's replay scored with the filter it serves with (a parent that is itself a tuned, filtered version):
+    the deployed version is then compared with what users had, not with the parent model alone."""
     from pipeline.eval.compare import compare_reports, sampling_tolerances
     from rlhf.heldout import read_rows
 
@@ -177,7 +183,9 @@ def compare(params: RLHFParams, parent_dir: Path, tuned_dir: Path, deployed_dir:
     cmp = compare_reports(parent_dir, tuned_dir, tolerances, params.eval.lower_is_better)
     paired = paired_tests(read_rows(parent_dir), read_rows(tuned_dir), params)
     if deployed_dir is not None:  # model + suggestion filter: what users would get
-        paired["deployed"] = paired_tests(read_rows(parent_dir), read_rows(deployed_dir), params)
+        before = parent_deployed_dir if parent_deployed_dir is not None else parent_dir
+        paired["deployed"] = paired_tests(read_rows(before), read_rows(deployed_dir), params)
+        paired["deployed"]["against"] = "parent + its filter" if parent_deployed_dir is not None else "parent model"
     # Gated metrics first, then the headline metrics shown for information.
     shown = [r for r in cmp.rows if r.tolerance is not None or r.metric in INFO_METRICS]
     rows = [{"metric": r.metric, "parent": r.base, "tuned": r.candidate, "delta": r.delta, "tolerance": r.tolerance,
@@ -217,7 +225,15 @@ def run_gate(params: RLHFParams, parent: dict, tuned_dir: str | Path, docs: list
         deployed = Path(params.eval.out) / DEPLOYED_NAME
         write_json(deployed / "filter.json", filt.to_json())
         rescore(tuned_reports, params, docs, out_dir=deployed, show=filt.show)  # the tuned replay + the filter
-    result = compare(params, parent_reports, tuned_reports, deployed)
+    parent_deployed = None
+    if deployed is not None and parent.get("filter"):  # users had the parent with its filter: compare with that
+        from feedback.suggestion_filter import SuggestionFilter
+
+        pf = SuggestionFilter.from_json(parent["filter"], f"the parent {parent.get('version')}'s suggestion filter")
+        pf.check_model(parent["model_dir"], "parent model")
+        parent_deployed = deployed / PARENT_DEPLOYED_SUBDIR
+        rescore(parent_reports, params, docs, out_dir=parent_deployed, show=pf.show)
+    result = compare(params, parent_reports, tuned_reports, deployed, parent_deployed)
     result.parent = {**parent, "weights_sha256": weights_hash(parent["model_dir"])}
     result.tuned = {"model_dir": str(tuned_dir), "weights_sha256": weights_hash(tuned_dir)}
     write_json(gate_path(params), result.to_json())

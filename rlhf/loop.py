@@ -206,8 +206,12 @@ def deployed_after(params: RLHFParams, n: int) -> dict:
         raise FileNotFoundError(f"round {n} has not run: no {Path(rp.tracking.reports_dir) / ROUND1_REPORT} "
                                 f"or {Path(rp.rlhf.snapshot_dir) / PARENT_FILE}")
     if reg.get("registered"):
-        return {"version": reg["version"], "model_dir": rp.rlhf.tuned_out}
-    return {"version": parent.get("version"), "model_dir": parent["model_dir"]}
+        out = {"version": reg["version"], "model_dir": rp.rlhf.tuned_out}
+        from rlhf.gate import DEPLOYED_NAME
+
+        filt = _read(Path(rp.eval.out) / DEPLOYED_NAME / "filter.json") if rp.rlhf.filter.enabled else None
+        return {**out, "filter": filt} if filt else out  # what users got: the model with the filter it registered
+    return {k: parent[k] for k in ("version", "model_dir", "filter") if k in parent}
 
 
 def deployed_evaluation(params: RLHFParams, n: int) -> dict | None:

@@ -189,7 +189,12 @@ def production_parent(session: Session, base_model: str) -> dict:
     mv = current_all(session)
     if mv is None:
         return {"version": None, "model_dir": base_model}
-    return {"version": mv.name, "model_dir": portable_path(mv.path)}
+    from feedback.suggestion_filter import REGISTRY_KEY
+
+    parent = {"version": mv.name, "model_dir": portable_path(mv.path)}
+    filt = (mv.eval_results or {}).get(REGISTRY_KEY) if isinstance(mv.eval_results, dict) else None
+    # The gate compares the tuned version with what users had: the parent with the filter it serves with.
+    return {**parent, "filter": filt.get("filter", filt)} if filt else parent
 
 
 def portable_path(path: str) -> str:

@@ -34,6 +34,7 @@ def rlhf_params(tmp: Path, model_dir: Path, decontam: bool = True, **rlhf) -> Pa
     data = {
         "data": {"sources": [{"name": "t", "kind": "dir", "path": str(tmp)}]},
         "tracking": {"reports_dir": str(tmp / "reports"), "wandb_mode": "disabled"},
+        "eval": {"out": str(tmp / "reports/eval")},  # never the working folder's reports (a real run's filter)
         "rlhf": cfg,
         "decontam": {"enabled": decontam},
     }

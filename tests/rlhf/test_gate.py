@@ -228,3 +228,33 @@ def test_the_parent_reuses_the_evaluate_stage_only_for_the_weights_it_scored(tmp
     stale = json.loads(report.read_text())
     report.write_text(json.dumps({**stale, "model_sha256": "0" * 64}))  # a report of other weights
     assert reuse_base_evaluation(params, "rlhf-parent2", tiny_model_dir) == {"humaneval"}
+
+
+def test_a_filtered_parent_is_judged_with_its_filter_not_as_the_model_alone(tmp_path, tiny_model_dir):
+    """From round 2 on (and in production) the parent is served with its own suggestion filter. The same model
+    with the same filter is then no gain at all for users; against the parent model alone it would look like one
+    (the filter's silence counted as an improvement)."""
+    from rlhf.filter import train_filter
+    from rlhf.gate import run_gate
+
+    params = gate_params(tmp_path, tiny_model_dir)
+    params = params.model_copy(update={"rlhf": params.rlhf.model_copy(update={
+        "filter": params.rlhf.filter.model_copy(update={"enabled": True})})})
+    docs = gate_docs()
+    filter_docs = [{"id": n, "lang": "python", "path": n, "content": (STDLIB / n).read_text(encoding="utf-8")}
+                   for n in ("textwrap.py", "shlex.py", "string.py")]
+    filt = train_filter(tiny_model_dir, params, filter_docs)  # what the gate fits for the tuned side, too
+
+    alone = run_gate(params, {"version": "v1", "model_dir": str(tiny_model_dir)}, tiny_model_dir, docs, filter_docs)
+    assert alone.paired["deployed"]["against"] == "parent model"
+    silence = alone.paired["deployed"]["tests"]["utility"]["diff"]
+    assert silence != 0  # the filter changes what is shown, so "model + filter vs model" is not a null comparison
+
+    parent = {"version": "v1", "model_dir": str(tiny_model_dir), "filter": filt.to_json()}
+    same = run_gate(params, parent, tiny_model_dir, docs, filter_docs)
+    d = same.paired["deployed"]
+    assert d["against"] == "parent + its filter"
+    assert d["tests"]["utility"]["diff"] == 0 and d["tests"]["utility"]["p_value"] == 1.0
+    assert not same.significant and same.promote_to == "staff"
+    assert (tmp_path / "reports/eval/rlhf-deployed/parent/heldout.json").is_file()
+    assert "against the parent + its own filter" in same.table()

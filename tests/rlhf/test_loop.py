@@ -69,7 +69,9 @@ def test_two_rounds_chain_on_fresh_cursors_and_the_loop_reports_both(tmp_path, t
     out = tmp_path / "loop/round-2"
     # Round 2 tuned from what round 1 deployed (its registered version, round 1's tuned weights)...
     parent = json.loads((out / "snapshot/parent.json").read_text())
-    assert parent == {"version": v1, "model_dir": params.rlhf.tuned_out}
+    filt = json.loads((tmp_path / "reports/eval/rlhf-deployed/filter.json").read_text()) \
+        if params.rlhf.filter.enabled else None
+    assert parent == {"version": v1, "model_dir": params.rlhf.tuned_out, **({"filter": filt} if filt else {})}
     assert r2.rlhf.tuned_out == str(out / "tuned") and (out / "tuned/config.json").is_file()
     assert second["registered"] and second["lineage"]["parent"] == v1 and second["version"] != v1
     gate2 = json.loads((out / "rlhf_gate.json").read_text())
