@@ -86,28 +86,16 @@ def margins(model_dir: Path, pairs: list[dict], params, cache: Path) -> list[flo
     the prompt fitted to ``rlhf.max_length`` by the tuner's own ``fit_prompts``: what DPO pushes up. Cached."""
     import hashlib
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from rlhf.tune import fit_prompts, weights_hash
+    from rlhf.tune import fit_prompts, preference_margins, weights_hash
 
     key = hashlib.sha256(json.dumps(pairs, sort_keys=True).encode()).hexdigest()[:12]
     out = cache / f"margins-{weights_hash(model_dir)[:16]}-{key}.json"
     if out.is_file():
         return json.loads(out.read_text())
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32").eval()
+    from transformers import AutoTokenizer
 
-    def logp(prompt: str, completion: str) -> float:
-        p = tok(prompt, add_special_tokens=False)["input_ids"]
-        c = tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        ids = torch.tensor([p + c])
-        with torch.no_grad():
-            lp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
-        return float(lp[torch.arange(len(p) - 1, len(p) + len(c) - 1), torch.tensor(c)].sum())
-
-    fitted = fit_prompts(pairs, tok, params.rlhf.max_length, ["chosen", "rejected"])
-    res = [logp(r["prompt"], r["chosen"]) - logp(r["prompt"], r["rejected"]) for r in fitted]
+    fitted = fit_prompts(pairs, AutoTokenizer.from_pretrained(model_dir), params.rlhf.max_length, ["chosen", "rejected"])
+    res = preference_margins(model_dir, fitted)
     cache.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res))
     return res

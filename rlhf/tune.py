@@ -136,6 +136,25 @@ def weights_hash(model_dir: str | Path) -> str:
         raise TuneError(str(exc)) from None
 
 
+def preference_margins(model_dir: str | Path, pairs: list[dict]) -> list[float]:
+    """log p(chosen | prompt) - log p(rejected | prompt) per pair, each completion's tokens + EOS summed: the margin
+    DPO pushes up, measured on held-out pairs (prompts as given: fit them with :func:`fit_prompts` first)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    def logp(prompt: str, completion: str) -> float:
+        p = tok(prompt, add_special_tokens=False)["input_ids"]
+        c = tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([p + c])).logits[0, :-1].float(), -1)
+        return float(lp[torch.arange(len(p) - 1, len(p) + len(c) - 1), torch.tensor(c)].sum())
+
+    return [logp(r["prompt"], r["chosen"]) - logp(r["prompt"], r["rejected"]) for r in pairs]
+
+
 # ---------------------------------------------------------------------------------------- trainers
 def _common_args(params: RLHFParams, stage: str, epochs: float, max_steps: int | None, report_to: str,
                  lr: float | None = None) -> dict:

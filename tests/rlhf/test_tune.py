@@ -77,21 +77,9 @@ def test_empty_sft_set_passes_parent_through(tmp_path, tiny_model_dir):
 
 def _margins(model_dir, pairs) -> list[float]:
     """log p(chosen | prompt) - log p(rejected | prompt) per pair, with the FIM prompt builder's tokens."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from rlhf.tune import preference_margins
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-
-    def logp(prompt: str, completion: str) -> float:
-        p = tok(prompt, add_special_tokens=False)["input_ids"]
-        c = tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        ids = torch.tensor([p + c])
-        with torch.no_grad():
-            lp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
-        return float(lp[torch.arange(len(p) - 1, len(p) + len(c) - 1), torch.tensor(c)].sum())
-
-    return [logp(r["prompt"], r["chosen"]) - logp(r["prompt"], r["rejected"]) for r in pairs]
+    return preference_margins(model_dir, pairs)
 
 
 def _held_out_margin_gains(tmp_path, tiny_model_dir, method: str, swap: bool = False, steps: int = 12,
