@@ -22,9 +22,9 @@ from tests.pipeline.test_data_e2e import run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
-# Measured on the default (docs/BENCHMARKS.md); the floor leaves room for another CPU's float rounding
-# changing a greedy token or two.
-MIN_PLAUSIBLE = 3
+# Measured on the default (docs/BENCHMARKS.md): 2 of 16 idioms at 750 steps (4 at the earlier 1000). The floor is
+# the measured value: portable numerics give the same weights, so the same greedy tokens, on any AVX2 x86-64 CPU.
+MIN_PLAUSIBLE = 2
 MIN_NATS_BELOW_UNIGRAM = 1.0
 # The learning scenario (docs/BENCHMARKS.md, issue 14: the model itself learns).
 LEARN_FILES, LEARN_STEPS, LEARN_GATE_FILES = 40, 120, 30
