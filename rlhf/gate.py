@@ -272,6 +272,7 @@ def reuse_base_evaluation(params: RLHFParams, name: str, model_dir: str | Path) 
     copied (nothing when the weights differ or a file is missing)."""
     import shutil
 
+    from feedback.lineage import eval_results  # read a report, None when missing or unreadable
     from pipeline.tracking import say
     from rlhf.tune import weights_hash
 
@@ -284,7 +285,7 @@ def reuse_base_evaluation(params: RLHFParams, name: str, model_dir: str | Path) 
     for what, files in BASE_REUSABLE.items():
         if what == "humaneval" and params.rlhf.gate.skip_humaneval:
             continue
-        summary = _read_json(src / files[0])
+        summary = eval_results(src / files[0])
         if summary and summary.get("model_sha256") == want and all((src / f).is_file() for f in files):
             out.mkdir(parents=True, exist_ok=True)
             for f in files:
@@ -293,15 +294,6 @@ def reuse_base_evaluation(params: RLHFParams, name: str, model_dir: str | Path) 
     if reused:
         say(f"[rlhf gate] {name}: {', '.join(sorted(reused))} of these weights copied from {src} (the evaluate stage)")
     return reused
-
-
-def _read_json(path: Path) -> dict | None:
-    import json
-
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def gate_path(params: RLHFParams) -> Path:
