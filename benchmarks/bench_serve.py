@@ -137,7 +137,8 @@ def bench_engine(label: str, model_dir: Path, runs: int, threads: int) -> dict:
 def start_server(db_url: str, model_dir: Path, port: int, threads: int, *extra: str,
                  params: Path = REPO / "params.yaml") -> subprocess.Popen:
     cmd = [str(Path(sys.executable).parent / "ownllm"), "serve", "--db-url", db_url, "--model-dir", str(model_dir),
-           "--port", str(port), "--params", str(params), "--num-threads", str(threads), *extra]
+           "--port", str(port), "--params", str(params), "--num-threads", str(threads), "--engine-threads", str(threads),
+           *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
     return wait_healthy(proc, f"http://127.0.0.1:{port}/healthz", "ownllm serve", 300,
                         lambda: proc.stderr.read()[-2000:])
@@ -259,7 +260,7 @@ def bench_phases(model_dir: Path, runs: int, threads: int) -> None:
     db, key = fresh_store(Path(tempfile.mkdtemp(prefix="bench-phases-")), "phases")
     with session_factory(db).begin() as s:
         store.register_model_version(s, "base", str(model_dir), state="all")
-    app = create_app(ServeConfig(db_url=db, model_dir=str(model_dir), num_threads=threads))
+    app = create_app(ServeConfig(db_url=db, model_dir=str(model_dir), num_threads=threads, engine_threads=threads))
     svc = app.state.service
     spent: dict[str, list[float]] = collections.defaultdict(list)
 
@@ -554,7 +555,8 @@ def main() -> None:
     ap.add_argument("--model-dir", default=str(REPO / "models" / "base"))
     ap.add_argument("--only", default="engine,gateway,load,ingest", help="comma-separated sections to run")
     ap.add_argument("--runs", type=int, default=20, help="runs per side at the default size (125M: half)")
-    ap.add_argument("--threads", type=int, default=2, help="engine threads, server and baseline alike")
+    ap.add_argument("--threads", type=int, default=1, help="engine threads (CTranslate2 and torch), server and "
+                    "baseline alike; 1 = serve.engine_threads' default")
     ap.add_argument("--levels", default="1,8,32,128", help="concurrent clients of the load test")
     ap.add_argument("--pg-url", default=os.environ.get("OWNLLM_TEST_PG_URL"))
     ap.add_argument("--singles", type=int, default=2000, help="one-event requests per ingest round")

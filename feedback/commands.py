@@ -77,6 +77,7 @@ def serve(args) -> int:
     overrides = {k: v for k, v in (("db_url", url), ("host", args.host), ("port", args.port),
                                    ("backend", args.backend), ("model_dir", args.model_dir),
                                    ("upstream_url", args.upstream_url), ("num_threads", args.num_threads),
+                                   ("engine_threads", args.engine_threads),
                                    ("engine", args.engine), ("quantization", args.quantization))
                  if v is not None}
     cfg = params.serve.model_copy(update=overrides)

@@ -39,11 +39,15 @@ class ServeConfig(Section):
     # Per model version (by name): its own upstream, whatever `backend` says; others use the default.
     upstreams: dict[str, UpstreamConfig] = {}
     device: str = "cpu"
-    num_threads: int | None = Field(None, ge=1)  # torch threads of the local backend; None = torch default
+    num_threads: int | None = Field(None, ge=1)  # torch threads of the transformers backend; None = torch default
     # The in-process engine for a version whose directory has the CTranslate2 conversion (<dir>/ct2/, written
     # by `ownllm export`); a directory without it, or engine: transformers, is served by transformers.
     engine: Literal["ctranslate2", "transformers"] = "ctranslate2"
     quantization: Literal["float32", "int8"] = "float32"  # CTranslate2 compute type, applied at load
+    # CTranslate2 threads per model version. 1 by default: on the 2-core box the default model decodes 32 tokens in
+    # 5.5 ms on 1 thread, 17.5 ms on 2 (80 ms back to back: OpenMP's passive waits), the 125M shape equally fast
+    # on both, and the other core is left to the event loop and the store (docs/BENCHMARKS.md, "engine threads").
+    engine_threads: int = Field(1, ge=1)
     batch_wait_ms: float = Field(5.0, ge=0, le=1000)  # requests arriving this close share a decoding batch
     max_batch: int = Field(32, ge=1)  # rows (prompts x n) per decoding batch
     # Threads for generation without a batcher of its own (transformers, upstream HTTP) and for relaying

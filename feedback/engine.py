@@ -10,7 +10,8 @@ Tabby started on.
   both). A model directory without ``ct2/`` is served by transformers (:class:`feedback.backends.LocalBackend`).
 - :class:`Batcher`: one thread per model version owns the generator. Requests that arrive within
   ``batch_wait_ms`` of each other share one ``generate_batch`` call (a request's ``n`` choices are rows of
-  it too), grouped by their sampling knobs, which CTranslate2 applies per call.
+  it too), grouped by their sampling knobs, which CTranslate2 applies per call; requests that arrive while a
+  batch decodes share the next one. A lone request (one editor typing) never waits for company.
 - Seeds: CTranslate2 4.8 samples from one thread-local generator per worker thread, seeded once
   (``set_random_seed`` does not reseed it: OpenNMT/CTranslate2#1757), so it cannot honour a per-request
   seed. A *seeded sampled* request is therefore served by the transformers path with a generator of its
@@ -58,6 +59,7 @@ class Job:
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
     token_logprobs: list[list[float]] | None = None  # set before the future resolves, when ``logprobs``
+    in_company: bool = False  # another request arrived within the batcher's window before this one (Batcher.submit)
 
     @property
     def key(self) -> tuple:
@@ -67,7 +69,13 @@ class Job:
 
 
 class Batcher:
-    """A thread that collects jobs arriving within ``wait_ms`` and decodes them as one batch.
+    """A thread that decodes the jobs queued for it in batches.
+
+    When the engine is idle, a job waits up to ``wait_ms`` for others to share its batch only if requests are
+    coming in together: another arrived within ``wait_ms`` before it, or the last batch held several jobs. A
+    lone request (one editor typing: the usual case) is decoded at once, so the window costs it nothing (it was
+    5 ms of a 23 ms completion on the default model: docs/BENCHMARKS.md). Jobs that queue while a batch decodes
+    are collected without waiting.
 
     Written here because CTranslate2 batches what it is given in one call but does not gather requests that
     arrive separately (its ``asynchronous`` mode queues each call as its own batch).
@@ -79,12 +87,18 @@ class Batcher:
         self.queue: queue.Queue[Job | None] = queue.Queue()
         self.batches = 0  # generate_batch calls made (tests and metrics)
         self.rows = 0
+        self.waits = 0  # batches that waited for company (tests)
+        self._last_arrival = float("-inf")
+        self._last_jobs = 0  # jobs in the last batch collected
         self.thread = threading.Thread(target=self._run, name=f"ownllm-batcher-{name}", daemon=True)
         self.thread.start()
 
     def submit(self, job: Job) -> Future:
         if not self.thread.is_alive():
             raise BackendError("the inference engine's batcher has stopped")
+        now = time.monotonic()
+        job.in_company = now - self._last_arrival < self.wait_s  # a burst: another request just arrived
+        self._last_arrival = now
         self.queue.put(job)
         return job.future
 
@@ -94,7 +108,9 @@ class Batcher:
 
     def _collect(self, first: Job) -> list[Job]:
         jobs, rows = [first], first.n
-        deadline = time.monotonic() + self.wait_s
+        wait = first.in_company or self._last_jobs > 1 or not self.queue.empty()
+        self.waits += wait
+        deadline = time.monotonic() + (self.wait_s if wait else 0.0)
         while rows < self.max_rows:
             left = deadline - time.monotonic()
             try:
@@ -106,6 +122,7 @@ class Batcher:
                 break
             jobs.append(job)
             rows += job.n
+        self._last_jobs = len(jobs)
         return jobs
 
     def _run(self) -> None:

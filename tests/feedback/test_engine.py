@@ -54,7 +54,23 @@ def test_concurrent_requests_share_decoding_batches(tiny_ct2_model_dir, tiny_bac
             got = list(pool.map(lambda r: engine_backend.complete(r).choices, reqs))
         calls = engine_backend.engine.batcher.batches - before
         assert calls < len(reqs) / 2, f"{len(reqs)} concurrent requests took {calls} generate_batch calls"
+        assert engine_backend.engine.batcher.waits >= 1  # a burst waits for its company
         assert got == solo  # batching changes nothing in a greedy request's output
+    finally:
+        engine_backend.engine.close()
+
+
+def test_a_lone_request_does_not_wait_for_company(tiny_ct2_model_dir, tiny_backend):
+    """One editor typing: nothing else arrived within the window, so the batcher decodes at once instead of
+    holding the request for the window (20 s here: waiting would fail the time bound by far)."""
+    engine_backend = CT2Backend(tiny_ct2_model_dir, num_threads=1, batch_wait_ms=20_000)
+    try:
+        req = GenRequest(prompt=PROMPTS[0][0], max_tokens=8, temperature=0)
+        t0 = time.perf_counter()
+        got = engine_backend.complete(req).choices
+        assert time.perf_counter() - t0 < 10
+        assert engine_backend.engine.batcher.waits == 0 and engine_backend.engine.batcher.batches == 1
+        assert got == tiny_backend.complete(req).choices
     finally:
         engine_backend.engine.close()
 

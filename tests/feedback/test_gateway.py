@@ -51,6 +51,17 @@ def greedy_continuation(model_dir, ids: list[int], max_new_tokens: int) -> str:
     return tok.decode(new, skip_special_tokens=True)
 
 
+def test_openapi_documents_the_completion_body(gateway):
+    """/v1/completions parses its own body (the hot path); /openapi.json still documents both request shapes."""
+    doc = httpx.get(gateway.url + "/openapi.json", timeout=30).json()
+    schema = doc["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    refs = {alt["$ref"].rsplit("/", 1)[-1] for alt in schema["oneOf"]}
+    assert refs == {"CompletionRequest", "TabbyCompletionRequest"}
+    components = doc["components"]["schemas"]
+    assert {"model", "prompt", "suffix", "max_tokens"} <= set(components["CompletionRequest"]["properties"])
+    assert "segments" in components["TabbyCompletionRequest"]["properties"]
+
+
 def test_greedy_is_deterministic_and_fim_uses_the_suffix(gateway, tiny_model_dir):
     from transformers import AutoTokenizer
 
