@@ -8,7 +8,9 @@ baseline in the same run (interleaved, so both sides see the same machine load),
             Llama (d768 x 12 layers, vocab 2048, random weights). Target: CT2 >= 3x lower p50 at 125M.
 2. gateway  the same completion through `ownllm serve` (real HTTP, auth, routing, logging to SQLite):
             engine=ctranslate2 vs engine=transformers, and the CT2 gateway vs the CT2 backend called directly
-            in this process (the gateway's overhead; target <= 10%).
+            in this process (the gateway's overhead; target <= 10%). Also the HTTP floor: the same request to a
+            do-nothing ASGI app under the same uvicorn (httptools, uvloop) in its own process, sent at the same
+            point of the cycle, which is what any HTTP server costs here before the gateway does anything.
    phases   (--only phases) where the gateway's time goes: its store phases timed in-process.
 3. load     1, 8, 32 and 128 concurrent clients against `ownllm serve` on the default model: the batched CT2
             engine vs the transformers backend (one at a time): throughput, p50/p99, 5xx. Target at 32: >= 4x
@@ -198,6 +200,30 @@ def two_gateways(model_dir: Path, threads: int) -> tuple[dict, list[subprocess.P
     return urls, procs
 
 
+FLOOR_APP = """
+import sys, uvicorn
+
+async def app(scope, receive, send):  # reads the body, answers a completion-sized JSON: HTTP and nothing else
+    if scope["type"] != "http":
+        return
+    while (await receive()).get("more_body"):
+        pass
+    body = b'{"id":"cmpl-0","object":"text_completion","choices":[{"text":"' + b"x" * 96 + b'","index":0}]}'
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+"""
+
+
+def start_floor_server(port: int) -> subprocess.Popen:
+    """The HTTP floor: a do-nothing ASGI app under the gateway's uvicorn stack, in its own process."""
+    proc = subprocess.Popen([sys.executable, "-c", FLOOR_APP, str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    return wait_healthy(proc, f"http://127.0.0.1:{port}/", "the HTTP floor server", 60, lambda: proc.stderr.read())
+
+
 # ------------------------------------------------------------------------------------------------ 2. gateway
 def bench_gateway(label: str, model_dir: Path, runs: int, threads: int) -> None:
     from feedback.backends import GenRequest
@@ -208,23 +234,33 @@ def bench_gateway(label: str, model_dir: Path, runs: int, threads: int) -> None:
     req = GenRequest(prompt=prompt, max_tokens=NEW_TOKENS, temperature=0)
     body = {"model": "auto", "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0, "language": "python"}
     urls, procs = two_gateways(model_dir, threads)
-    times: dict[str, list[float]] = {"CT2 backend, direct": [], "gateway, ctranslate2": [],
+    floor_port = free_port()
+    procs.append(start_floor_server(floor_port))
+    times: dict[str, list[float]] = {"CT2 backend, direct": [], "HTTP floor": [], "gateway, ctranslate2": [],
                                      "gateway, transformers": []}
-    tokens: dict[str, list[int]] = {k: [] for k in times}
+    tokens: dict[str, list[int]] = {k: [] for k in times if k != "HTTP floor"}
     try:
         clients = {e: httpx.Client(base_url=u, headers={"Authorization": f"Bearer {k}"}, timeout=300)
                    for e, (u, k) in urls.items()}
+        floor = httpx.Client(base_url=f"http://127.0.0.1:{floor_port}/v1", headers={"Authorization": "Bearer x"},
+                             timeout=60)
         for i in range(runs + 3):
             t0 = time.perf_counter()
             out = direct.complete(req)
             t1 = time.perf_counter()
             got = {}
             for engine, c in clients.items():
+                if engine == "transformers":  # the floor's request also follows a direct call, as the gateway's
+                    direct.complete(req)
+                    f0 = time.perf_counter()
+                    floor.post("/completions", json=body).raise_for_status()
+                    floor_dt = time.perf_counter() - f0
                 s0 = time.perf_counter()
                 r = c.post("/completions", json=body)
                 got[engine] = (time.perf_counter() - s0, r)
                 r.raise_for_status()
             if i >= 3:
+                times["HTTP floor"].append(floor_dt)
                 times["CT2 backend, direct"].append(t1 - t0)
                 tokens["CT2 backend, direct"].append(out.choices[0].completion_tokens)
                 for engine, (dt, r) in got.items():
@@ -235,7 +271,8 @@ def bench_gateway(label: str, model_dir: Path, runs: int, threads: int) -> None:
         direct.engine.close()
     print(f"\n[gateway] {label}: {runs} sequential requests, prompt ~{PROMPT_TOKENS} tokens, max_tokens {NEW_TOKENS}")
     for name, xs in times.items():
-        print(f"  {name:22s} p50 {ms(pct(xs, .5))}  p90 {ms(pct(xs, .9))}  tokens {statistics.mean(tokens[name]):.1f}")
+        n_tok = f"  tokens {statistics.mean(tokens[name]):.1f}" if name in tokens else "  (no generation)"
+        print(f"  {name:22s} p50 {ms(pct(xs, .5))}  p90 {ms(pct(xs, .9))}{n_tok}")
     ct2, hf, d = (pct(times[k], .5) for k in ("gateway, ctranslate2", "gateway, transformers", "CT2 backend, direct"))
     print(f"  gateway ctranslate2 vs transformers: p50 {hf / ct2:.2f}x faster")
     print(f"  gateway overhead over the CT2 backend called directly: p50 {100 * (ct2 / d - 1):+.1f}%  "
@@ -244,6 +281,10 @@ def bench_gateway(label: str, model_dir: Path, runs: int, threads: int) -> None:
     diffs = [g - d for g, d in zip(times["gateway, ctranslate2"], times["CT2 backend, direct"])]
     print(f"  paired (each gateway request minus the direct call just before it): median {ms(pct(diffs, .5))}, "
           f"= {100 * pct(diffs, .5) / d:+.1f}% of the direct p50")
+    floor_p50 = pct(times["HTTP floor"], .5)
+    print(f"  of which the HTTP floor (do-nothing app, same server stack): p50 {ms(floor_p50)} = "
+          f"{100 * floor_p50 / d:+.1f}% of the direct p50; the gateway's own: {ms(pct(diffs, .5) - floor_p50)} = "
+          f"{100 * (pct(diffs, .5) - floor_p50) / d:+.1f}%")
 
 
 def bench_phases(model_dir: Path, runs: int, threads: int) -> None:
