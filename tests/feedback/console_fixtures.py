@@ -53,7 +53,10 @@ def write_params(tmp: Path, model_dir: Path, db_url: str) -> Path:
     params.setdefault("serve", {}).update(model_dir=str(model_dir), db_url=db_url)
     params.setdefault("feedback", {}).update(
         reports_dir=str(tmp / "reports" / "feedback"),
-        simulate={"users": 4, "files": 6, "cursors_per_file": 2, "max_tokens": 8, "bounties": 0, "seed": 3,
+        # 8 users over 24 cursors: both A/B arms get several users with shown suggestions (with 4 users over 12
+        # cursors the control arm held 1 user and 3 shown completions, and a tiny model that left those empty made
+        # the arm's verdict "no decided completions" instead of a clustered test: a flake in CI).
+        simulate={"users": 8, "files": 6, "cursors_per_file": 4, "max_tokens": 8, "bounties": 0, "seed": 3,
                   "choices": 1})
     params.setdefault("tracking", {})["reports_dir"] = str(tmp / "reports")
     params.setdefault("train", {})["reports_dir"] = str(tmp / "reports" / "train")
