@@ -582,11 +582,14 @@ class CompletionService:
 
     def _log(self, rid: str, inp: CompletionInput, gen: GenRequest, r: Route, user: User, out: Generation,
              latency: float, hidden: list[bool] | None = None) -> None:
-        rows = completion_rows(rid, inp, gen, r, user, [(c.text, c.finish_reason, c.completion_tokens)
-                                                        for c in out.choices], out.prompt_tokens, latency)
-        for row, h in zip(rows, hidden or []):
-            if h:  # the model's text is kept (what the filter hid); the status says nobody saw it
-                row["status"] = ServeStatus.filtered.value
+        # A hidden choice's text is kept (what the filter hid); its status says nobody saw it.
+        statuses = [(ServeStatus.filtered if h else ServeStatus.served).value
+                    for h in (hidden or [False] * len(out.choices))]
+        self._insert(completion_rows(rid, inp, gen, r, user, [(c.text, c.finish_reason, c.completion_tokens)
+                                                              for c in out.choices], out.prompt_tokens, latency,
+                                     statuses))
+
+    def _insert(self, rows: list[dict]) -> None:
         with self.engine.begin() as conn:
             conn.execute(INSERT_COMPLETIONS, rows)
 
@@ -715,7 +718,7 @@ class CompletionService:
         # and the request id stays in flight until that commit (readers of its text wait: feedback/inflight.py).
         self.inflight.submit(rid, user.id, self._complete_after_reply, rid, user,
                              [(c.text, c.finish_reason, c.completion_tokens) for c in out.choices],
-                             out.prompt_tokens, latency, statuses, loop=asyncio.get_running_loop())
+                             out.prompt_tokens, latency, statuses)
         return self._result(rid, r, inp, out, latency, hidden)
 
     def stream(self, inp: CompletionInput, user: User) -> StreamingResponse:
@@ -747,17 +750,14 @@ class CompletionService:
         yield "data: [DONE]\n\n"
 
     def _write_pending(self, rid, inp, gen, r, user, prompt_tokens: int) -> None:
-        rows = completion_rows(rid, inp, gen, r, user, [("", "", 0)] * gen.n, prompt_tokens, 0.0)
-        for row in rows:
-            row["status"] = ServeStatus.pending.value
-        with self.engine.begin() as conn:
-            conn.execute(INSERT_COMPLETIONS, rows)
+        self._insert(completion_rows(rid, inp, gen, r, user, [("", "", 0)] * gen.n, prompt_tokens, 0.0,
+                                     ServeStatus.pending.value))
 
     def _complete_rows(self, rid: str, user: User, choices: list[tuple[str, str, int]], prompt_tokens: int,
                        latency: float, status: str | list[str]) -> None:
         """Complete the request's pending rows; ``status`` is every choice's, or one per choice."""
         keep = user.store_code is not False
-        statuses = [status] * len(choices) if isinstance(status, str) else status
+        statuses = _per_choice(status, len(choices))
         with self.engine.begin() as conn:
             conn.execute(COMPLETE_COMPLETIONS, [
                 {"rid": rid, "idx": i, "text": text if keep else None, "finish": finish, "n_tok": n_tok,
@@ -893,11 +893,17 @@ def _counting(gauge: Gauge) -> Iterator[None]:
         gauge.dec()
 
 
+def _per_choice(status: str | list[str], n: int) -> list[str]:
+    return [status] * n if isinstance(status, str) else status
+
+
 def completion_rows(rid: str, inp: CompletionInput, gen: GenRequest, r: Route, user: User,
-                    choices: list[tuple[str, str, int]], prompt_tokens: int, latency_s: float) -> list[dict]:
-    """One row (the ``completions`` table's column values) per choice; a user who opted out of code storage
-    (``store_code`` false) gets hashes only. Plain values for one Core ``INSERT`` (:data:`INSERT_COMPLETIONS`):
-    the ORM's unit of work cost ~0.8 ms of CPU per request, taken from the engine's decoding threads."""
+                    choices: list[tuple[str, str, int]], prompt_tokens: int, latency_s: float,
+                    status: str | list[str]) -> list[dict]:
+    """One row (the ``completions`` table's column values) per choice, with ``status`` (every choice's, or one
+    per choice); a user who opted out of code storage (``store_code`` false) gets hashes only. Plain values for
+    one Core ``INSERT`` (:data:`INSERT_COMPLETIONS`): cheaper than the ORM's unit of work on the path that runs
+    beside decoding (docs/BENCHMARKS.md, "Serving, fourth pass", store phases)."""
     p_hash, s_hash = store.sha256(gen.prompt), store.sha256(gen.suffix) if gen.suffix else None
     keep = user.store_code is not False
     now = utcnow()
@@ -907,8 +913,8 @@ def completion_rows(rid: str, inp: CompletionInput, gen: GenRequest, r: Route, u
              "completion": text if keep else None, "prompt_hash": p_hash, "suffix_hash": s_hash,
              "finish_reason": finish, "prompt_tokens": prompt_tokens, "completion_tokens": n_tok,
              "latency_ms": latency_s * 1000, "created_at": now, "client": inp.client, "filepath": inp.filepath,
-             "git_url": inp.git_url, "status": ServeStatus.served.value}
-            for i, (text, finish, n_tok) in enumerate(choices)]
+             "git_url": inp.git_url, "status": st}
+            for i, ((text, finish, n_tok), st) in enumerate(zip(choices, _per_choice(status, len(choices))))]
 
 
 COMPLETIONS = Completion.__table__

@@ -45,8 +45,9 @@ class ServeConfig(Section):
     engine: Literal["ctranslate2", "transformers"] = "ctranslate2"
     quantization: Literal["float32", "int8"] = "float32"  # CTranslate2 compute type, applied at load
     # CTranslate2 threads per model version. 1 by default: on the 2-core box the default model decodes 32 tokens in
-    # 5.5 ms on 1 thread, 17.5 ms on 2 (80 ms back to back: OpenMP's passive waits), the 125M shape equally fast
-    # on both, and the other core is left to the event loop and the store (docs/BENCHMARKS.md, "engine threads").
+    # 5.3 ms on 1 thread, 17.2 ms on 2 (77 ms back to back: OpenMP's passive waits), the 125M shape within 6 % on
+    # both, and the other core is left to the event loop and the store (benchmarks/bench_engine_threads.py;
+    # docs/BENCHMARKS.md, "Serving, fourth pass").
     engine_threads: int = Field(1, ge=1)
     batch_wait_ms: float = Field(5.0, ge=0, le=1000)  # requests arriving this close share a decoding batch
     max_batch: int = Field(32, ge=1)  # rows (prompts x n) per decoding batch

@@ -80,33 +80,13 @@ class InFlightCompletions:
         self._lock = threading.Lock()
         self._inflight: dict[str, tuple[int, Future]] = {}
 
-    def submit(self, request_id: str, user_id: int, write: Callable[..., None], *args: Any,
-               loop: asyncio.AbstractEventLoop | None = None) -> Future:
-        """Run ``write(*args)`` in the pool; ``request_id`` is in flight from now until it returned or raised.
-
-        With ``loop`` (the event loop that is replying) the write starts when the loop's current step ends:
-        after the reply was written to the socket, so the write's thread does not contend for the GIL and the
-        CPU with the reply (~0.3 ms per completion on 2 cores: docs/BENCHMARKS.md)."""
-        fut: Future = Future()
+    def submit(self, request_id: str, user_id: int, write: Callable[..., None], *args: Any) -> Future:
+        """Run ``write(*args)`` in the pool; ``request_id`` is in flight until it returned or raised."""
+        fut = self.pool.submit(write, *args)
         with self._lock:
             self._inflight[request_id] = (user_id, fut)
         fut.add_done_callback(lambda _f: self._forget(request_id, fut))
-        if loop is None:
-            self.pool.submit(self._run, fut, write, args)
-        else:
-            loop.call_soon(self.pool.submit, self._run, fut, write, args)
         return fut
-
-    @staticmethod
-    def _run(fut: Future, write: Callable[..., None], args: tuple) -> None:
-        if not fut.set_running_or_notify_cancel():
-            return
-        try:
-            write(*args)
-        except BaseException as exc:
-            fut.set_exception(exc)
-        else:
-            fut.set_result(None)
 
     def _forget(self, request_id: str, fut: Future) -> None:
         with self._lock:
